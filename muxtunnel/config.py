@@ -1,0 +1,587 @@
+"""Configuration: tunnel specs, server and client settings, TOML files and flag merging.
+
+The command line and the TOML file use the same option names (``listen``, ``state-dir``,
+``max-retries`` ...; dashes and underscores are interchangeable in the file). Values are
+merged in this order, later wins: built-in defaults, the config file, ``MUXTUNNEL_TOKEN``
+(tokens only), command-line flags. Every invalid key or value raises
+:class:`~muxtunnel.errors.ConfigError` whose message names the key and where it came from.
+
+This module does no network I/O; it reads the config file and token files only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from muxtunnel.errors import ConfigError
+from muxtunnel.tls import normalize_fingerprint
+from muxtunnel.tokens import read_token_file
+
+__all__ = [
+    "DEFAULT_PORT",
+    "ClientConfig",
+    "ServerConfig",
+    "TunnelSpec",
+    "build_client_config",
+    "build_server_config",
+    "default_state_dir",
+    "format_host_port",
+    "load_toml",
+    "parse_host_port",
+    "parse_port_range",
+]
+
+#: Default TCP port of the relay's TLS control listener.
+DEFAULT_PORT = 7835
+#: Environment variable holding the token when no ``--token`` is given.
+TOKEN_ENV = "MUXTUNNEL_TOKEN"
+
+_T = TypeVar("_T")
+
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
+_SPEC_RE = re.compile(r"^(?:(?P<remote>\d+):)?(?:(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):)?(?P<local>\d+)$")
+
+
+def default_state_dir() -> Path:
+    """Return ``$XDG_STATE_HOME/muxtunnel``, or ``~/.local/state/muxtunnel`` without it."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says relative paths in these variables are invalid and must be ignored.
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "muxtunnel"
+    return Path.home() / ".local" / "state" / "muxtunnel"
+
+
+def _check_host(host: str, what: str) -> str:
+    """Validate a host name or IP literal (IPv6 without brackets); return it normalized."""
+    if not host:
+        raise ConfigError(f"{what}: empty host")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if host.isdigit() or not _HOSTNAME_RE.match(host):
+        raise ConfigError(f"{what}: invalid host {host!r}")
+    return host.lower()
+
+
+def _check_port(text: str, what: str, *, allow_zero: bool) -> int:
+    if not text.isdigit():
+        raise ConfigError(f"{what}: invalid port {text!r}")
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{what}: port {port} out of range {low}-65535")
+    return port
+
+
+def format_host_port(host: str, port: int) -> str:
+    """Return ``host:port``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_host_port(text: str, what: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[IPV6]:PORT`` (or a bare host when ``default_port`` is given).
+
+    Args:
+        text: The text to parse.
+        what: Names the key or option in error messages.
+        default_port: Port used when ``text`` has none; ``None`` makes the port mandatory.
+
+    Returns:
+        ``(host, port)``, the host without brackets.
+
+    Raises:
+        ConfigError: The text is not a valid address.
+    """
+    text = text.strip()
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(f"{what}: missing ']' in {text!r}")
+        host, rest = text[1:close], text[close + 1 :]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError(host)
+        except ValueError:
+            raise ConfigError(f"{what}: {host!r} in brackets is not an IPv6 address") from None
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"{what}: expected ':PORT' after ']' in {text!r}")
+            return _check_host(host, what), _check_port(rest[1:], what, allow_zero=False)
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        return _check_host(host, what), _check_port(port_text, what, allow_zero=False)
+    elif ":" in text:
+        # A bare IPv6 literal: only valid without a port.
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ConfigError(f"{what}: invalid address {text!r} (put IPv6 addresses in brackets: [::1]:7835)") from None
+        host = text
+    else:
+        host = text
+    if default_port is None:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {text!r}")
+    return _check_host(host, what), default_port
+
+
+def parse_port_range(value: object, what: str) -> tuple[int, int]:
+    """Parse ``"LO-HI"`` (or a two-item list) into an inclusive port range.
+
+    Raises:
+        ConfigError: Not a range of ports 1-65535 with LO <= HI.
+    """
+    if isinstance(value, str):
+        parts = value.strip().split("-")
+        if len(parts) == 1:
+            parts = [parts[0], parts[0]]
+        if len(parts) != 2:
+            raise ConfigError(f"{what}: expected LO-HI, got {value!r}")
+        lo, hi = (_check_port(p.strip(), what, allow_zero=False) for p in parts)
+    elif isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int for v in value):
+        lo, hi = (_check_port(str(v), what, allow_zero=False) for v in value)
+    else:
+        raise ConfigError(f"{what}: expected a port range like \"20000-29999\", got {value!r}")
+    if lo > hi:
+        raise ConfigError(f"{what}: empty range {lo}-{hi}")
+    return lo, hi
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSpec:
+    """One tunnel: a relay port forwarded to ``local_host:local_port`` on the client side.
+
+    ``remote_port`` 0 lets the relay pick a port from its range.
+    """
+
+    local_port: int
+    remote_port: int = 0
+    local_host: str = "127.0.0.1"
+
+    @classmethod
+    def parse(cls, spec: str) -> TunnelSpec:
+        """Parse ``[REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT`` (an IPv6 host in brackets).
+
+        Examples: ``22``, ``2222:22``, ``0:db.lan:5432``, ``8080:[::1]:80``.
+
+        Raises:
+            ConfigError: The spec is malformed or a port is out of range.
+        """
+        what = f"tunnel {spec!r}"
+        m = _SPEC_RE.match(spec.strip())
+        if m is None:
+            hint = " (put IPv6 addresses in brackets)" if spec.count(":") > 2 else ""
+            raise ConfigError(f"{what}: expected [REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT{hint}")
+        remote = _check_port(m["remote"], what, allow_zero=True) if m["remote"] else 0
+        local = _check_port(m["local"], what, allow_zero=False)
+        if m["v6"] is not None:
+            try:
+                host = str(ipaddress.IPv6Address(m["v6"]))
+            except ValueError:
+                raise ConfigError(f"{what}: {m['v6']!r} in brackets is not an IPv6 address") from None
+        elif m["host"] is not None:
+            host = _check_host(m["host"], what)
+        else:
+            host = "127.0.0.1"
+        return cls(local_port=local, remote_port=remote, local_host=host)
+
+    def __str__(self) -> str:
+        return f"{self.remote_port}:{format_host_port(self.local_host, self.local_port)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Settings of ``muxtunnel server`` (the relay)."""
+
+    listen_host: str = "0.0.0.0"
+    listen_port: int = DEFAULT_PORT
+    #: Inclusive range of public ports the relay may bind for tunnels.
+    port_range: tuple[int, int] = (20000, 29999)
+    #: Address the public tunnel ports are bound on.
+    bind_host: str = "0.0.0.0"
+    tokens: tuple[str, ...] = ()
+    state_dir: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_timeout: float = 30.0
+    lease_seconds: float = 60.0
+    drain_timeout: float = 10.0
+    max_tunnels_per_client: int = 64
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Settings of ``muxtunnel client``."""
+
+    server_host: str
+    server_port: int = DEFAULT_PORT
+    token: str
+    #: Pinned relay fingerprint ``sha256:<hex>``; None with ``ca_file`` None means TOFU.
+    fingerprint: str | None = None
+    ca_file: Path | None = None
+    state_dir: Path
+    tunnels: tuple[TunnelSpec, ...]
+    keepalive_timeout: float = 30.0
+    #: Reconnect attempts after a failure; None retries until stopped.
+    max_retries: int | None = None
+    #: Timeout for dialing the local target of a stream.
+    connect_timeout: float = 10.0
+    backoff_cap: float = 30.0
+
+    @property
+    def server_key(self) -> str:
+        """``host:port`` of the relay, as used in the known-hosts file."""
+        return format_host_port(self.server_host, self.server_port)
+
+
+# --------------------------------------------------------------------------------------------
+# Files and merging
+
+
+#: Options common to both commands, accepted in the file and ignored by the builders.
+_COMMON_KEYS = frozenset({"log-level", "log-format", "debug"})
+_SERVER_KEYS = frozenset(
+    {
+        "listen",
+        "ports",
+        "bind",
+        "token",
+        "token-file",
+        "state-dir",
+        "cert",
+        "key",
+        "keepalive-timeout",
+        "lease",
+        "drain-timeout",
+        "max-tunnels-per-client",
+        "handshake-timeout",
+    }
+)
+_CLIENT_KEYS = frozenset(
+    {
+        "server",
+        "token",
+        "token-file",
+        "fingerprint",
+        "ca",
+        "state-dir",
+        "tunnel",
+        "keepalive-timeout",
+        "max-retries",
+        "connect-timeout",
+        "backoff-cap",
+    }
+)
+_SECTIONS = {"server": _SERVER_KEYS, "client": _CLIENT_KEYS}
+
+
+class _Source:
+    """Merged option values plus where each came from, for error messages."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, object] = {}
+        self.origin: dict[str, str] = {}
+
+    def set(self, key: str, value: object, origin: str) -> None:
+        self.values[key] = value
+        self.origin[key] = origin
+
+    def what(self, key: str) -> str:
+        return self.origin.get(key, f"option {key!r}")
+
+
+def load_toml(path: Path, section: str) -> dict[str, object]:
+    """Read the options of one command (``"server"`` or ``"client"``) from a TOML file.
+
+    Options may sit at the top level or in a ``[server]`` / ``[client]`` table (the table wins);
+    the other command's table is ignored, so one file can configure both. Keys are returned
+    with dashes (``state_dir`` -> ``state-dir``), each value as TOML parsed it.
+
+    Raises:
+        ConfigError: The file is unreadable, not TOML, or has a key the command does not know.
+    """
+    if section not in _SECTIONS:
+        raise ValueError(f"unknown section {section!r}")
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+    allowed = _SECTIONS[section] | _COMMON_KEYS
+    result: dict[str, object] = {}
+
+    def take(table: Mapping[str, object], prefix: str) -> None:
+        for raw_key, value in table.items():
+            key = raw_key.replace("_", "-")
+            if key in _SECTIONS and not prefix:
+                continue  # section tables are handled separately
+            if key not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise ConfigError(
+                    f"config file {path}: unknown key {prefix}{raw_key!r} for `muxtunnel {section}` (known keys: {known})"
+                )
+            result[key] = value
+
+    take(data, "")
+    for name in _SECTIONS:
+        table = data.get(name)
+        if table is None:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: key {name!r} must be a table ([{name}])")
+        if name == section:
+            take(table, f"{name}.")
+    return result
+
+
+def _merge(path: Path | None, file_values: Mapping[str, object], flags: Mapping[str, object]) -> _Source:
+    src = _Source()
+    for key, value in file_values.items():
+        src.set(key, value, f"config file {path}: key {key!r}" if path else f"config key {key!r}")
+    for key, value in flags.items():
+        if value is None or (isinstance(value, list | tuple) and not value):
+            continue
+        src.set(key, value, f"option --{key}")
+    return src
+
+
+def _get(src: _Source, key: str, default: _T, convert: Callable[[object, str], _T]) -> _T:
+    if key not in src.values:
+        return default
+    return convert(src.values[key], src.what(key))
+
+
+def _as_str(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{what}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _as_path(value: object, what: str) -> Path:
+    if isinstance(value, Path):
+        return value.expanduser()
+    return Path(_as_str(value, what)).expanduser()
+
+
+def _as_seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{what}: expected a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > 86400 * 365:
+        raise ConfigError(f"{what}: expected a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _as_count(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what}: expected an integer, got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{what}: expected an integer >= 0, got {value}")
+    return value
+
+
+def _as_token(value: str, what: str) -> str:
+    token = value.strip()
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"{what}: a token must be non-empty and contain no whitespace")
+    return token
+
+
+def _as_tokens(value: object, what: str) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items or not all(isinstance(t, str) for t in items):
+        raise ConfigError(f"{what}: expected a token string or a list of them, got {value!r}")
+    return tuple(_as_token(str(t), what) for t in items)
+
+
+def _tokens_from(src: _Source, token_key: str, file_key: str) -> tuple[str, ...]:
+    tokens: list[str] = []
+    if token_key in src.values:
+        tokens.extend(_as_tokens(src.values[token_key], src.what(token_key)))
+    if file_key in src.values:
+        path = _as_path(src.values[file_key], src.what(file_key))
+        tokens.extend(read_token_file(path))
+    return tuple(dict.fromkeys(tokens))
+
+
+def _resolve_tokens(
+    path: Path | None,
+    file_values: Mapping[str, object],
+    flags: Mapping[str, object],
+    env: Mapping[str, str],
+) -> tuple[str, ...]:
+    """Tokens from flags, else ``MUXTUNNEL_TOKEN``, else the config file."""
+    flag_src = _merge(None, {}, {k: flags.get(k) for k in ("token", "token-file")})
+    tokens = _tokens_from(flag_src, "token", "token-file")
+    if tokens:
+        return tokens
+    env_token = env.get(TOKEN_ENV, "")
+    if env_token.strip():
+        return (_as_token(env_token, f"environment variable {TOKEN_ENV}"),)
+    file_src = _merge(path, {k: v for k, v in file_values.items() if k in ("token", "token-file")}, {})
+    return _tokens_from(file_src, "token", "token-file")
+
+
+def _check_flag_keys(flags: Mapping[str, object], allowed: frozenset[str]) -> None:
+    unknown = set(flags) - allowed - _COMMON_KEYS
+    if unknown:
+        raise ValueError(f"unknown flag keys: {sorted(unknown)}")
+
+
+def build_server_config(
+    file_values: Mapping[str, object] | None = None,
+    flags: Mapping[str, object] | None = None,
+    *,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ServerConfig:
+    """Merge file values and flags (flags win) into a validated :class:`ServerConfig`.
+
+    Args:
+        file_values: Result of :func:`load_toml` (``{}`` without a file).
+        flags: Command-line values keyed like the file (``"state-dir"``); ``None`` or an empty
+            list means "not given".
+        config_path: The file's path, for error messages.
+        env: Environment (default ``os.environ``), for ``MUXTUNNEL_TOKEN``.
+
+    Tokens come from ``--token``/``--token-file``, else ``MUXTUNNEL_TOKEN``, else the file. An
+    empty ``tokens`` tuple means "none configured": the CLI then generates one.
+
+    Raises:
+        ConfigError: A value is invalid; the message names the key.
+    """
+    file_values = dict(file_values or {})
+    flags = dict(flags or {})
+    _check_flag_keys(flags, _SERVER_KEYS)
+    src = _merge(config_path, file_values, flags)
+    listen_host, listen_port = _get(
+        src, "listen", ("0.0.0.0", DEFAULT_PORT), lambda v, w: parse_host_port(_as_str(v, w), w)
+    )
+    cert = _get(src, "cert", None, _as_path)
+    key = _get(src, "key", None, _as_path)
+    if (cert is None) != (key is None):
+        missing, given = ("key", "cert") if key is None else ("cert", "key")
+        raise ConfigError(f"{src.what(given)}: --{given} needs --{missing} too")
+    return ServerConfig(
+        listen_host=listen_host,
+        listen_port=listen_port,
+        port_range=_get(src, "ports", (20000, 29999), parse_port_range),
+        bind_host=_get(src, "bind", "0.0.0.0", lambda v, w: _check_host(_unbracket(_as_str(v, w)), w)),
+        tokens=_resolve_tokens(config_path, file_values, flags, os.environ if env is None else env),
+        state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),
+        cert_file=cert,
+        key_file=key,
+        keepalive_timeout=_get(src, "keepalive-timeout", 30.0, _as_seconds),
+        lease_seconds=_get(src, "lease", 60.0, _as_seconds),
+        drain_timeout=_get(src, "drain-timeout", 10.0, _as_seconds),
+        max_tunnels_per_client=_get(src, "max-tunnels-per-client", 64, _as_positive),
+        handshake_timeout=_get(src, "handshake-timeout", 10.0, _as_seconds),
+    )
+
+
+def _unbracket(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _as_positive(value: object, what: str) -> int:
+    n = _as_count(value, what)
+    if n < 1:
+        raise ConfigError(f"{what}: expected an integer >= 1, got {n}")
+    return n
+
+
+def _as_tunnels(value: object, what: str) -> tuple[TunnelSpec, ...]:
+    """Tunnels from SPEC strings (flags) or ``[[tunnel]]`` tables (file)."""
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{what}: expected a list of [[tunnel]] tables, got {value!r}")
+    tunnels: list[TunnelSpec] = []
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            tunnels.append(TunnelSpec.parse(item))
+            continue
+        if isinstance(item, TunnelSpec):
+            tunnels.append(item)
+            continue
+        where = f"{what}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a table with local_port, got {item!r}")
+        fields = {k.replace("-", "_"): v for k, v in item.items()}
+        unknown = set(fields) - {"local_port", "remote_port", "local_host"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: local_port, remote_port, local_host)")
+        if "local_port" not in fields:
+            raise ConfigError(f"{where}: missing key 'local_port'")
+        ports: dict[str, int] = {}
+        for name in ("local_port", "remote_port"):
+            port = fields.get(name, 0)
+            if isinstance(port, bool) or not isinstance(port, int):
+                raise ConfigError(f"{where}: key {name!r}: expected an integer port, got {port!r}")
+            ports[name] = _check_port(str(port), f"{where}: key {name!r}", allow_zero=name == "remote_port")
+        host = fields.get("local_host", "127.0.0.1")
+        host = _check_host(_unbracket(_as_str(host, f"{where}: key 'local_host'")), f"{where}: key 'local_host'")
+        tunnels.append(TunnelSpec(local_port=ports["local_port"], remote_port=ports["remote_port"], local_host=host))
+    return tuple(tunnels)
+
+
+def build_client_config(
+    file_values: Mapping[str, object] | None = None,
+    flags: Mapping[str, object] | None = None,
+    *,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ClientConfig:
+    """Merge file values and flags (flags win) into a validated :class:`ClientConfig`.
+
+    ``flags["tunnel"]`` is the list of SPEC arguments; when given it replaces the file's
+    ``[[tunnel]]`` tables. The token comes from ``--token``/``--token-file``, else
+    ``MUXTUNNEL_TOKEN``, else the file.
+
+    Raises:
+        ConfigError: A value is invalid or missing (server, token, tunnels, both ``fingerprint``
+            and ``ca``); the message names the key.
+    """
+    file_values = dict(file_values or {})
+    flags = dict(flags or {})
+    _check_flag_keys(flags, _CLIENT_KEYS)
+    src = _merge(config_path, file_values, flags)
+    if "server" not in src.values:
+        raise ConfigError("missing --server HOST[:PORT] (or 'server' in the config file)")
+    host, port = parse_host_port(_as_str(src.values["server"], src.what("server")), src.what("server"), default_port=DEFAULT_PORT)
+    tokens = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
+    if not tokens:
+        raise ConfigError(
+            f"missing token: pass --token TOKEN, set {TOKEN_ENV}, or put 'token' in the config file "
+            "(the relay prints its token on first start and keeps it in its state dir, file 'token')"
+        )
+    fingerprint = _get(src, "fingerprint", None, lambda v, w: normalize_fingerprint(_as_str(v, w), what=w))
+    ca_file = _get(src, "ca", None, _as_path)
+    if fingerprint is not None and ca_file is not None:
+        raise ConfigError(f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both")
+    tunnels = _get(src, "tunnel", (), _as_tunnels)
+    if not tunnels:
+        raise ConfigError("no tunnels: give at least one SPEC ([REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT) or [[tunnel]] table")
+    max_retries: int | None = _get(src, "max-retries", None, _as_count)
+    return ClientConfig(
+        server_host=host,
+        server_port=port,
+        token=tokens[0],
+        fingerprint=fingerprint,
+        ca_file=ca_file,
+        state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),
+        tunnels=tunnels,
+        keepalive_timeout=_get(src, "keepalive-timeout", 30.0, _as_seconds),
+        max_retries=max_retries,
+        connect_timeout=_get(src, "connect-timeout", 10.0, _as_seconds),
+        backoff_cap=_get(src, "backoff-cap", 30.0, _as_seconds),
+    )
