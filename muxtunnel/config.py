@@ -16,14 +16,16 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from muxtunnel.errors import ConfigError
 from muxtunnel.tls import normalize_fingerprint
 from muxtunnel.tokens import read_token_file
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "DEFAULT_PORT",
@@ -46,8 +48,12 @@ TOKEN_ENV = "MUXTUNNEL_TOKEN"
 
 _T = TypeVar("_T")
 
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$")
-_SPEC_RE = re.compile(r"^(?:(?P<remote>\d+):)?(?:(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):)?(?P<local>\d+)$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
+_SPEC_RE = re.compile(
+    r"^(?:(?P<remote>\d+):)?(?:(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+)):)?(?P<local>\d+)$"
+)
 
 
 def default_state_dir() -> Path:
@@ -87,13 +93,16 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_host_port(text: str, what: str, *, default_port: int | None = None) -> tuple[str, int]:
+def parse_host_port(
+    text: str, what: str, *, default_port: int | None = None, allow_zero: bool = False
+) -> tuple[str, int]:
     """Parse ``HOST:PORT`` or ``[IPV6]:PORT`` (or a bare host when ``default_port`` is given).
 
     Args:
         text: The text to parse.
         what: Names the key or option in error messages.
         default_port: Port used when ``text`` has none; ``None`` makes the port mandatory.
+        allow_zero: Accept port 0 (listen on an ephemeral port).
 
     Returns:
         ``(host, port)``, the host without brackets.
@@ -115,16 +124,18 @@ def parse_host_port(text: str, what: str, *, default_port: int | None = None) ->
         if rest:
             if not rest.startswith(":"):
                 raise ConfigError(f"{what}: expected ':PORT' after ']' in {text!r}")
-            return _check_host(host, what), _check_port(rest[1:], what, allow_zero=False)
+            return _check_host(host, what), _check_port(rest[1:], what, allow_zero=allow_zero)
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
-        return _check_host(host, what), _check_port(port_text, what, allow_zero=False)
+        return _check_host(host, what), _check_port(port_text, what, allow_zero=allow_zero)
     elif ":" in text:
         # A bare IPv6 literal: only valid without a port.
         try:
             ipaddress.IPv6Address(text)
         except ValueError:
-            raise ConfigError(f"{what}: invalid address {text!r} (put IPv6 addresses in brackets: [::1]:7835)") from None
+            raise ConfigError(
+                f"{what}: invalid address {text!r} (put IPv6 addresses in brackets: [::1]:7835)"
+            ) from None
         host = text
     else:
         host = text
@@ -149,7 +160,7 @@ def parse_port_range(value: object, what: str) -> tuple[int, int]:
     elif isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int for v in value):
         lo, hi = (_check_port(str(v), what, allow_zero=False) for v in value)
     else:
-        raise ConfigError(f"{what}: expected a port range like \"20000-29999\", got {value!r}")
+        raise ConfigError(f'{what}: expected a port range like "20000-29999", got {value!r}')
     if lo > hi:
         raise ConfigError(f"{what}: empty range {lo}-{hi}")
     return lo, hi
@@ -186,7 +197,9 @@ class TunnelSpec:
             try:
                 host = str(ipaddress.IPv6Address(m["v6"]))
             except ValueError:
-                raise ConfigError(f"{what}: {m['v6']!r} in brackets is not an IPv6 address") from None
+                raise ConfigError(
+                    f"{what}: {m['v6']!r} in brackets is not an IPv6 address"
+                ) from None
         elif m["host"] is not None:
             host = _check_host(m["host"], what)
         else:
@@ -248,7 +261,7 @@ class ClientConfig:
 
 
 #: Options common to both commands, accepted in the file and ignored by the builders.
-_COMMON_KEYS = frozenset({"log-level", "log-format", "debug"})
+_COMMON_KEYS = frozenset({"log-level", "log-format"})
 _SERVER_KEYS = frozenset(
     {
         "listen",
@@ -324,28 +337,26 @@ def load_toml(path: Path, section: str) -> dict[str, object]:
     def take(table: Mapping[str, object], prefix: str) -> None:
         for raw_key, value in table.items():
             key = raw_key.replace("_", "-")
-            if key in _SECTIONS and not prefix:
-                continue  # section tables are handled separately
+            if not prefix and key in _SECTIONS and isinstance(value, dict):
+                continue  # a [server] / [client] table, handled below
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
                 raise ConfigError(
-                    f"config file {path}: unknown key {prefix}{raw_key!r} for `muxtunnel {section}` (known keys: {known})"
+                    f"config file {path}: unknown key {prefix + raw_key!r} for "
+                    f"`muxtunnel {section}` (known keys: {known})"
                 )
             result[key] = value
 
     take(data, "")
-    for name in _SECTIONS:
-        table = data.get(name)
-        if table is None:
-            continue
-        if not isinstance(table, dict):
-            raise ConfigError(f"config file {path}: key {name!r} must be a table ([{name}])")
-        if name == section:
-            take(table, f"{name}.")
+    table = data.get(section)
+    if isinstance(table, dict):
+        take(table, f"{section}.")
     return result
 
 
-def _merge(path: Path | None, file_values: Mapping[str, object], flags: Mapping[str, object]) -> _Source:
+def _merge(
+    path: Path | None, file_values: Mapping[str, object], flags: Mapping[str, object]
+) -> _Source:
     src = _Source()
     for key, value in file_values.items():
         src.set(key, value, f"config file {path}: key {key!r}" if path else f"config key {key!r}")
@@ -400,7 +411,11 @@ def _as_token(value: str, what: str) -> str:
 
 def _as_tokens(value: object, what: str) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not items or not all(isinstance(t, str) for t in items):
+    if (
+        not isinstance(items, list | tuple)
+        or not items
+        or not all(isinstance(t, str) for t in items)
+    ):
         raise ConfigError(f"{what}: expected a token string or a list of them, got {value!r}")
     return tuple(_as_token(str(t), what) for t in items)
 
@@ -429,7 +444,9 @@ def _resolve_tokens(
     env_token = env.get(TOKEN_ENV, "")
     if env_token.strip():
         return (_as_token(env_token, f"environment variable {TOKEN_ENV}"),)
-    file_src = _merge(path, {k: v for k, v in file_values.items() if k in ("token", "token-file")}, {})
+    file_src = _merge(
+        path, {k: v for k, v in file_values.items() if k in ("token", "token-file")}, {}
+    )
     return _tokens_from(file_src, "token", "token-file")
 
 
@@ -466,7 +483,10 @@ def build_server_config(
     _check_flag_keys(flags, _SERVER_KEYS)
     src = _merge(config_path, file_values, flags)
     listen_host, listen_port = _get(
-        src, "listen", ("0.0.0.0", DEFAULT_PORT), lambda v, w: parse_host_port(_as_str(v, w), w)
+        src,
+        "listen",
+        ("0.0.0.0", DEFAULT_PORT),
+        lambda v, w: parse_host_port(_as_str(v, w), w, allow_zero=True),
     )
     cert = _get(src, "cert", None, _as_path)
     key = _get(src, "key", None, _as_path)
@@ -477,7 +497,9 @@ def build_server_config(
         listen_host=listen_host,
         listen_port=listen_port,
         port_range=_get(src, "ports", (20000, 29999), parse_port_range),
-        bind_host=_get(src, "bind", "0.0.0.0", lambda v, w: _check_host(_unbracket(_as_str(v, w)), w)),
+        bind_host=_get(
+            src, "bind", "0.0.0.0", lambda v, w: _check_host(_unbracket(_as_str(v, w)), w)
+        ),
         tokens=_resolve_tokens(config_path, file_values, flags, os.environ if env is None else env),
         state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),
         cert_file=cert,
@@ -519,7 +541,9 @@ def _as_tunnels(value: object, what: str) -> tuple[TunnelSpec, ...]:
         fields = {k.replace("-", "_"): v for k, v in item.items()}
         unknown = set(fields) - {"local_port", "remote_port", "local_host"}
         if unknown:
-            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: local_port, remote_port, local_host)")
+            raise ConfigError(
+                f"{where}: unknown key {sorted(unknown)[0]!r} (known: local_port, remote_port, local_host)"
+            )
         if "local_port" not in fields:
             raise ConfigError(f"{where}: missing key 'local_port'")
         ports: dict[str, int] = {}
@@ -527,10 +551,18 @@ def _as_tunnels(value: object, what: str) -> tuple[TunnelSpec, ...]:
             port = fields.get(name, 0)
             if isinstance(port, bool) or not isinstance(port, int):
                 raise ConfigError(f"{where}: key {name!r}: expected an integer port, got {port!r}")
-            ports[name] = _check_port(str(port), f"{where}: key {name!r}", allow_zero=name == "remote_port")
+            ports[name] = _check_port(
+                str(port), f"{where}: key {name!r}", allow_zero=name == "remote_port"
+            )
         host = fields.get("local_host", "127.0.0.1")
-        host = _check_host(_unbracket(_as_str(host, f"{where}: key 'local_host'")), f"{where}: key 'local_host'")
-        tunnels.append(TunnelSpec(local_port=ports["local_port"], remote_port=ports["remote_port"], local_host=host))
+        host = _check_host(
+            _unbracket(_as_str(host, f"{where}: key 'local_host'")), f"{where}: key 'local_host'"
+        )
+        tunnels.append(
+            TunnelSpec(
+                local_port=ports["local_port"], remote_port=ports["remote_port"], local_host=host
+            )
+        )
     return tuple(tunnels)
 
 
@@ -557,20 +589,31 @@ def build_client_config(
     src = _merge(config_path, file_values, flags)
     if "server" not in src.values:
         raise ConfigError("missing --server HOST[:PORT] (or 'server' in the config file)")
-    host, port = parse_host_port(_as_str(src.values["server"], src.what("server")), src.what("server"), default_port=DEFAULT_PORT)
+    host, port = parse_host_port(
+        _as_str(src.values["server"], src.what("server")),
+        src.what("server"),
+        default_port=DEFAULT_PORT,
+    )
     tokens = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
     if not tokens:
         raise ConfigError(
             f"missing token: pass --token TOKEN, set {TOKEN_ENV}, or put 'token' in the config file "
             "(the relay prints its token on first start and keeps it in its state dir, file 'token')"
         )
-    fingerprint = _get(src, "fingerprint", None, lambda v, w: normalize_fingerprint(_as_str(v, w), what=w))
+    fingerprint = _get(
+        src, "fingerprint", None, lambda v, w: normalize_fingerprint(_as_str(v, w), what=w)
+    )
     ca_file = _get(src, "ca", None, _as_path)
     if fingerprint is not None and ca_file is not None:
-        raise ConfigError(f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both")
-    tunnels = _get(src, "tunnel", (), _as_tunnels)
+        raise ConfigError(
+            f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both"
+        )
+    no_tunnels: tuple[TunnelSpec, ...] = ()
+    tunnels = _get(src, "tunnel", no_tunnels, _as_tunnels)
     if not tunnels:
-        raise ConfigError("no tunnels: give at least one SPEC ([REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT) or [[tunnel]] table")
+        raise ConfigError(
+            "no tunnels: give at least one SPEC ([REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT) or [[tunnel]] table"
+        )
     max_retries: int | None = _get(src, "max-retries", None, _as_count)
     return ClientConfig(
         server_host=host,

@@ -12,6 +12,7 @@ The DATA hot path does not build a :class:`DataFrame`: the reader hands out raw
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from dataclasses import dataclass, field
@@ -162,8 +163,13 @@ class Settings:
         return tuple((int(sid), getattr(self, name)) for sid, name in _SETTING_FIELDS.items())
 
     @classmethod
-    def from_pairs(cls, pairs: tuple[tuple[int, int], ...]) -> Settings:
+    def from_pairs(
+        cls, pairs: tuple[tuple[int, int], ...], defaults: Settings | None = None
+    ) -> Settings:
         """Build settings from HELLO pairs; unknown ids are ignored, missing ones default.
+
+        ``defaults`` gives the values of settings the peer left out (the defaults of the
+        peer's role, §5.3); without it the client defaults apply.
 
         Raises:
             ProtocolError: a setting is listed twice or its value is out of range.
@@ -178,6 +184,8 @@ class Settings:
             if name is not None:
                 _check_setting(setting_id, value)
                 values[name] = value
+        if defaults is not None:
+            return dataclasses.replace(defaults, **values)
         return cls(**values)
 
 

@@ -1,0 +1,348 @@
+"""Turning an :class:`~muxtunnel.benchsuite.runner.Outcome` into a table, JSON, PNG, RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from muxtunnel.benchsuite.targets import LABELS
+
+if TYPE_CHECKING:
+    from muxtunnel.benchsuite.runner import Outcome
+
+MUX = "muxtunnel"
+SSH = "ssh"
+SSH_AES = "ssh-aes128"
+DIRECT = "direct"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    sid: str
+    metric: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+ROWS: tuple[Row, ...] = (
+    Row("1", "put_mbps", "1 one stream up (put)", "MB/s", True),
+    Row("1", "get_mbps", "1 one stream down (get)", "MB/s", True),
+    Row("2", "mbps", "2 many streams aggregate", "MB/s", True),
+    Row("2", "seconds", "2 many streams total time", "s", False),
+    Row("2", "fairness", "2 first/last finish", "ratio", True),
+    Row("3", "p50_us", "3 idle RTT p50", "us", False),
+    Row("3", "p99_us", "3 idle RTT p99", "us", False),
+    Row("4", "p50_us", "4 RTT under bulk p50", "us", False),
+    Row("4", "p99_us", "4 RTT under bulk p99", "us", False),
+    Row("4", "bulk_mbps", "4 bulk rate meanwhile", "MB/s", True),
+    Row("5", "per_second", "5 new connections", "conn/s", True),
+    Row("6", "relay_per_stream", "6 relay RSS per idle stream", "B", False),
+    Row("6", "client_per_stream", "6 client RSS per idle stream", "B", False),
+    Row("6", "opened", "6 idle streams open", "streams", True),
+    Row("7", "put_mbps", "7 50ms RTT one stream up", "MB/s", True),
+    Row("7", "get_mbps", "7 50ms RTT one stream down", "MB/s", True),
+    Row("7", "mbps", "7 50ms RTT many streams", "MB/s", True),
+    Row("7loss", "put_mbps", "7 +loss one stream up", "MB/s", True),
+    Row("7loss", "get_mbps", "7 +loss one stream down", "MB/s", True),
+    Row("7loss", "mbps", "7 +loss many streams", "MB/s", True),
+)
+
+TARGET_ORDER = ("direct", "muxtunnel", "ssh", "ssh-aes128")
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def rows_present(out: Outcome) -> list[Row]:
+    return [r for r in ROWS if any(out.median(r.sid, k, r.metric) is not None
+                                   for k in TARGET_ORDER)]
+
+
+def table(out: Outcome, *, markdown: bool = False) -> str:
+    """Medians per target plus muxtunnel's ratios to direct and to both ssh ciphers."""
+    keys = [k for k in TARGET_ORDER if any(k in d for d in out.runs.values())]
+    head = ["scenario", "unit", *[LABELS[k] for k in keys],
+            "mux/direct", "mux/ssh", "mux/ssh-aes"]
+    body: list[list[str]] = []
+    for r in rows_present(out):
+        vals = {k: out.median(r.sid, k, r.metric) for k in keys}
+        cells = [r.label, r.unit]
+        for k in keys:
+            cell = fmt(vals[k])
+            if vals[k] is None and out.errors.get(r.sid, {}).get(k):
+                cell = "FAIL"
+            cells.append(cell)
+        m = vals.get(MUX)
+        for other in (DIRECT, SSH, SSH_AES):
+            q = ratio(m, vals.get(other))
+            cells.append(f"{q:.2f}x" if q is not None else "-")
+        body.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(c) + " |" for c in body]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    out_lines = ["  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i])
+                           for i, h in enumerate(head))]
+    out_lines.append("  ".join("-" * w for w in widths))
+    out_lines.extend("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                               for i, c in enumerate(row)) for row in body)
+    return "\n".join(out_lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    goal: str
+    measured: str
+    value: float | None
+    met: bool | None
+
+
+def checks(out: Outcome) -> list[Check]:
+    """Evaluate the issue's targets (ratios from this same run)."""
+    med = out.median
+    res: list[Check] = []
+
+    def add(goal: str, value: float | None, ok: bool | None, measured: str) -> None:
+        res.append(Check(goal, measured, value, ok))
+
+    def q(sid: str, metric: str, other: str) -> float | None:
+        return ratio(med(sid, MUX, metric), med(sid, other, metric))
+
+    def worst(*vals: float | None, low: bool = True) -> float | None:
+        got = [v for v in vals if v is not None]
+        if not got:
+            return None
+        return min(got) if low else max(got)
+
+    v = worst(q("1", "put_mbps", SSH_AES), q("1", "get_mbps", SSH_AES))
+    add("one stream >= 1.0x ssh -R aes128-gcm (worse of up/down)", v,
+        None if v is None else v >= 1.0, f"{fmt_ratio(v)}")
+    v = worst(q("1", "put_mbps", SSH), q("1", "get_mbps", SSH))
+    add("one stream >= 1.6x ssh -R default cipher (worse of up/down)", v,
+        None if v is None else v >= 1.6, f"{fmt_ratio(v)}")
+    v = q("2", "mbps", SSH_AES)
+    add("100 streams aggregate >= 2x ssh -R aes128-gcm", v, None if v is None else v >= 2.0,
+        fmt_ratio(v))
+    best_ssh = worst(med("3", SSH, "p50_us"), med("3", SSH_AES, "p50_us"))
+    v = ratio(med("3", MUX, "p50_us"), best_ssh)
+    add("idle RTT p50 <= 1.5x ssh -R (the faster ssh)", v, None if v is None else v <= 1.5,
+        fmt_ratio(v))
+    best_ssh = worst(med("4", SSH, "p99_us"), med("4", SSH_AES, "p99_us"))
+    v = ratio(med("4", MUX, "p99_us"), best_ssh)
+    add("RTT p99 under bulk <= 0.3x ssh -R (the better ssh)", v, None if v is None else v <= 0.3,
+        fmt_ratio(v))
+    v = worst(q("7", "put_mbps", DIRECT), q("7", "get_mbps", DIRECT))
+    add("50 ms RTT one stream >= 0.95x direct (worse of up/down)", v,
+        None if v is None else v >= 0.95, fmt_ratio(v))
+    v = q("7", "mbps", DIRECT)
+    add("50 ms RTT 100 streams >= 0.9x direct", v, None if v is None else v >= 0.9, fmt_ratio(v))
+    v = med("6", MUX, "relay_per_stream")
+    add("relay RSS <= 16 KiB per idle stream", v, None if v is None else v <= 16384,
+        "-" if v is None else f"{v / 1024:.1f} KiB")
+    opened = med("6", MUX, "opened")
+    requested = med("6", MUX, "requested")
+    failed = bool(out.errors.get("6", {}).get(MUX))
+    if opened is not None and requested is not None and requested < 10000 and not failed:
+        add("10,000 idle streams open at once without error", opened, None,
+            f"only {requested:.0f} requested in this run")
+    else:
+        add("10,000 idle streams open at once without error", opened,
+            None if opened is None else (opened >= 10000 and not failed),
+            "-" if opened is None else f"{opened:.0f} open" + (", errors" if failed else ""))
+    v = med("5", MUX, "per_second")
+    add(">= 3,000 new tunnelled connections/s", v, None if v is None else v >= 3000,
+        "-" if v is None else f"{v:,.0f}/s")
+    return res
+
+
+def fmt_ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def checks_table(out: Outcome) -> str:
+    lines = ["| target (issue 4 §2) | measured | verdict |", "|---|---|---|"]
+    for c in checks(out):
+        verdict = "not measured" if c.met is None else ("**met**" if c.met else "**missed**")
+        lines.append(f"| {c.goal} | {c.measured} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _cmd(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return (r.stdout + r.stderr).strip()
+
+
+def machine() -> dict[str, str]:
+    """nproc, CPU model, kernel, Python/trio/OpenSSL/OpenSSH versions, TCP settings."""
+    import trio
+
+    import muxtunnel
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def sysctl(name: str) -> str:
+        try:
+            return Path("/proc/sys/" + name.replace(".", "/")).read_text().strip()
+        except OSError:
+            return "?"
+
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "trio": trio.__version__,
+        "openssl": ssl.OPENSSL_VERSION,
+        "openssh": _cmd(["ssh", "-V"]) if shutil.which("ssh") else "absent",
+        "muxtunnel": muxtunnel.__version__,
+        "tcp_congestion_control": sysctl("net.ipv4.tcp_congestion_control"),
+        "tcp_wmem": sysctl("net.ipv4.tcp_wmem"),
+        "tcp_rmem": sysctl("net.ipv4.tcp_rmem"),
+        "loadavg_at_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def to_json(out: Outcome, meta: dict[str, Any]) -> dict[str, Any]:
+    medians: dict[str, dict[str, dict[str, float | None]]] = {}
+    for sid, per in out.runs.items():
+        for key, runs in per.items():
+            metrics = sorted({m for r in runs for m, v in r.items() if isinstance(v, int | float)})
+            medians.setdefault(sid, {})[key] = {m: out.median(sid, key, m) for m in metrics}
+    return {
+        "meta": meta,
+        "titles": out.titles,
+        "runs": out.runs,
+        "medians": medians,
+        "errors": out.errors,
+        "notes": out.notes,
+        "target_notes": out.target_notes,
+        "checks": [{"goal": c.goal, "value": c.value, "met": c.met} for c in checks(out)],
+    }
+
+
+def write_json(path: Path, out: Outcome, meta: dict[str, Any]) -> None:
+    path.write_text(json.dumps(to_json(out, meta), indent=2, sort_keys=True) + "\n")
+
+
+def write_png(path: Path, out: Outcome) -> str | None:
+    """Bar charts, one panel per table row; returns a note instead when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no PNG: matplotlib is not installed (pip install 'muxtunnel[bench]')"
+    rows = rows_present(out)
+    keys = [k for k in TARGET_ORDER if any(k in d for d in out.runs.values())]
+    cols = 4
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    colors = {"direct": "#888888", "muxtunnel": "#1f77b4", "ssh": "#d62728",
+              "ssh-aes128": "#ff7f0e"}
+    for ax, r in zip(axes.flat, rows, strict=False):
+        vals = [out.median(r.sid, k, r.metric) or 0.0 for k in keys]
+        ax.bar([LABELS[k].replace("ssh -R ", "ssh\n") for k in keys], vals,
+               color=[colors[k] for k in keys])
+        ax.set_title(f"{r.label}\n({r.unit or 'ratio'}, {'higher' if r.higher_is_better else 'lower'}"
+                     " is better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def results_md(out: Outcome, meta: dict[str, Any]) -> str:
+    """The text of benchmarks/RESULTS.md."""
+    m = meta["machine"]
+    lines = [
+        "# muxtunnel benchmark results",
+        "",
+        "Written by `muxtunnel bench --write-results` (muxtunnel/benchsuite). Every figure is the",
+        f"median of {meta['runs']} run(s) in one invocation, taken side by side with direct loopback",
+        "TCP and OpenSSH `ssh -N -R` (default cipher and aes128-gcm@openssh.com) against the same",
+        "service; ratios are muxtunnel / other from the same invocation. MB/s = 10^6 bytes/s.",
+        "",
+        "## Command",
+        "",
+        "```",
+        meta["command"],
+        "```",
+        "",
+        "## Machine",
+        "",
+        f"- {m['nproc']} CPUs: {m['cpu']}; kernel {m['kernel']}",
+        f"- Python {m['python']}, trio {m['trio']}, {m['openssl']}, {m['openssh']}",
+        f"- muxtunnel {m['muxtunnel']}; TCP congestion control {m['tcp_congestion_control']}, "
+        f"tcp_wmem `{m['tcp_wmem']}`, tcp_rmem `{m['tcp_rmem']}`",
+        f"- load average at start {m['loadavg_at_start']}; taken {m['date']}; "
+        f"wall time {meta['wall_seconds']:.0f} s",
+        "",
+        "## Targets (issue 4 §2)",
+        "",
+        checks_table(out),
+        "",
+        "## All figures (medians)",
+        "",
+        table(out, markdown=True),
+        "",
+        "## Scenarios",
+        "",
+    ]
+    for sid, title in out.titles.items():
+        lines.append(f"- **{sid}**: {title}")
+    lines += ["", "## Notes", ""]
+    lines += [f"- {n}" for n in out.notes]
+    for key, note in out.target_notes.items():
+        lines.append(f"- {key}: {note}")
+    errs = [(sid, k, e) for sid, per in out.errors.items() for k, es in per.items() for e in es]
+    if errs:
+        lines += ["", "## Failures in this run", ""]
+        lines += [f"- scenario {sid}, {LABELS.get(k, k)}: {e}" for sid, k, e in errs]
+    spreads = []
+    for r in rows_present(out):
+        for k in TARGET_ORDER:
+            sp = out.spread(r.sid, k, r.metric)
+            if sp:
+                spreads.append(f"{r.label} / {LABELS[k]}: {fmt(sp[0])}-{fmt(sp[1])}")
+    if spreads:
+        lines += ["", "## Spread (min-max over the runs)", ""]
+        lines += [f"- {s}" for s in spreads]
+    return "\n".join(lines) + "\n"

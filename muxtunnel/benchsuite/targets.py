@@ -1,0 +1,226 @@
+"""The things being measured: direct TCP, muxtunnel, and OpenSSH ``ssh -N -R``."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from muxtunnel.benchsuite.procs import BenchError, Child, python, tree_rss
+
+SSHD = "/usr/sbin/sshd"
+AES128 = "aes128-gcm@openssh.com"
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where things run. Loopback: everything in the current namespace on 127.0.0.1.
+
+    Network path: the relay (and the visitors) in *relay_ns*, the tunnel client and the service
+    in *edge_ns*; only the tunnel's own connection (or direct TCP) crosses the delay line.
+    """
+
+    relay_ns: str | None = None
+    edge_ns: str | None = None
+    relay_addr: str = "127.0.0.1"   # where tunnel clients reach the relay / sshd
+    edge_addr: str = "127.0.0.1"    # where direct visitors reach the service
+
+    @property
+    def remote(self) -> bool:
+        return self.relay_ns is not None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago on *host* in this namespace."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pick_port(layout: Layout) -> int:
+    """A port to listen on in the relay namespace (a fresh namespace has nothing bound)."""
+    return random.randint(40000, 49999) if layout.remote else free_port()
+
+
+@dataclass
+class Target:
+    """Base class: something visitors connect to that ends at the service."""
+
+    key: str
+    label: str
+    layout: Layout
+    service_port: int
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    note: str = ""
+    children: list[Child] = field(default_factory=list)
+
+    @property
+    def visitor_ns(self) -> str | None:
+        return self.layout.relay_ns
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def alive(self) -> bool:
+        return all(c.alive() for c in self.children)
+
+    def relay_rss(self) -> int | None:
+        """RSS of the relay side (process tree), or None when there is no relay process."""
+        return None
+
+    def client_rss(self) -> int | None:
+        return None
+
+
+@dataclass
+class DirectTarget(Target):
+    """Visitors connect straight to the service: the upper limit."""
+
+    def start(self) -> None:
+        self.host = self.layout.edge_addr
+        self.port = self.service_port
+
+
+@dataclass
+class MuxTarget(Target):
+    """A real ``python -m muxtunnel server`` + ``client`` pair."""
+
+    def start(self) -> None:
+        token = secrets.token_urlsafe(24)
+        lo = random.randint(30000, 31800)
+        sdir = self.workdir / "mux-server"
+        cdir = self.workdir / "mux-client"
+        sdir.mkdir(parents=True, exist_ok=True)
+        cdir.mkdir(parents=True, exist_ok=True)
+        server = Child(
+            f"{self.key}-server",
+            [python(), "-m", "muxtunnel", "server", "--listen", f"{self.layout.relay_addr}:0",
+             "--bind", "127.0.0.1", "--ports", f"{lo}-{lo + 199}", "--state-dir", str(sdir),
+             "--token", token],
+            self.workdir, netns=self.layout.relay_ns,
+        )
+        self.children.append(server)
+        fp = server.wait_for(r"^fingerprint: (sha256:[0-9a-f]{64})", 30).group(1)
+        m = server.wait_for(r"^muxtunnel relay listening on (\S+):(\d+)\s*$", 30)
+        relay_port = int(m.group(2))
+        client = Child(
+            f"{self.key}-client",
+            [python(), "-m", "muxtunnel", "client", "--server",
+             f"{self.layout.relay_addr}:{relay_port}", "--token", token, "--fingerprint", fp,
+             "--state-dir", str(cdir), str(self.service_port)],
+            self.workdir, netns=self.layout.edge_ns,
+        )
+        self.children.append(client)
+        m = client.wait_for(r"^forwarding tcp://(\S+):(\d+) -> (\S+)\s*$", 30)
+        self.host = m.group(1).strip("[]")
+        if self.host in ("0.0.0.0", "::"):
+            self.host = "127.0.0.1"
+        self.port = int(m.group(2))
+        self.note = f"relay {self.layout.relay_addr}:{relay_port}, public {self.host}:{self.port}"
+
+    def relay_rss(self) -> int | None:
+        return tree_rss(self.children[0].pid) if self.children else None
+
+    def client_rss(self) -> int | None:
+        return tree_rss(self.children[1].pid) if len(self.children) > 1 else None
+
+
+def sshd_available() -> str | None:
+    """None when a throwaway sshd can run here, else the reason it cannot."""
+    if not Path(SSHD).exists():
+        return f"{SSHD} not found (install openssh-server; .ci/install-system-deps.sh does)"
+    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        return "ssh / ssh-keygen not found"
+    if os.geteuid() != 0:
+        return "sshd privilege separation needs root"
+    return None
+
+
+@dataclass
+class SshTarget(Target):
+    """A throwaway sshd on its own config plus ``ssh -N -R`` (optionally with a chosen cipher)."""
+
+    cipher: str | None = None
+
+    def start(self) -> None:
+        why = sshd_available()
+        if why:
+            raise BenchError(why)
+        d = self.workdir / f"{self.key}-ssh"
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("hostkey", "clientkey"):
+            if not (d / name).exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
+                               check=True, stdout=subprocess.DEVNULL)
+        shutil.copyfile(d / "clientkey.pub", d / "authorized_keys")
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        sshd_port = pick_port(self.layout)
+        (d / "sshd_config").write_text(
+            f"ListenAddress {self.layout.relay_addr}\nPort {sshd_port}\nHostKey {d / 'hostkey'}\n"
+            f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "StrictModes no\nAllowTcpForwarding yes\nGatewayPorts no\nLogLevel INFO\n"
+            f"PidFile {d / 'sshd.pid'}\nMaxStartups 100\n"
+        )
+        sshd = Child(f"{self.key}-sshd", [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                     self.workdir, netns=self.layout.relay_ns)
+        self.children.append(sshd)
+        sshd.wait_for(r"Server listening on", 15, stderr=True)
+        pub = pick_port(self.layout)
+        argv = ["ssh", "-F", "/dev/null", "-i", str(d / "clientkey"), "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={d / 'known_hosts'}",
+                "-o", "StrictHostKeyChecking=no", "-o", "ExitOnForwardFailure=yes"]
+        if self.cipher:
+            argv += ["-c", self.cipher]
+        argv += ["-p", str(sshd_port), "-N", "-R",
+                 f"127.0.0.1:{pub}:127.0.0.1:{self.service_port}", "-v",
+                 f"{getpass.getuser()}@{self.layout.relay_addr}"]
+        client = Child(f"{self.key}-ssh", argv, self.workdir, netns=self.layout.edge_ns)
+        self.children.append(client)
+        client.wait_for(r"remote forward success for: listen 127\.0\.0\.1:\d+", 30, stderr=True)
+        m = client.wait_for(r"kex: server->client cipher: (\S+)", 1, stderr=True)
+        self.host, self.port = "127.0.0.1", pub
+        self.note = f"negotiated cipher {m.group(1)}"
+
+    def relay_rss(self) -> int | None:
+        return tree_rss(self.children[0].pid) if self.children else None
+
+    def client_rss(self) -> int | None:
+        return tree_rss(self.children[1].pid) if len(self.children) > 1 else None
+
+
+ALL_TARGETS = ("direct", "muxtunnel", "ssh", "ssh-aes128")
+LABELS = {
+    "direct": "direct TCP",
+    "muxtunnel": "muxtunnel",
+    "ssh": "ssh -R (default)",
+    "ssh-aes128": "ssh -R aes128-gcm",
+}
+
+
+def make_target(key: str, layout: Layout, service_port: int, workdir: Path) -> Target:
+    """Build (not start) the target called *key*."""
+    label = LABELS[key]
+    if key == "direct":
+        return DirectTarget(key, label, layout, service_port, workdir)
+    if key == "muxtunnel":
+        return MuxTarget(key, label, layout, service_port, workdir)
+    if key == "ssh":
+        return SshTarget(key, label, layout, service_port, workdir)
+    if key == "ssh-aes128":
+        return SshTarget(key, label, layout, service_port, workdir, cipher=AES128)
+    raise BenchError(f"unknown target {key!r}")

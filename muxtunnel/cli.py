@@ -1,0 +1,494 @@
+"""The ``muxtunnel`` command: server, client, fingerprint, demo, bench.
+
+This module only turns arguments into configs, sets up logging and signals, and maps errors
+to exit codes (see :class:`muxtunnel.errors.ExitCode`): 0 clean shutdown, 2 usage or
+configuration error, 3 authentication refused, 4 relay identity mismatch, 1 anything else.
+Every error reaches the user as one line ``muxtunnel: error: <message>`` on stderr; ``--debug``
+adds the traceback.
+
+stdout carries only what users and scripts read: ``fingerprint: ...``, ``token: ...``, the
+``muxtunnel relay listening on ...`` and ``forwarding tcp://...`` lines. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import trio
+import typer
+
+from muxtunnel._version import __version__
+from muxtunnel.config import build_client_config, build_server_config, default_state_dir, load_toml
+from muxtunnel.errors import ConfigError, ExitCode, MuxtunnelError
+from muxtunnel.logsetup import configure_logging
+from muxtunnel.tls import CERT_FILE_NAME, fingerprint_of_file, load_or_create_identity
+from muxtunnel.tokens import TOKEN_FILE_NAME, load_or_create_token
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+__all__ = ["app", "main", "run"]
+
+logger = logging.getLogger("muxtunnel.cli")
+
+app = typer.Typer(
+    name="muxtunnel",
+    help="Self-hosted raw TCP tunnel: many TCP streams multiplexed over one TLS connection.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def out(line: str) -> None:
+    """Print one line to stdout at once (scripts and tests read it through a pipe)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:  # nobody reads stdout any more; keep running
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Shared options
+
+LogLevelOpt = Annotated[
+    str | None,
+    typer.Option("--log-level", metavar="LEVEL", help="debug, info (default), warning or error."),
+]
+LogFormatOpt = Annotated[
+    str | None,
+    typer.Option("--log-format", metavar="FORMAT", help="text (default) or json, on stderr."),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", metavar="FILE", help="TOML file with the same option names as the flags."
+    ),
+]
+StateDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        metavar="DIR",
+        help="Where keys, tokens and pins live (default: $XDG_STATE_HOME/muxtunnel or ~/.local/state/muxtunnel).",
+    ),
+]
+
+
+def _setup_logging(file_values: dict[str, object], level: str | None, fmt: str | None) -> None:
+    chosen: list[str] = []
+    for key, flag in (("log-level", level), ("log-format", fmt)):
+        value = (
+            flag
+            if flag is not None
+            else file_values.get(key, "info" if key == "log-level" else "text")
+        )
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        chosen.append(value)
+    configure_logging(chosen[0], chosen[1])
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out(f"muxtunnel {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_version_callback,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Self-hosted raw TCP tunnel: many TCP streams multiplexed over one TLS connection."""
+
+
+# --------------------------------------------------------------------------------------------
+# Running async entry points with signal handling
+
+
+class _ForcedStop(MuxtunnelError):
+    """A second SIGINT/SIGTERM arrived while draining."""
+
+
+async def _with_signals(start: Callable[[trio.Event], Awaitable[object]], drain: bool) -> object:
+    """Run ``start(shutdown)``; the first SIGINT/SIGTERM sets ``shutdown`` (or cancels, without
+    ``drain``), a second one cancels at once."""
+    shutdown = trio.Event()
+    forced = False
+    result: object = None
+    with trio.CancelScope() as work_scope:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+                async def watch() -> None:
+                    nonlocal forced
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if drain and not shutdown.is_set():
+                            logger.info(
+                                "received %s: shutting down (send it again to stop at once)", name
+                            )
+                            shutdown.set()
+                        else:
+                            if shutdown.is_set():
+                                forced = True
+                                logger.warning("received %s again: stopping without draining", name)
+                            shutdown.set()
+                            work_scope.cancel()
+
+                nursery.start_soon(watch)
+                result = await start(shutdown)
+                nursery.cancel_scope.cancel()
+    if forced:
+        raise _ForcedStop("stopped by a second signal without draining open streams")
+    return result
+
+
+def _run_async(start: Callable[[trio.Event], Awaitable[object]], *, drain: bool = True) -> object:
+    return trio.run(_with_signals, start, drain)
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+def server(
+    listen: Annotated[
+        str | None,
+        typer.Option(metavar="HOST:PORT", help="TLS control listener (default: 0.0.0.0:7835)."),
+    ] = None,
+    ports: Annotated[
+        str | None,
+        typer.Option(metavar="LO-HI", help="Public ports tunnels may use (default: 20000-29999)."),
+    ] = None,
+    bind: Annotated[
+        str | None,
+        typer.Option(metavar="HOST", help="Address public ports bind on (default: 0.0.0.0)."),
+    ] = None,
+    token: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="TOKEN",
+            help="Accepted client token (repeatable; default: $MUXTUNNEL_TOKEN, else generated).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="File with accepted tokens, one per line.")
+    ] = None,
+    state_dir: StateDirOpt = None,
+    cert: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Certificate (chain) PEM; needs --key.")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Private key PEM for --cert.")
+    ] = None,
+    config: ConfigOpt = None,
+    keepalive_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Declare a silent client dead after this (default: 30)."
+        ),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Keep a gone client's ports reserved this long (default: 60)."
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="On SIGTERM, let streams finish this long (default: 10)."
+        ),
+    ] = None,
+    max_tunnels_per_client: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Most tunnels one client may bind (default: 64)."),
+    ] = None,
+    handshake_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Time a client gets for TLS and authentication (default: 10)."
+        ),
+    ] = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the relay: accept tunnel clients over TLS and expose their tunnels on public ports."""
+    file_values = load_toml(config, "server") if config is not None else {}
+    _setup_logging(file_values, log_level, log_format)
+    flags: dict[str, object] = {
+        "listen": listen,
+        "ports": ports,
+        "bind": bind,
+        "token": token,
+        "token-file": token_file,
+        "state-dir": state_dir,
+        "cert": cert,
+        "key": key,
+        "keepalive-timeout": keepalive_timeout,
+        "lease": lease,
+        "drain-timeout": drain_timeout,
+        "max-tunnels-per-client": max_tunnels_per_client,
+        "handshake-timeout": handshake_timeout,
+    }
+    cfg = build_server_config(file_values, flags, config_path=config)
+    identity = load_or_create_identity(cfg.state_dir, cfg.cert_file, cfg.key_file)
+    out(f"fingerprint: {identity.fingerprint}")
+    if not cfg.tokens:
+        generated, created = load_or_create_token(cfg.state_dir)
+        path = cfg.state_dir / TOKEN_FILE_NAME
+        if created:
+            out(f"token: {generated}")
+            out(
+                f"hint: clients need this token (--token or MUXTUNNEL_TOKEN); it is stored in {path} "
+                "and will not be shown again"
+            )
+        else:
+            logger.info("using the token stored in %s", path)
+        cfg = dataclasses.replace(cfg, tokens=(generated,))
+
+    from muxtunnel.server import serve  # lazy: keeps `muxtunnel --version` fast
+
+    _run_async(lambda shutdown: serve(cfg, shutdown=shutdown, report=out))
+
+
+@app.command()
+def client(
+    specs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="SPEC...",
+            help="[REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT; remote port 0 or omitted: the relay picks one.",
+            show_default=False,
+        ),
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", metavar="HOST[:PORT]", help="The relay (port default: 7835)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(metavar="TOKEN", help="The relay's token (default: $MUXTUNNEL_TOKEN)."),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Read the token from this file.")
+    ] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option(metavar="FP", help="Pin the relay's certificate (sha256:...).")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Verify the relay against this CA instead.")
+    ] = None,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+    max_retries: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Give up after N failed reconnects (default: never)."),
+    ] = None,
+    keepalive_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Declare a silent relay dead after this (default: 30)."
+        ),
+    ] = None,
+    connect_timeout: Annotated[
+        float | None,
+        typer.Option(metavar="SECONDS", help="Timeout dialing the local service (default: 10)."),
+    ] = None,
+    backoff_cap: Annotated[
+        float | None,
+        typer.Option(metavar="SECONDS", help="Longest wait between reconnects (default: 30)."),
+    ] = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Connect to a relay and expose local TCP services on its public ports.
+
+    Without --fingerprint or --ca, the relay's certificate is pinned on first use.
+    """
+    file_values = load_toml(config, "client") if config is not None else {}
+    _setup_logging(file_values, log_level, log_format)
+    flags: dict[str, object] = {
+        "server": server,
+        "token": [token] if token is not None else None,
+        "token-file": token_file,
+        "fingerprint": fingerprint,
+        "ca": ca,
+        "state-dir": state_dir,
+        "tunnel": specs,
+        "max-retries": max_retries,
+        "keepalive-timeout": keepalive_timeout,
+        "connect-timeout": connect_timeout,
+        "backoff-cap": backoff_cap,
+    }
+    cfg = build_client_config(file_values, flags, config_path=config)
+
+    from muxtunnel.client import run_client
+
+    _run_async(lambda shutdown: run_client(cfg, shutdown=shutdown, report=out))
+
+
+@app.command("fingerprint")
+def fingerprint_command(
+    state_dir: StateDirOpt = None,
+    cert: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Read this certificate instead.")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Print the relay's certificate fingerprint, in the form --fingerprint accepts."""
+    if state_dir is not None and cert is not None:
+        raise ConfigError("use either --state-dir or --cert, not both")
+    if cert is None:
+        directory = state_dir if state_dir is not None else default_state_dir()
+        cert = directory / CERT_FILE_NAME
+        if not cert.exists():
+            raise ConfigError(
+                f"no certificate in {directory}: the relay creates {CERT_FILE_NAME} there on first start "
+                "(`muxtunnel server`); or pass --cert FILE"
+            )
+    out(fingerprint_of_file(cert))
+
+
+@app.command()
+def demo(
+    local: Annotated[
+        int | None,
+        typer.Option(
+            metavar="PORT",
+            min=1,
+            max=65535,
+            help="Expose this local port instead of the built-in echo service.",
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Exit after the self-check (0 on success).")
+    ] = False,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Zero-config demo: relay + client + echo service in one process on loopback."""
+    _setup_logging({}, log_level, log_format)
+
+    from muxtunnel.demo import run_demo
+
+    ok = _run_async(
+        lambda shutdown: run_demo(local_port=local, once=once, report=out, shutdown=shutdown)
+    )
+    if ok is False:
+        raise MuxtunnelError("the demo's self-check failed")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Run the benchmark suite (arguments go to it; try `muxtunnel bench --help`)."""
+    try:
+        from muxtunnel.benchsuite import main as bench_main
+    except ImportError as exc:
+        raise MuxtunnelError(
+            f"the benchmark suite is not available in this installation ({exc})"
+        ) from None
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point and error mapping
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _primary(exc: BaseException) -> BaseException:
+    """Pick the exception that explains a failure, unwrapping trio's exception groups."""
+    leaves = _leaves(exc)
+
+    def rank(e: BaseException) -> int:
+        if isinstance(e, MuxtunnelError):
+            return 0 if e.exit_code != ExitCode.FAILURE else 1
+        if isinstance(e, typer.TyperException):
+            return 2
+        if isinstance(e, KeyboardInterrupt | trio.Cancelled):
+            return 4
+        return 3
+
+    return min(leaves, key=rank)
+
+
+def _describe(exc: BaseException) -> tuple[str, int]:
+    if isinstance(exc, MuxtunnelError):
+        return str(exc) or type(exc).__name__, int(exc.exit_code)
+    if isinstance(exc, typer.TyperException):
+        message = exc.format_message()
+        usage_ctx = getattr(exc, "ctx", None)
+        path = getattr(usage_ctx, "command_path", "muxtunnel")
+        if not message:
+            message = "missing command"
+        code = exc.exit_code
+        if code == ExitCode.USAGE:
+            message += f" (see `{path} --help`)"
+        return message, code
+    if isinstance(exc, typer.Abort):
+        return "aborted", int(ExitCode.FAILURE)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}", int(ExitCode.FAILURE)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, int(ExitCode.FAILURE)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="muxtunnel", standalone_mode=False)
+    except KeyboardInterrupt:
+        print("muxtunnel: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:  # the one place every error ends up
+        if isinstance(exc, SystemExit):
+            raise
+        primary = _primary(exc)
+        if isinstance(primary, KeyboardInterrupt):
+            print("muxtunnel: interrupted", file=sys.stderr)
+            return 130
+        message, code = _describe(primary)
+        if debug:
+            traceback.print_exception(exc)
+        one_line = " ".join(message.split())
+        print(f"muxtunnel: error: {one_line}", file=sys.stderr, flush=True)
+        return code
+    return result if isinstance(result, int) else 0
+
+
+def main() -> NoReturn:
+    """Console-script entry point."""
+    sys.exit(run())

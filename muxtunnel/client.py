@@ -1,0 +1,377 @@
+"""The client: one TLS session to the relay, its tunnels, and reconnecting until stopped.
+
+Each session: TCP connect, TLS handshake, relay identity check (pin, trust on first use or CA),
+AUTH with pipelined BINDs, one ``forwarding tcp://RELAY:PORT -> LOCAL:PORT`` line per tunnel,
+then one task per stream the relay opens: dial the local target (bounded by
+``connect_timeout``), accept or reject with a reason, and splice.
+
+When a session ends for any reason but a refused token or a wrong relay identity, the client
+reconnects with exponential backoff and jitter (capped at ``backoff_cap``) and asks for the same
+public ports again, including the ones the relay picked the first time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from muxtunnel import tls
+from muxtunnel.config import ClientConfig, TunnelSpec, format_host_port
+from muxtunnel.connection import (
+    CLOSE_GRACE,
+    MuxConnection,
+    MuxSessionClosedError,
+    MuxStream,
+    make_session,
+)
+from muxtunnel.errors import (
+    AuthError,
+    ConfigError,
+    ErrorCode,
+    HandshakeError,
+    IdentityMismatchError,
+    MuxtunnelError,
+    SessionClosedError,
+    TunnelError,
+)
+from muxtunnel.handshake import BindOutcome, client_handshake
+from muxtunnel.policy import DEFAULT_POLICY, StreamPolicy
+from muxtunnel.protocol.constants import OpenFailReason, ResultStatus, Role
+from muxtunnel.protocol.events import GoAwayReceived, ResultReceived, UnbindReceived
+from muxtunnel.protocol.frames import Address
+from muxtunnel.splice import splice
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["BoundTunnel", "ClientInfo", "run_client"]
+
+logger = logging.getLogger(__name__)
+
+#: First reconnect delay (seconds); doubles per failed attempt up to ``backoff_cap``.
+BACKOFF_BASE = 0.5
+#: Time allowed for TCP connect + TLS handshake + AUTH/BIND answers.
+HANDSHAKE_TIMEOUT = 15.0
+#: On shutdown, how long open streams may take to finish before the session is closed.
+DRAIN_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BoundTunnel:
+    """One tunnel that is up."""
+
+    spec: TunnelSpec
+    tunnel_id: int
+    remote_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """What ``run_client`` passes to ``task_status.started`` once the first session is up."""
+
+    fingerprint: str
+    tunnels: tuple[BoundTunnel, ...]
+
+
+def _open_fail_reason(exc: OSError) -> OpenFailReason:
+    if isinstance(exc, socket.gaierror):
+        return OpenFailReason.NAME_RESOLUTION_FAILED
+    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN):
+        return OpenFailReason.UNREACHABLE
+    if exc.errno == errno.ETIMEDOUT:
+        return OpenFailReason.CONNECT_TIMEOUT
+    return OpenFailReason.CONNECT_FAILED
+
+
+class _Client:
+    def __init__(
+        self, config: ClientConfig, report: Callable[[str], None], policy: StreamPolicy
+    ) -> None:
+        self.config = config
+        self.report = report
+        self.policy = policy
+        self.ssl_context = tls.client_ssl_context(config.ca_file)
+        self.known_hosts = tls.KnownHosts(config.state_dir / tls.KNOWN_HOSTS_FILE_NAME)
+        # tunnel id (1-based index) -> spec, and the port the relay gave it last time.
+        self.specs: dict[int, TunnelSpec] = {i + 1: spec for i, spec in enumerate(config.tunnels)}
+        self.remembered: dict[int, int] = {
+            tid: spec.remote_port for tid, spec in self.specs.items()
+        }
+        self.conn: MuxConnection | None = None
+        self.ever_up = False
+        self.active_streams = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def connect(self) -> tuple[trio.SSLStream[trio.SocketStream], str]:
+        config = self.config
+        tcp = await trio.open_tcp_stream(config.server_host, config.server_port)
+        stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=config.server_host)
+        try:
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                mismatch = tls.identity_error_from_exception(exc, config.server_key, config.ca_file)
+                if mismatch is not None:
+                    raise mismatch from None
+                raise HandshakeError(
+                    f"TLS handshake with {config.server_key} failed: {exc.__cause__ or exc}"
+                ) from None
+            fingerprint = tls.verify_server(
+                stream,
+                config.server_key,
+                config.fingerprint,
+                config.ca_file,
+                self.known_hosts,
+                self.report,
+            )
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream, fingerprint
+
+    async def run_session(
+        self,
+        shutdown: trio.Event,
+        on_up: Callable[[ClientInfo], None],
+    ) -> bool:
+        """One session; returns True if it got as far as authenticated."""
+        config = self.config
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            stream, fingerprint = await self.connect()
+        session = make_session(Role.CLIENT, idle_timeout=config.keepalive_timeout)
+        conn = MuxConnection(stream, session, name=f"relay {config.server_key}")
+        self.conn = conn
+        authenticated = False
+        body_error: Exception | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.run)
+                nursery.start_soon(self._watch_shutdown, conn, shutdown)
+                try:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        outcomes = await client_handshake(
+                            conn, config.token, [(tid, self.remembered[tid]) for tid in self.specs]
+                        )
+                    authenticated = True
+                    retry = [
+                        o.tunnel_id
+                        for o in outcomes
+                        if not o.ok
+                        and self.specs[o.tunnel_id].remote_port == 0
+                        and o.status in (ResultStatus.ADDRESS_IN_USE, ResultStatus.OUT_OF_RANGE)
+                    ]
+                    if retry:
+                        # The port the relay picked last time is gone: let it pick again.
+                        for tid in retry:
+                            self.remembered[tid] = 0
+                        outcomes = [
+                            o for o in outcomes if o.tunnel_id not in retry
+                        ] + await self._rebind(conn, retry)
+                    bound: list[BoundTunnel] = []
+                    for outcome in sorted(outcomes, key=lambda o: o.tunnel_id):
+                        spec = self.specs[outcome.tunnel_id]
+                        if outcome.ok and outcome.bound is not None:
+                            self.remembered[outcome.tunnel_id] = outcome.bound.port
+                            bound.append(BoundTunnel(spec, outcome.tunnel_id, outcome.bound.port))
+                            self.report(
+                                f"forwarding tcp://{format_host_port(config.server_host, outcome.bound.port)}"
+                                f" -> {format_host_port(spec.local_host, spec.local_port)}"
+                            )
+                        else:
+                            logger.error(
+                                "tunnel %s: the relay refused remote port %d: %s: %s",
+                                spec,
+                                outcome.requested,
+                                outcome.status_name,
+                                outcome.message,
+                            )
+                    if not bound and not self.ever_up:
+                        raise TunnelError(
+                            f"relay {config.server_key} refused every tunnel; nothing to forward"
+                        )
+                    self.ever_up = True
+                    logger.info(
+                        "connected to relay %s: %d of %d tunnels up",
+                        config.server_key,
+                        len(bound),
+                        len(self.specs),
+                    )
+                    on_up(ClientInfo(fingerprint, tuple(bound)))
+                    nursery.start_soon(self._control_loop, conn)
+                    while True:
+                        mux = await conn.accept_stream()
+                        nursery.start_soon(self._handle_stream, mux)
+                except MuxSessionClosedError:
+                    pass
+                except Exception as exc:  # re-raised below, outside the nursery (no ExceptionGroup)
+                    body_error = exc
+                finally:
+                    if not conn.closed:
+                        conn.close(ErrorCode.NO_ERROR, "client shutting down")
+                    with trio.move_on_after(CLOSE_GRACE + 1):
+                        await conn.wait_closed()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.conn = None
+        if body_error is not None:
+            raise body_error
+        if not authenticated:
+            raise HandshakeError(
+                f"relay {config.server_key} ended the session: {conn.close_reason}"
+            )
+        if shutdown.is_set():
+            logger.info("disconnected from relay %s", config.server_key)
+        else:
+            logger.warning("session with relay %s ended: %s", config.server_key, conn.close_reason)
+        return True
+
+    async def _rebind(self, conn: MuxConnection, tunnel_ids: list[int]) -> list[BindOutcome]:
+        base = 1000
+        for i, tid in enumerate(tunnel_ids):
+            conn.session.send_bind(base + i, tid, Address(None, 0))
+        conn.wake_writer()
+        results: list[BindOutcome] = []
+        while len(results) < len(tunnel_ids):
+            event = await conn.next_control_event()
+            if isinstance(event, ResultReceived) and base <= event.req_id < base + len(tunnel_ids):
+                tid = tunnel_ids[event.req_id - base]
+                results.append(BindOutcome(tid, 0, int(event.status), event.message, event.bound))
+        return results
+
+    async def _watch_shutdown(self, conn: MuxConnection, shutdown: trio.Event) -> None:
+        await shutdown.wait()
+        if self.active_streams and conn.usable:
+            # GOAWAY: the relay sends no new visitors; open streams get DRAIN_TIMEOUT to finish.
+            conn.go_away(ErrorCode.NO_ERROR, "client shutting down")
+            logger.info(
+                "draining %d open streams for up to %.0f s", self.active_streams, DRAIN_TIMEOUT
+            )
+            with trio.move_on_after(DRAIN_TIMEOUT):
+                while self.active_streams:
+                    await self._idle.wait()
+        conn.close(ErrorCode.NO_ERROR, "client shutting down")
+
+    async def _control_loop(self, conn: MuxConnection) -> None:
+        while True:
+            try:
+                event = await conn.next_control_event()
+            except MuxSessionClosedError:
+                return
+            if isinstance(event, UnbindReceived):
+                spec = self.specs.get(event.tunnel_id)
+                logger.warning("the relay revoked tunnel %s (%s)", spec, event.error_code.name)
+            elif isinstance(event, GoAwayReceived):
+                logger.info("relay is going away (%s): %s", event.error_code.name, event.message)
+
+    async def _handle_stream(self, mux: MuxStream) -> None:
+        spec = self.specs.get(mux.info.tunnel_id)
+        if spec is None:
+            mux.reject(OpenFailReason.UNKNOWN_TUNNEL, f"no tunnel {mux.info.tunnel_id}")
+            return
+        target = format_host_port(spec.local_host, spec.local_port)
+        mux.info.labels["local"] = target
+        tcp: trio.SocketStream | None = None
+        reason: OpenFailReason | None = None
+        detail = ""
+        try:
+            with trio.move_on_after(self.config.connect_timeout) as scope:
+                tcp = await trio.open_tcp_stream(spec.local_host, spec.local_port)
+            if scope.cancelled_caught:
+                reason, detail = OpenFailReason.CONNECT_TIMEOUT, f"connect to {target} timed out"
+        except OSError as exc:
+            reason, detail = (
+                _open_fail_reason(exc),
+                f"connect to {target} failed: {exc.strerror or exc}",
+            )
+        if tcp is None:
+            assert reason is not None
+            logger.warning("stream from %s: %s", mux.info.origin, detail)
+            try:
+                mux.reject(reason, detail)
+            except RuntimeError:
+                pass
+            return
+        try:
+            mux.accept()
+        except trio.BrokenResourceError:
+            await trio.aclose_forcefully(tcp)
+            return
+        self.active_streams += 1
+        if self.active_streams == 1:
+            self._idle = trio.Event()
+        try:
+            result = await splice(tcp, mux, policy=self.policy)
+        finally:
+            self.active_streams -= 1
+            if not self.active_streams:
+                self._idle.set()
+        if result.error is not None:
+            logger.info("stream from %s to %s failed: %s", mux.info.origin, target, result.error)
+
+
+async def run_client(
+    config: ClientConfig,
+    *,
+    shutdown: trio.Event | None = None,
+    report: Callable[[str], None] = print,
+    policy: StreamPolicy = DEFAULT_POLICY,
+    task_status: trio.TaskStatus[ClientInfo] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the client until ``shutdown`` is set, reconnecting after failures.
+
+    ``task_status.started`` gets a :class:`ClientInfo` once the first session is up.
+
+    Raises:
+        AuthError: The relay refused the token (never retried).
+        IdentityMismatchError: The relay's certificate does not match (never retried).
+        SessionClosedError: ``max_retries`` consecutive attempts failed.
+    """
+    shutdown = trio.Event() if shutdown is None else shutdown
+    client = _Client(config, report, policy)
+    started = False
+    failures = 0
+
+    def on_up(info: ClientInfo) -> None:
+        nonlocal started, failures
+        failures = 0
+        if not started:
+            started = True
+            task_status.started(info)
+
+    while not shutdown.is_set():
+        error: BaseException | None = None
+        try:
+            await client.run_session(shutdown, on_up)
+        except (AuthError, IdentityMismatchError, ConfigError, TunnelError):
+            raise
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, MuxtunnelError) as exc:
+            error = exc
+            logger.warning("relay %s: %s", config.server_key, _describe(exc))
+        if shutdown.is_set():
+            break
+        failures += 1
+        if config.max_retries is not None and failures > config.max_retries:
+            raise SessionClosedError(
+                f"giving up on relay {config.server_key} after {failures} failed attempts"
+                + (f": {_describe(error)}" if error is not None else "")
+            )
+        delay = min(config.backoff_cap, BACKOFF_BASE * 2 ** (failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        logger.info("reconnecting to %s in %.1f s", config.server_key, delay)
+        with trio.move_on_after(delay):
+            await shutdown.wait()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

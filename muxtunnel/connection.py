@@ -1,0 +1,1092 @@
+"""The trio adapter: one sans-IO :class:`~muxtunnel.protocol.session.Session` on one transport.
+
+Theory of operation
+-------------------
+A :class:`MuxConnection` owns a transport stream (a ``trio.SSLStream`` in production, any
+``trio.abc.Stream`` in tests) and a ``Session``. :meth:`MuxConnection.run` runs three tasks in a
+nursery that the caller owns (``await nursery.start(conn.run)``):
+
+* the **reader** awaits nothing but ``transport.receive_some``. It feeds the bytes to
+  ``session.receive_data`` and dispatches the events with a dict lookup. Dispatch never blocks:
+  stream data goes into the stream's chunk deque (bounded by the receive window the session
+  advertised), new streams and control events go into unbounded memory channels (bounded by the
+  session's pending-open and flood limits). So a slow stream can never stop the reader (P4/P5).
+* the **writer** is the only caller of ``transport.send_all``. It loops on
+  ``session.data_to_send()`` (control frames first, then DATA by deficit round robin, all
+  coalesced into one batch) and sleeps on an event when there is nothing to send. A failed or
+  cancelled ``send_all`` leaves an unknown frame boundary on the wire, so it ends the
+  connection; it is never retried.
+* the **keepalive** task sends a PING after ``idle/4`` of receive silence and declares the peer
+  dead after ``idle`` of receive silence; any inbound byte counts as life (P12).
+
+A :class:`MuxStream` is a ``trio.abc.HalfCloseableStream``. ``send_all`` cuts the data into
+chunks of at most :data:`SEND_CHUNK` bytes and, before each chunk, waits while the session still
+holds more than :data:`SEND_LOW_WATER` unframed bytes for the stream: a stream buffers at most
+``SEND_LOW_WATER + SEND_CHUNK`` bytes in the adapter, and everything beyond waits for window
+credit from the peer. ``receive_some`` hands out buffered chunks and acknowledges them to the
+session, which returns window credit only for bytes the application consumed (P3). ``send_eof``
+queues FIN behind the stream's data (P8); the peer's RESET raises :class:`MuxStreamResetError`
+(a ``StreamResetError`` that is also a ``trio.BrokenResourceError``), never a clean EOF (P9).
+
+``aclose`` behaves like ``close()`` on a TCP socket: with unread received data it resets the
+stream; otherwise it sends FIN, and data that arrives later resets the stream (the peer's
+``send_all`` then fails, like EPIPE).
+
+When the connection ends (CLOSE sent or received, EOF, transport error, idle timeout) every
+stream that is not finished fails with :class:`MuxSessionClosedError` and both channels close.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from muxtunnel.errors import (
+    ErrorCode,
+    ProtocolError,
+    SessionClosedError,
+    StreamResetError,
+)
+from muxtunnel.policy import StreamInfo
+from muxtunnel.protocol.constants import OpenFailReason, Role
+from muxtunnel.protocol.events import (
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamRejected,
+    StreamReset,
+    WindowUpdated,
+)
+from muxtunnel.protocol.session import Session, SessionConfig
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from types import TracebackType
+
+    from muxtunnel.protocol.frames import Address
+
+__all__ = [
+    "RECEIVE_SIZE",
+    "SEND_CHUNK",
+    "SEND_LOW_WATER",
+    "MuxConnection",
+    "MuxSessionClosedError",
+    "MuxStream",
+    "MuxStreamResetError",
+    "OpenRejectedError",
+    "open_mux_connection",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A stream's sender waits while the session holds more than this many unframed bytes for it.
+#: 64 KiB is one maximum DATA frame: enough to keep the writer's batches full, small enough that
+#: 1,000 blocked streams hold at most ~128 MiB in the worst case (low water + one chunk each).
+SEND_LOW_WATER: Final = 64 * 1024
+#: Largest piece ``MuxStream.send_all`` hands to the session at once (one maximum DATA frame).
+SEND_CHUNK: Final = 64 * 1024
+#: ``receive_some`` size for the transport. trio's SSLStream returns at most one TLS record
+#: (16 KiB) per call whatever we ask; plain sockets in tests can use more.
+RECEIVE_SIZE: Final = 64 * 1024
+#: How long a closing connection may take to flush its CLOSE and TLS close_notify.
+CLOSE_GRACE: Final = 2.0
+
+
+class MuxStreamResetError(StreamResetError, trio.BrokenResourceError):
+    """The stream was reset (by the peer, or by the session after a peer stream error)."""
+
+
+class OpenRejectedError(MuxStreamResetError):
+    """The peer refused to open our stream (OPEN_FAIL); no byte reached its target."""
+
+    def __init__(self, message: str, reason: int) -> None:
+        super().__init__(message, ErrorCode.REFUSED_STREAM)
+        self.reason = reason
+
+
+class MuxSessionClosedError(SessionClosedError, trio.BrokenResourceError):
+    """Stream I/O after the session ended (CLOSE, EOF, transport error or idle timeout)."""
+
+
+class _ConflictDetector:
+    """Raise ``trio.BusyResourceError`` when two tasks use one side of a stream at once."""
+
+    __slots__ = ("_held", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._held = False
+        self._message = message
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._held = False
+
+
+def _effective_idle(local_ms: int, peer_ms: int | None) -> float | None:
+    """Return the idle timeout in seconds: the minimum of the non-zero values, None if off."""
+    values = [v for v in (local_ms, peer_ms or 0) if v > 0]
+    return min(values) / 1000.0 if values else None
+
+
+class MuxStream(trio.abc.HalfCloseableStream):
+    """One multiplexed stream; a ``trio.abc.HalfCloseableStream``.
+
+    Created by :meth:`MuxConnection.open_stream` (our open) or handed out by
+    :meth:`MuxConnection.accept_stream` (the peer's open, which must be answered with
+    :meth:`accept` or :meth:`reject`).
+    """
+
+    def __init__(
+        self,
+        conn: MuxConnection,
+        stream_id: int,
+        info: StreamInfo,
+        *,
+        incoming: bool,
+    ) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        #: Accounting and identity; the policy hook point (see :mod:`muxtunnel.policy`).
+        self.info = info
+        self.incoming = incoming
+        # incoming: not yet accepted/rejected; outgoing: no OPEN_ACK yet.
+        self._pending = True
+        self._chunks: deque[memoryview] = deque()
+        self._buffered = 0
+        self._recv_eof = False  # peer FIN received
+        self._eof_sent = False  # our FIN queued
+        self._closed = False  # aclose()/reset() called
+        # Why I/O fails: None, or (kind, code, message, reject_reason)
+        self._failure: tuple[str, ErrorCode, str, int] | None = None
+        self._recv_waiter: trio.Event | None = None
+        self._send_waiter: trio.Event | None = None
+        self._opened_waiter: trio.Event | None = None
+        self._send_conflict = _ConflictDetector("another task is already sending on this stream")
+        self._recv_conflict = _ConflictDetector("another task is already receiving on this stream")
+
+    def __repr__(self) -> str:
+        return (
+            f"<MuxStream {self.stream_id} tunnel={self.info.tunnel_id} origin={self.info.origin}>"
+        )
+
+    # -- state helpers -------------------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        """Why the stream failed (reset, rejection or session end), or None."""
+        if self._failure is None:
+            return None
+        kind, code, message, _ = self._failure
+        return f"{kind} {code.name}{': ' + message if message else ''}"
+
+    @property
+    def receive_finished(self) -> bool:
+        """True once the peer's FIN has arrived."""
+        return self._recv_eof
+
+    def _make_error(self) -> trio.BrokenResourceError:
+        assert self._failure is not None
+        kind, code, message, reason = self._failure
+        text = f"stream {self.stream_id}: {message}" if message else f"stream {self.stream_id}"
+        if kind == "rejected":
+            return OpenRejectedError(text, reason)
+        if kind == "reset":
+            return MuxStreamResetError(text, code)
+        return MuxSessionClosedError(text, code)
+
+    def _wake_all(self) -> None:
+        for ev in (self._recv_waiter, self._send_waiter, self._opened_waiter):
+            if ev is not None:
+                ev.set()
+        self._recv_waiter = self._send_waiter = self._opened_waiter = None
+
+    def _drop_buffer(self) -> None:
+        """Discard unread bytes, acknowledging them so the connection window is not lost (P6)."""
+        if self._buffered:
+            self._conn._acknowledge(self.stream_id, self._buffered)
+            self._buffered = 0
+            self._chunks.clear()
+
+    def _fail(self, kind: str, code: ErrorCode, message: str, reason: int = 0) -> None:
+        if self._failure is None:
+            self._failure = (kind, code, message, reason)
+        if kind != "session":
+            self._drop_buffer()
+        self._pending = False
+        self._wake_all()
+
+    def _check_send(self) -> None:
+        if self._closed or self._eof_sent:
+            raise trio.ClosedResourceError("stream is closed for sending")
+        if self._failure is not None:
+            raise self._make_error()
+        if not self._conn.usable:
+            raise MuxSessionClosedError(self._conn._ended_message(), self._conn.close_code)
+
+    # -- called by the connection's reader -----------------------------------------------
+
+    def _on_data(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        if self._closed or self._failure is not None:
+            # Data for a stream the application closed: like TCP, answer with a reset.
+            self._conn._acknowledge(self.stream_id, n)
+            if self._failure is None:
+                self._conn._reset(self, ErrorCode.CANCEL, "data after close")
+            return
+        self._chunks.append(data if isinstance(data, memoryview) else memoryview(data))
+        self._buffered += n
+        ev = self._recv_waiter
+        if ev is not None:
+            self._recv_waiter = None
+            ev.set()
+
+    def _on_end(self) -> None:
+        self._recv_eof = True
+        ev = self._recv_waiter
+        if ev is not None:
+            self._recv_waiter = None
+            ev.set()
+
+    def _on_accepted(self) -> None:
+        self._pending = False
+        ev = self._opened_waiter
+        if ev is not None:
+            self._opened_waiter = None
+            ev.set()
+
+    def _writable(self) -> None:
+        ev = self._send_waiter
+        if ev is not None:
+            self._send_waiter = None
+            ev.set()
+
+    # -- open handshake ------------------------------------------------------------------
+
+    def accept(self) -> None:
+        """Accept a stream the peer opened (queue OPEN_ACK). Idempotent.
+
+        Raises:
+            trio.BrokenResourceError: The stream or session already failed.
+        """
+        if not self.incoming:
+            raise RuntimeError("accept() is for streams the peer opened")
+        if self._failure is not None:
+            raise self._make_error()
+        if not self._conn.usable:
+            raise MuxSessionClosedError(self._conn._ended_message(), self._conn.close_code)
+        if self._pending:
+            self._pending = False
+            self._conn._session.accept_stream(self.stream_id)
+            self._conn._wake_writer()
+
+    def reject(self, reason: OpenFailReason, message: str = "") -> None:
+        """Refuse a stream the peer opened (queue OPEN_FAIL); the stream is closed after it."""
+        if not self.incoming or not self._pending:
+            raise RuntimeError("reject() is only for streams the peer opened and not yet accepted")
+        self._pending = False
+        self._closed = True
+        self._drop_buffer()
+        if self._failure is None and self._conn.usable:
+            self._conn._session.reject_stream(self.stream_id, reason, message)
+            self._conn._wake_writer()
+        self._failure = self._failure or (
+            "rejected",
+            ErrorCode.REFUSED_STREAM,
+            message,
+            int(reason),
+        )
+        self._conn._forget(self)
+        self._wake_all()
+
+    async def wait_opened(self) -> None:
+        """Wait until the peer acknowledged our open.
+
+        Raises:
+            OpenRejectedError: The peer refused the stream.
+            trio.BrokenResourceError: The stream or the session failed first.
+        """
+        while True:
+            if self._failure is not None:
+                raise self._make_error()
+            if not self._pending:
+                await trio.lowlevel.checkpoint()
+                return
+            ev = self._opened_waiter = trio.Event()
+            await ev.wait()
+
+    # -- trio.abc.SendStream -------------------------------------------------------------
+
+    async def _wait_writable(self) -> None:
+        session = self._conn._session
+        while True:
+            self._check_send()
+            if session.pending_bytes(self.stream_id) <= SEND_LOW_WATER:
+                await trio.lowlevel.checkpoint()
+                self._check_send()
+                return
+            ev = self._send_waiter = trio.Event()
+            self._conn._blocked.add(self)
+            await ev.wait()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` on the stream; waits while too much of it is still unsent.
+
+        Raises:
+            trio.ClosedResourceError: ``aclose``/``send_eof``/``reset`` was called.
+            MuxStreamResetError: The stream was reset (a ``trio.BrokenResourceError``).
+            MuxSessionClosedError: The session ended (a ``trio.BrokenResourceError``).
+            trio.BusyResourceError: Another task is sending on this stream.
+        """
+        with self._send_conflict:
+            self._check_send()
+            if isinstance(data, bytes):
+                view = memoryview(data)
+            elif isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytes):
+                view = data.cast("B") if data.format != "B" else data
+            else:
+                # The caller may reuse a mutable buffer once we return: copy it.
+                view = memoryview(bytes(data))
+            total = len(view)
+            if not total:
+                await trio.lowlevel.checkpoint()
+                self._check_send()
+                return
+            offset = 0
+            session = self._conn._session
+            while offset < total:
+                await self._wait_writable()
+                n = min(total - offset, SEND_CHUNK)
+                if self.incoming and self._pending:
+                    self.accept()
+                session.send_data(self.stream_id, view[offset : offset + n])
+                offset += n
+                self.info.bytes_out += n
+                self._conn._wake_writer()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until ``send_all`` would not have to wait for buffer space.
+
+        Raises:
+            trio.ClosedResourceError: The stream is closed for sending.
+            trio.BrokenResourceError: The stream or session failed.
+        """
+        with self._send_conflict:
+            await self._wait_writable()
+
+    async def send_eof(self) -> None:
+        """Finish our direction (FIN after all queued data); idempotent.
+
+        Raises:
+            trio.ClosedResourceError: The stream was closed with ``aclose``/``reset``.
+            trio.BrokenResourceError: The stream or session failed before FIN was queued.
+        """
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("stream is closed")
+            await trio.lowlevel.checkpoint()
+            if self._eof_sent:
+                return
+            if self._failure is not None:
+                raise self._make_error()
+            if not self._conn.usable:
+                raise MuxSessionClosedError(self._conn._ended_message(), self._conn.close_code)
+            if self.incoming and self._pending:
+                self.accept()
+            self._eof_sent = True
+            self._conn._session.end_stream(self.stream_id)
+            self._conn._wake_writer()
+            self._conn._maybe_forget(self)
+
+    # -- trio.abc.ReceiveStream ----------------------------------------------------------
+
+    async def receive_chunk(self, max_bytes: int) -> bytes | memoryview:
+        """Like :meth:`receive_some` but may return a read-only memoryview (no copy).
+
+        Raises:
+            The same as :meth:`receive_some`.
+        """
+        with self._recv_conflict:
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream is closed")
+                if self._chunks:
+                    return self._take(max_bytes)
+                if self._recv_eof:
+                    return b""
+                if self._failure is not None:
+                    raise self._make_error()
+                ev = self._recv_waiter = trio.Event()
+                await ev.wait()
+
+    def _take(self, limit: int) -> memoryview:
+        chunk = self._chunks[0]
+        if len(chunk) <= limit:
+            self._chunks.popleft()
+            out = chunk
+        else:
+            out = chunk[:limit]
+            self._chunks[0] = chunk[limit:]
+        n = len(out)
+        self._buffered -= n
+        self.info.bytes_in += n
+        self._conn._acknowledge(self.stream_id, n)
+        return out
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return the next buffered bytes (at most ``max_bytes``); b"" after the peer's FIN.
+
+        Raises:
+            trio.ClosedResourceError: The stream was closed locally.
+            MuxStreamResetError: The stream was reset (peer RESET, or OPEN_FAIL:
+                :class:`OpenRejectedError`); both are ``trio.BrokenResourceError``.
+            MuxSessionClosedError: The session ended before the peer's FIN.
+            trio.BusyResourceError: Another task is receiving on this stream.
+        """
+        limit = 1 << 30 if max_bytes is None else operator.index(max_bytes)
+        chunk = await self.receive_chunk(limit)
+        if isinstance(chunk, memoryview):
+            obj = chunk.obj
+            if isinstance(obj, bytes) and len(obj) == len(chunk):
+                return obj
+            return bytes(chunk)
+        return chunk
+
+    # -- closing -------------------------------------------------------------------------
+
+    def reset(self, code: ErrorCode = ErrorCode.CANCEL, message: str = "") -> None:
+        """Abort the stream (RESET to the peer); further local I/O raises ClosedResourceError."""
+        self._closed = True
+        if self._failure is None:
+            self._conn._reset(self, code, message or "reset locally")
+        self._drop_buffer()
+        self._wake_all()
+
+    async def aclose(self) -> None:
+        """Close the stream like a TCP socket's ``close()``.
+
+        Unread received data (or a stream never accepted) gives a RESET; otherwise FIN is sent
+        (after queued data) and any data that still arrives resets the stream.
+        """
+        if not self._closed:
+            self._close_now()
+        await trio.lowlevel.checkpoint()
+
+    def _close_now(self) -> None:
+        self._closed = True
+        conn = self._conn
+        if self._failure is None and conn.usable:
+            if self.incoming and self._pending:
+                self.reject(OpenFailReason.REFUSED, "closed before accept")
+                return
+            if self._chunks:
+                self._conn._reset(self, ErrorCode.CANCEL, "closed with unread data")
+            else:
+                if not self._eof_sent:
+                    self._eof_sent = True
+                    conn._session.end_stream(self.stream_id)
+                    conn._wake_writer()
+                conn._maybe_forget(self)
+        else:
+            conn._forget(self)
+        self._drop_buffer()
+        self._wake_all()
+
+
+class MuxConnection:
+    """One session on one transport: reader, writer and keepalive tasks (see module docs).
+
+    Args:
+        transport: The byte stream the session runs over (normally a ``trio.SSLStream``).
+        session: A fresh ``Session`` (its MAGIC and HELLO are already queued).
+        name: Used in log lines (e.g. the peer address).
+        token_id: Stored in every stream's :class:`StreamInfo`.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        session: Session,
+        *,
+        name: str = "",
+        token_id: str | None = None,
+    ) -> None:
+        self.transport = transport
+        self._session = session
+        self.name = name
+        self.token_id = token_id
+        self._streams: dict[int, MuxStream] = {}
+        self._blocked: set[MuxStream] = set()
+        self._writer_waiter: trio.Event | None = None
+        self._slot_waiter: trio.Event | None = None
+        self._rx_waiter: trio.Event | None = None
+        self._keepalive_waiter: trio.Event | None = None
+        self._control_send, self._control_recv = trio.open_memory_channel[Event](math.inf)
+        self._incoming_send, self._incoming_recv = trio.open_memory_channel[MuxStream](math.inf)
+        self._closing = trio.Event()  # teardown started
+        self._closed = trio.Event()  # run() finished
+        self._dead: str | None = None  # transport unusable: do not write
+        #: Why the connection ended (set once it ends).
+        self.close_reason: str | None = None
+        #: The error code of the CLOSE we sent or received, if any.
+        self.close_code: ErrorCode | None = None
+        #: The peer's GOAWAY, once received.
+        self.goaway: GoAwayReceived | None = None
+        self._protocol_error: ProtocolError | None = None
+        self._last_receive = trio.current_time()
+        self._last_ping = -math.inf
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.rtt: float | None = None
+        local = session.local_settings
+        self._local_idle_ms = local.idle_timeout_ms
+        self._peer_idle_ms: int | None = None
+        self._handlers: dict[type[object], Callable[[object], None]] = {
+            DataReceived: self._on_data,  # type: ignore[dict-item]
+            WindowUpdated: self._on_window,  # type: ignore[dict-item]
+            StreamEnded: self._on_end,  # type: ignore[dict-item]
+            StreamReset: self._on_reset,  # type: ignore[dict-item]
+            StreamOpened: self._on_opened,  # type: ignore[dict-item]
+            StreamAccepted: self._on_accepted,  # type: ignore[dict-item]
+            StreamRejected: self._on_rejected,  # type: ignore[dict-item]
+            HelloReceived: self._on_hello,  # type: ignore[dict-item]
+            PongReceived: self._on_pong,  # type: ignore[dict-item]
+            GoAwayReceived: self._on_goaway,  # type: ignore[dict-item]
+            ConnectionClosed: self._on_connection_closed,  # type: ignore[dict-item]
+        }
+
+    # -- public API ----------------------------------------------------------------------
+
+    @property
+    def session(self) -> Session:
+        """The sans-IO session. Call :meth:`wake_writer` after queueing anything on it."""
+        return self._session
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is ending or has ended."""
+        return self._closing.is_set()
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """The effective idle timeout in seconds (None: off)."""
+        return _effective_idle(self._local_idle_ms, self._peer_idle_ms)
+
+    @property
+    def last_receive(self) -> float:
+        """``trio.current_time()`` when bytes last arrived."""
+        return self._last_receive
+
+    def wake_writer(self) -> None:
+        """Tell the writer that the session may have bytes to send."""
+        if self._session.closed and not self._closing.is_set():
+            self._begin_close("session closed", self.close_code)
+        self._wake_writer()
+
+    def process_held(self) -> None:
+        """Process frames the server session held behind the AUTH (after ``send_result``)."""
+        if not self.closed:
+            self._feed(b"", trio.current_time())
+        self.wake_writer()
+
+    @property
+    def usable(self) -> bool:
+        """True while streams and control requests may still be queued on the session."""
+        return not self._closing.is_set() and not self._session.closed
+
+    def open_stream(self, tunnel_id: int, origin: Address, target: Address) -> MuxStream:
+        """Open a stream to the peer (OPEN is queued; data may follow at once).
+
+        Raises:
+            MuxSessionClosedError: The connection is closed or the session refuses new streams
+                (check :meth:`wait_open_slot` first).
+        """
+        if not self.usable or not self._session.can_open_stream():
+            raise MuxSessionClosedError(f"{self.name}: cannot open a stream now")
+        sid = self._session.open_stream(tunnel_id, origin, target)
+        info = StreamInfo(
+            stream_id=sid,
+            tunnel_id=tunnel_id,
+            origin=origin,
+            target=target,
+            started=trio.current_time(),
+            token_id=self.token_id,
+        )
+        stream = MuxStream(self, sid, info, incoming=False)
+        self._streams[sid] = stream
+        self._wake_writer()
+        return stream
+
+    async def wait_open_slot(self) -> None:
+        """Wait until the session allows one more open (pending-open and concurrency limits).
+
+        Returns without a checkpoint after the last check, so an ``open_stream`` right after
+        it cannot fail for lack of a slot.
+
+        Raises:
+            MuxSessionClosedError: The connection ended first, or a GOAWAY forbids new streams.
+        """
+        await trio.lowlevel.checkpoint()
+        # No await between the final check and returning: the caller's open_stream() that
+        # follows is guaranteed to find the slot.
+        while True:
+            if not self.usable or self.goaway is not None:
+                raise MuxSessionClosedError(f"{self.name}: connection closed")
+            if self._session.can_open_stream():
+                return
+            if self._slot_waiter is None:
+                self._slot_waiter = trio.Event()
+            await self._slot_waiter.wait()
+
+    async def accept_stream(self) -> MuxStream:
+        """Return the next stream the peer opened; answer it with ``accept()``/``reject()``.
+
+        Raises:
+            MuxSessionClosedError: The connection ended.
+        """
+        try:
+            return await self._incoming_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise MuxSessionClosedError(self._ended_message(), self.close_code) from None
+
+    async def next_control_event(self) -> Event:
+        """Return the next control event (challenge, auth, bind, result, goaway ...).
+
+        Raises:
+            MuxSessionClosedError: The connection ended.
+        """
+        try:
+            return await self._control_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise MuxSessionClosedError(self._ended_message(), self.close_code) from None
+
+    def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
+        """Queue GOAWAY: we open no new streams (the peer may finish its own)."""
+        if self.usable:
+            self._session.go_away(code, message)
+            self._wake_writer()
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
+        """Queue CLOSE and end the connection once it is flushed (bounded by CLOSE_GRACE)."""
+        if not self._session.closed:
+            self._session.close(code, message)
+        self._begin_close(f"closed locally: {code.name}{': ' + message if message else ''}", code)
+
+    async def aclose(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
+        """Close (CLOSE frame, close_notify) and wait until :meth:`run` has finished."""
+        self.close(code, message)
+        await self._closed.wait()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`run` has finished."""
+        await self._closed.wait()
+
+    async def probe(self, within: float) -> bool:
+        """Return True if the peer sends anything within ``within`` s (a PING is sent now)."""
+        if not self.usable:
+            await trio.lowlevel.checkpoint()
+            return False
+        start = trio.current_time()
+        if self._session.ping(start) is not None:
+            self._last_ping = start
+            self._wake_writer()
+        with trio.move_on_after(within):
+            while not self.closed:
+                if self._last_receive > start:
+                    return True
+                if self._rx_waiter is None:
+                    self._rx_waiter = trio.Event()
+                await self._rx_waiter.wait()
+        return self._last_receive > start and not self.closed
+
+    def statistics(self) -> dict[str, int]:
+        """A debug snapshot: streams, bytes, plus the session's counters."""
+        stats = dict(self._session.statistics())
+        stats.update(
+            adapter_streams=len(self._streams),
+            adapter_blocked_senders=len(self._blocked),
+            transport_bytes_received=self.bytes_received,
+            transport_bytes_sent=self.bytes_sent,
+        )
+        return stats
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[MuxConnection] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the reader, writer and keepalive tasks until the connection ends.
+
+        Returns normally whatever ended the connection (see :attr:`close_reason`); every stream
+        that is not finished fails with :class:`MuxSessionClosedError`.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader_loop)
+                nursery.start_soon(self._keepalive_loop)
+                nursery.start_soon(self._close_watchdog, nursery.cancel_scope)
+                task_status.started(self)
+                await self._writer_loop()
+                if self._dead is None:
+                    # CLOSE is flushed: send TLS close_notify and close the socket.
+                    with trio.move_on_after(CLOSE_GRACE):
+                        await self.transport.aclose()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish()
+            await trio.aclose_forcefully(self.transport)
+            self._closed.set()
+
+    # -- internals: wakeups --------------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        ev = self._writer_waiter
+        if ev is not None:
+            self._writer_waiter = None
+            ev.set()
+
+    def _wake_slot(self) -> None:
+        ev = self._slot_waiter
+        if ev is not None:
+            self._slot_waiter = None
+            ev.set()
+
+    def _acknowledge(self, stream_id: int, n: int) -> None:
+        if n and not self._session.closed:
+            self._session.acknowledge(stream_id, n, trio.current_time())
+            if self._session.wants_write():
+                self._wake_writer()
+
+    def _reset(self, stream: MuxStream, code: ErrorCode, message: str) -> None:
+        if self.usable:
+            self._session.reset_stream(stream.stream_id, code)
+            self._wake_writer()
+        stream._fail("reset", code, message)
+        self._forget(stream)
+
+    def _forget(self, stream: MuxStream) -> None:
+        if self._streams.pop(stream.stream_id, None) is not None:
+            self._wake_slot()
+        self._blocked.discard(stream)
+
+    def _maybe_forget(self, stream: MuxStream) -> None:
+        if stream._recv_eof and stream._eof_sent:
+            self._forget(stream)
+
+    def _ended_message(self) -> str:
+        return f"{self.name}: connection ended ({self.close_reason or 'closing'})"
+
+    # -- internals: tasks ----------------------------------------------------------------
+
+    async def _writer_loop(self) -> None:
+        session = self._session
+        transport = self.transport
+        while True:
+            if self._dead is not None:
+                return
+            out = session.data_to_send()
+            if out:
+                if self._blocked:
+                    self._release_blocked()
+                try:
+                    await transport.send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._mark_dead(f"transport write failed: {exc!r}")
+                    return
+                except trio.Cancelled:
+                    self._mark_dead("write cancelled")
+                    raise
+                self.bytes_sent += len(out)
+                continue
+            if self._blocked:
+                self._release_blocked()
+            if session.closed or self._closing.is_set():
+                return
+            ev = self._writer_waiter = trio.Event()
+            if session.wants_write():
+                self._writer_waiter = None
+                continue
+            await ev.wait()
+
+    def _release_blocked(self) -> None:
+        pending = self._session.pending_bytes
+        ready = [s for s in self._blocked if pending(s.stream_id) <= SEND_LOW_WATER]
+        for stream in ready:
+            self._blocked.discard(stream)
+            stream._writable()
+
+    async def _reader_loop(self) -> None:
+        transport = self.transport
+        while True:
+            try:
+                data = await transport.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if not self.closed:
+                    self._mark_dead(f"transport read failed: {exc!r}")
+                return
+            if not data:
+                if not self.closed:
+                    self._mark_dead("transport EOF without CLOSE")
+                return
+            now = trio.current_time()
+            self._last_receive = now
+            self.bytes_received += len(data)
+            ev = self._rx_waiter
+            if ev is not None:
+                self._rx_waiter = None
+                ev.set()
+            if not self._feed(data, now):
+                return
+
+    def _feed(self, data: bytes | bytearray, now: float) -> bool:
+        """Give bytes to the session and dispatch its events; False if the session ended."""
+        session = self._session
+        try:
+            events = session.receive_data(data, now)
+        except ProtocolError as exc:
+            logger.warning(
+                "%s: protocol error from peer: %s (%s)", self.name, exc, exc.error_code.name
+            )
+            self._protocol_error = exc
+            self._begin_close(f"protocol error: {exc}", exc.error_code)
+            return False
+        handlers = self._handlers
+        for event in events:
+            handler = handlers.get(type(event))
+            if handler is not None:
+                handler(event)
+            else:
+                self._control_send.send_nowait(event)
+        if session.closed:
+            if not self._closing.is_set():
+                self._begin_close(self.close_reason or "session closed", self.close_code)
+            return False
+        if session.wants_write():
+            self._wake_writer()
+        return True
+
+    async def _keepalive_loop(self) -> None:
+        while not self.closed:
+            idle = self.idle_timeout
+            if idle is None:
+                ev = self._keepalive_waiter = trio.Event()
+                await ev.wait()
+                continue
+            now = trio.current_time()
+            if now - self._last_receive >= idle:
+                logger.warning(
+                    "%s: peer silent for %.1f s, declaring it dead",
+                    self.name,
+                    now - self._last_receive,
+                )
+                self.close(ErrorCode.TIMEOUT, "idle timeout")
+                return
+            ping_at = max(self._last_receive, self._last_ping) + idle / 4
+            if now >= ping_at:
+                if self.usable and self._session.ping(now) is not None:
+                    self._wake_writer()
+                self._last_ping = now
+                ping_at = now + idle / 4
+            await trio.sleep_until(min(ping_at, self._last_receive + idle))
+
+    async def _close_watchdog(self, scope: trio.CancelScope) -> None:
+        await self._closing.wait()
+        await trio.sleep(CLOSE_GRACE)
+        scope.cancel()
+
+    # -- internals: ending ---------------------------------------------------------------
+
+    def _begin_close(self, reason: str, code: ErrorCode | None) -> None:
+        if self.close_reason is None:
+            self.close_reason = reason
+            self.close_code = code
+        self._closing.set()
+        self._fail_streams()
+        self._wake_writer()
+        self._wake_slot()
+        ev = self._keepalive_waiter
+        if ev is not None:
+            ev.set()
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead is None:
+            self._dead = reason
+        self._begin_close(reason, self.close_code)
+
+    def _fail_streams(self) -> None:
+        """The session is gone: every stream still in the table fails (buffered data stays)."""
+        code = self.close_code or ErrorCode.INTERNAL_ERROR
+        for stream in list(self._streams.values()):
+            stream._fail("session", code, f"connection ended ({self.close_reason})")
+        self._streams.clear()
+        self._blocked.clear()
+        self._wake_slot()
+
+    def _finish(self) -> None:
+        """Fail every unfinished stream and close the channels (idempotent)."""
+        if self.close_reason is None:
+            self.close_reason = "connection task ended"
+        self._closing.set()
+        self._fail_streams()
+        code = self.close_code or ErrorCode.INTERNAL_ERROR
+        self._control_send.close()
+        self._incoming_send.close()
+        # Streams the peer opened that nobody picked up are dropped with the connection.
+        while True:
+            try:
+                orphan = self._incoming_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            orphan._fail("session", code, "connection ended")
+
+    # -- event handlers (called by the reader; never block) ------------------------------
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            # The stream is gone on our side: discard, but credit the connection window (P6).
+            self._acknowledge(event.stream_id, len(event.data))
+            return
+        stream._on_data(event.data)
+
+    def _on_window(self, event: WindowUpdated) -> None:
+        self._wake_writer()
+
+    def _on_end(self, event: StreamEnded) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._on_end()
+            self._maybe_forget(stream)
+
+    def _on_reset(self, event: StreamReset) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            who = "peer" if event.remote else "session"
+            stream._fail("reset", event.error_code, f"reset by {who} ({event.error_code.name})")
+            self._forget(stream)
+        else:
+            self._wake_slot()
+
+    def _on_opened(self, event: StreamOpened) -> None:
+        info = StreamInfo(
+            stream_id=event.stream_id,
+            tunnel_id=event.tunnel_id,
+            origin=event.origin,
+            target=event.target,
+            started=trio.current_time(),
+            token_id=self.token_id,
+        )
+        stream = MuxStream(self, event.stream_id, info, incoming=True)
+        self._streams[event.stream_id] = stream
+        self._incoming_send.send_nowait(stream)
+
+    def _on_accepted(self, event: StreamAccepted) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._on_accepted()
+        self._wake_slot()
+
+    def _on_rejected(self, event: StreamRejected) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            try:
+                reason_name = OpenFailReason(event.reason).name
+            except ValueError:
+                reason_name = str(event.reason)
+            text = f"open refused by peer: {reason_name}{': ' + event.message if event.message else ''}"
+            stream._fail("rejected", ErrorCode.REFUSED_STREAM, text, event.reason)
+            self._forget(stream)
+        self._wake_slot()
+
+    def _on_hello(self, event: HelloReceived) -> None:
+        self._peer_idle_ms = event.settings.idle_timeout_ms
+        ev = self._keepalive_waiter
+        if ev is not None:
+            ev.set()
+        # An RTT sample from the start, so window auto-tuning can begin early (P2).
+        now = trio.current_time()
+        if self.usable and self._session.ping(now) is not None:
+            self._last_ping = now
+        self._control_send.send_nowait(event)
+
+    def _on_pong(self, event: PongReceived) -> None:
+        self.rtt = self._session.rtt
+
+    def _on_goaway(self, event: GoAwayReceived) -> None:
+        self.goaway = event
+        self._wake_slot()
+        self._control_send.send_nowait(event)
+
+    def _on_connection_closed(self, event: ConnectionClosed) -> None:
+        msg = f": {event.message}" if event.message else ""
+        self._begin_close(
+            f"peer closed the connection ({event.error_code.name}{msg})", event.error_code
+        )
+        self._control_send.send_nowait(event)
+
+
+def make_session(
+    role: Role,
+    *,
+    idle_timeout: float | None = None,
+    settings_overrides: dict[str, int] | None = None,
+) -> Session:
+    """Build a ``Session`` with the role's default settings, optionally changed.
+
+    Args:
+        role: CLIENT or SERVER.
+        idle_timeout: Receive-silence limit in seconds (0 or None: the default).
+        settings_overrides: ``Settings`` field names mapped to values (tests use small windows).
+    """
+    from muxtunnel.protocol.frames import Settings
+
+    values: dict[str, int] = {"max_concurrent_streams": 0 if role == Role.SERVER else 16_384}
+    if idle_timeout:
+        # The wire allows 5 s .. 1 h (protocol-spec §5.3); clamp rather than fail.
+        values["idle_timeout_ms"] = min(max(round(idle_timeout * 1000), 5_000), 3_600_000)
+    values.update(settings_overrides or {})
+    return Session(role, SessionConfig(settings=Settings(**values)))
+
+
+@asynccontextmanager
+async def open_mux_connection(
+    transport: trio.abc.Stream,
+    session: Session,
+    *,
+    name: str = "",
+) -> AsyncIterator[MuxConnection]:
+    """Run a :class:`MuxConnection` for the duration of an ``async with`` block.
+
+    On exit the connection is closed gracefully (CLOSE NO_ERROR, bounded by CLOSE_GRACE).
+    """
+    conn = MuxConnection(transport, session, name=name)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        try:
+            yield conn
+        finally:
+            conn.close()
+            with trio.move_on_after(CLOSE_GRACE + 1):
+                await conn.wait_closed()
+            nursery.cancel_scope.cancel()

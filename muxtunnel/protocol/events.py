@@ -1,0 +1,234 @@
+"""Events that :meth:`Session.receive_data <muxtunnel.protocol.session.Session.receive_data>` returns.
+
+Each event is a frozen, keyword-only dataclass describing one thing the peer did. The adapter
+dispatches on the event's type. ``DataReceived.data`` is a read-only view of the received bytes
+that stays valid; the adapter must call ``Session.acknowledge`` once it has consumed them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from muxtunnel.errors import ErrorCode
+
+    from .constants import ResultStatus
+    from .frames import Address, Settings
+
+__all__ = [
+    "AuthRequested",
+    "BindRequested",
+    "ChallengeReceived",
+    "ConnectionClosed",
+    "DataReceived",
+    "Event",
+    "GoAwayReceived",
+    "HelloReceived",
+    "PongReceived",
+    "ResultReceived",
+    "StreamAccepted",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamRejected",
+    "StreamReset",
+    "UnbindReceived",
+    "WindowUpdated",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloReceived:
+    """The peer's HELLO arrived."""
+
+    #: The peer's declared receive limits (our send limits).
+    settings: Settings
+    #: The effective minor version: min(ours, the peer's).
+    minor: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChallengeReceived:
+    """Client side: the server's authentication nonce arrived; answer with ``send_auth``."""
+
+    #: The server's 32-byte nonce.
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthRequested:
+    """Server side: the client authenticates; answer with ``send_result``.
+
+    The session processes no further frame until the answer has been given.
+    """
+
+    #: The request id to echo in the RESULT.
+    req_id: int
+    #: The authentication method (always ``AuthMethod.HMAC_SHA256`` in v1).
+    method: int
+    #: ``client_nonce || mac`` (64 bytes for method 1; the session checked the length).
+    credential: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BindRequested:
+    """Server side: the client asks for a public listener; answer with ``send_result``."""
+
+    #: The request id to echo in the RESULT.
+    req_id: int
+    #: The client's id for this tunnel.
+    tunnel_id: int
+    #: ``TunnelProto`` value.
+    proto: int
+    #: The address asked for (host None or port 0: the server chooses).
+    bind: Address
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnbindReceived:
+    """An UNBIND: a client request (server side) or a revocation notice, req_id 0 (client side)."""
+
+    #: The request id (0 for a server notice, which has no reply).
+    req_id: int
+    #: The tunnel given up or revoked.
+    tunnel_id: int
+    #: Why.
+    error_code: ErrorCode
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResultReceived:
+    """Client side: the answer to one of our AUTH/BIND/UNBIND requests."""
+
+    #: The request this answers.
+    req_id: int
+    #: ``ResultStatus`` member (a plain int for a status we do not know).
+    status: ResultStatus | int
+    #: Diagnostic text.
+    message: str
+    #: The bound address of a successful BIND, else None.
+    bound: Address | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamOpened:
+    """The peer opened a stream; answer with ``accept_stream`` or ``reject_stream``."""
+
+    #: The new stream's id.
+    stream_id: int
+    #: The tunnel it belongs to.
+    tunnel_id: int
+    #: The visitor's address.
+    origin: Address
+    #: The public address the visitor connected to.
+    target: Address
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamAccepted:
+    """One of our opens got OPEN_ACK."""
+
+    #: The stream id.
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamRejected:
+    """One of our opens got OPEN_FAIL; the stream is closed (no byte reached a target)."""
+
+    #: The stream id.
+    stream_id: int
+    #: ``OpenFailReason`` value.
+    reason: int
+    #: Diagnostic text.
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataReceived:
+    """Stream bytes arrived; call ``Session.acknowledge(stream_id, len(data))`` once consumed."""
+
+    #: The stream id.
+    stream_id: int
+    #: The payload: an immutable ``bytes`` or a read-only view of one.
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamEnded:
+    """The peer finished its direction of the stream (FIN), after all its data."""
+
+    #: The stream id.
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamReset:
+    """The stream was aborted: by the peer's RESET (``remote``) or by our stream-error RESET."""
+
+    #: The stream id.
+    stream_id: int
+    #: The RESET's code.
+    error_code: ErrorCode
+    #: True if the peer reset it; False if the session reset it because of a peer stream error.
+    remote: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowUpdated:
+    """Send credit grew; stream 0 means the connection. The writer may have more to send."""
+
+    #: The stream id, or 0 for the connection.
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PongReceived:
+    """The answer to one of our PINGs arrived."""
+
+    #: The PING's sequence number.
+    seq: int
+    #: This round trip's time in seconds (``now`` at receipt minus ``now`` at ``ping``).
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoAwayReceived:
+    """The peer opens no new streams; ours above ``last_stream_id`` were not processed."""
+
+    #: The highest of our stream ids the peer processes.
+    last_stream_id: int
+    #: Why.
+    error_code: ErrorCode
+    #: Diagnostic text.
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionClosed:
+    """The peer sent CLOSE; the session is closed now."""
+
+    #: Why.
+    error_code: ErrorCode
+    #: Diagnostic text.
+    message: str
+
+
+Event = (
+    HelloReceived
+    | ChallengeReceived
+    | AuthRequested
+    | BindRequested
+    | UnbindReceived
+    | ResultReceived
+    | StreamOpened
+    | StreamAccepted
+    | StreamRejected
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | WindowUpdated
+    | PongReceived
+    | GoAwayReceived
+    | ConnectionClosed
+)

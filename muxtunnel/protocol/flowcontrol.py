@@ -1,0 +1,212 @@
+"""Flow-control arithmetic with absolute offsets, and window auto-tuning (protocol-spec.md §8).
+
+Each direction of each stream, and of the connection, has one side of this:
+
+* the sender keeps a :class:`SendCredit` (``sent`` and ``limit``, the largest WINDOW offset
+  received; it may send while ``sent < limit``);
+* the receiver keeps a :class:`ReceiveWindow` (``received``, ``consumed``, ``advertised``,
+  ``window``). Bytes count against ``advertised`` when they arrive and are credited back only
+  when the application *consumes* them (``consume``): a slow reader can never make us buffer
+  more than we advertised.
+
+Update rule (§8.5; half-window, as in Chromium, h2 and OpenSSH): when ``advertised - consumed <=
+window / 2``, auto-tune, then ``advertised = consumed + window``.
+
+Auto-tuning (§8.6; QUICHE ``MaybeIncreaseMaxWindowSize``): if the previous update is less than
+``2 * srtt`` ago, the window is below 4x the bandwidth-delay product, so double it (up to its
+maximum, and only if the optional memory budget agrees). The rule is scale-free: every update
+follows the consumption of half of the *current* window. When a stream window grows, the
+connection window is raised to at least 1.5x it (:func:`credit_consumed`), so one stalled
+stream can never use up the connection window (§8.6).
+
+The clock is passed in (``now``, seconds, any monotonic origin); nothing here reads one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = [
+    "CONN_WINDOW_FACTOR_DEN",
+    "CONN_WINDOW_FACTOR_NUM",
+    "ReceiveWindow",
+    "SendCredit",
+    "WindowBudget",
+    "credit_consumed",
+    "min_conn_window",
+]
+
+#: Called with the bytes a window wants to grow by; False refuses the growth (memory budget).
+WindowBudget = Callable[[int], bool]
+
+#: The connection window is kept >= 3/2 of the largest stream window (Chromium
+#: ``kSessionFlowControlMultiplier``, quic-go ``EnsureMinimumWindowSize``).
+CONN_WINDOW_FACTOR_NUM = 3
+CONN_WINDOW_FACTOR_DEN = 2
+
+
+def min_conn_window(stream_window: int) -> int:
+    """The smallest connection window allowed next to a stream window of ``stream_window``."""
+    return stream_window * CONN_WINDOW_FACTOR_NUM // CONN_WINDOW_FACTOR_DEN
+
+
+class SendCredit:
+    """What we may still send: ``limit - sent`` bytes."""
+
+    __slots__ = ("limit", "sent")
+
+    def __init__(self, limit: int) -> None:
+        #: DATA payload bytes sent so far.
+        self.sent = 0
+        #: The largest absolute offset the peer allowed.
+        self.limit = limit
+
+    @property
+    def available(self) -> int:
+        """Bytes that may be sent now."""
+        return self.limit - self.sent
+
+    def raise_limit(self, max_offset: int) -> bool:
+        """Apply a WINDOW offset; True if it raised the limit (lower ones are ignored)."""
+        if max_offset > self.limit:
+            self.limit = max_offset
+            return True
+        return False
+
+
+class ReceiveWindow:
+    """The receiving side of one flow-control window.
+
+    Args:
+        window: the initial window (the value we declared in HELLO).
+        max_window: the most auto-tuning may grow it to.
+        now: creation time; the first growth test measures from here.
+    """
+
+    __slots__ = (
+        "advertised",
+        "consumed",
+        "last_update",
+        "max_window",
+        "received",
+        "window",
+    )
+
+    def __init__(self, window: int, max_window: int, now: float = 0.0) -> None:
+        #: Bytes received so far (absolute offset).
+        self.received = 0
+        #: Bytes the application consumed (or that were discarded) so far.
+        self.consumed = 0
+        #: The absolute offset the peer may send up to.
+        self.advertised = window
+        #: The current target window size.
+        self.window = window
+        #: Auto-tuning never grows the window above this.
+        self.max_window = max(max_window, window)
+        #: ``now`` at the previous update (or at creation).
+        self.last_update = now
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed."""
+        return self.received - self.consumed
+
+    def receive(self, n: int) -> bool:
+        """Count ``n`` arriving bytes; False (nothing counted) if they exceed the window."""
+        total = self.received + n
+        if total > self.advertised:
+            return False
+        self.received = total
+        return True
+
+    def consume(self, n: int) -> None:
+        """Mark ``n`` received bytes as consumed.
+
+        Raises:
+            ValueError: more than the buffered bytes, or a negative count.
+        """
+        if n < 0 or n > self.received - self.consumed:
+            raise ValueError(f"cannot consume {n} bytes: {self.buffered} are buffered")
+        self.consumed += n
+
+    def ensure_window(self, window: int) -> bool:
+        """Grow the window to at least ``window`` (capped at the maximum).
+
+        Returns:
+            True if ``advertised`` grew (a WINDOW frame should go out).
+        """
+        if window <= self.window:
+            return False
+        self.window = min(window, self.max_window)
+        target = self.consumed + self.window
+        if target > self.advertised:
+            self.advertised = target
+            return True
+        return False
+
+    def maybe_update(
+        self, now: float, srtt: float | None, budget: WindowBudget | None = None
+    ) -> bool:
+        """Apply the half-window rule and auto-tuning.
+
+        Returns:
+            True if ``advertised`` grew (a WINDOW frame should go out).
+        """
+        if self.advertised - self.consumed > self.window // 2:
+            return False
+        window = self.window
+        if (
+            srtt is not None
+            and now - self.last_update < 2 * srtt
+            and window < self.max_window
+            and (budget is None or budget(min(2 * window, self.max_window) - window))
+        ):
+            self.window = min(2 * window, self.max_window)
+        self.last_update = now
+        # advertised - consumed <= window // 2 < window, so this always raises the offset.
+        self.advertised = self.consumed + self.window
+        return True
+
+
+def credit_consumed(
+    stream: ReceiveWindow | None,
+    conn: ReceiveWindow,
+    n: int,
+    now: float,
+    srtt: float | None,
+    budget: WindowBudget | None = None,
+    *,
+    tune_stream: bool = True,
+) -> tuple[bool, bool]:
+    """Credit ``n`` consumed (or discarded) bytes to a stream window and the connection window.
+
+    Args:
+        stream: the stream's window, or None when the stream is gone (reset, closed) and
+            only the connection is credited.
+        conn: the connection window.
+        n: bytes consumed.
+        now: the current time.
+        srtt: the smoothed RTT, or None if unknown (no auto-tuning then).
+        budget: optional memory budget consulted before any window grows.
+        tune_stream: False once the peer finished the stream: the bytes are consumed but no
+            stream WINDOW can be useful.
+
+    Returns:
+        (stream WINDOW needed, connection WINDOW needed).
+
+    Raises:
+        ValueError: ``n`` exceeds the buffered bytes.
+    """
+    stream_update = False
+    conn_update = False
+    if stream is not None:
+        stream.consume(n)
+        if tune_stream:
+            before = stream.window
+            stream_update = stream.maybe_update(now, srtt, budget)
+            if stream.window > before:
+                conn_update = conn.ensure_window(min_conn_window(stream.window))
+    conn.consume(n)
+    if conn.maybe_update(now, srtt, budget):
+        conn_update = True
+    return stream_update, conn_update

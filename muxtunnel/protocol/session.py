@@ -1,0 +1,1435 @@
+"""The muxtunnel session: one side of one connection, as a pure state machine (protocol-spec.md).
+
+Theory of operation
+===================
+
+A :class:`Session` owns everything one side knows about one muxtunnel connection and does no
+I/O. Bytes from the peer go in through :meth:`Session.receive_data`, which returns
+:mod:`events <muxtunnel.protocol.events>`; API calls (``open_stream``, ``send_data``,
+``acknowledge`` ...) queue output; :meth:`Session.data_to_send` hands the queued output out
+as one ``bytes`` per call. The adapter (``muxtunnel.connection``) runs one reader task that
+feeds ``receive_data`` and one writer task that writes ``data_to_send()``; it passes the
+clock in as ``now`` (seconds, monotonic), for RTT, window auto-tuning and flood limits.
+
+Input path. ``receive_data`` feeds a :class:`~muxtunnel.protocol.reader.FrameReader`, which
+yields raw ``(type, flags, stream_id, payload)`` tuples, payloads being zero-copy views.
+DATA on a stream in a data-accepting state is handled inline (one dict lookup, two window
+checks, one event); everything else goes through :meth:`Session._dispatch`, which decodes the
+payload with :func:`~muxtunnel.protocol.frames.decode_payload` and applies the rules.
+Stream rules come from the single transition table in :mod:`~muxtunnel.protocol.state`;
+windows from :mod:`~muxtunnel.protocol.flowcontrol`.
+
+Output path. Control frames are encoded at once into a FIFO of ``bytes``. WINDOW updates and
+the PING answer are coalesced (only the latest value goes out) and written after the FIFO.
+DATA is queued per stream (``send_data`` keeps references, no copy) and framed by the
+:class:`~muxtunnel.protocol.scheduler.Scheduler` (deficit round robin, new flows first) only
+when ``data_to_send`` runs, so RESET can drop unsent data and carry the exact final offset.
+All pieces of one batch are joined once.
+
+Peer faults. Every violation raises a :class:`~muxtunnel.errors.ProtocolError` subclass whose
+``error_code`` is the wire code, *after* ``CLOSE(code)`` has been queued and the session
+marked closed: the adapter flushes ``data_to_send()`` and ends the connection. (A wrong
+preface raises ``PrefaceError`` and queues nothing: the peer does not speak our framing.)
+Stream errors (DATA after the peer's FIN) reset only that stream and raise nothing.
+Local misuse raises ``StreamStateError`` (stream calls), ``StreamLimitError`` (no room to
+open), ``SessionClosedError`` (the session is closed) or ``ValueError`` (bad arguments),
+without queueing anything.
+
+Handshake. Each side queues MAGIC + HELLO at construction. The first frame from the peer must
+be HELLO. The server sends CHALLENGE (``send_challenge``); the client answers with AUTH
+(``send_auth``) and may pipeline BINDs. Until the server has sent RESULT(OK) for the AUTH it
+accepts only HELLO, AUTH, PING, CLOSE and extension frames, at most ``preauth_limit`` bytes.
+When AUTH arrives the server session *holds* every later frame until the application answers
+with ``send_result``; on success the held frames are processed by the next ``receive_data``
+call (the adapter calls ``receive_data(b"")`` right after ``send_result``); on failure
+RESULT + CLOSE(AUTH_FAILED) are queued and the held frames are never processed.
+
+Streams. Client-initiated ids are odd, server-initiated even, each strictly increasing. A
+frame on an id above the highest one its initiator has used is a PROTOCOL_ERROR (an idle
+stream); at or below it with no table entry, the stream is *known closed*: late DATA is
+discarded but credited to the connection window, other late frames are ignored. The
+opener may pipeline DATA after OPEN; the acceptor's first frame must be OPEN_ACK or
+OPEN_FAIL. A stream is closed (and forgotten) when both FINs are on the wire, on RESET sent or
+received, or on OPEN_FAIL sent or received. Bytes received on a stream that closed gracefully
+but that the application has not consumed yet are remembered in ``_drain`` so that their
+later ``acknowledge`` still returns connection credit; a reset or refused stream's unconsumed
+bytes are credited at once (the application drops them).
+
+Flow control. Absolute offsets. The receiver counts DATA against the stream and connection
+windows on arrival and returns credit only on ``acknowledge`` (consumption), with the
+half-window update rule and auto-tuning toward the bandwidth-delay product; the connection
+window is kept at >= 1.5x the largest stream window. The scheduler never frames beyond the
+peer's limits.
+
+Flood limits (ENHANCE_YOUR_CALM): inbound PINGs (token bucket, 10/s, burst 20), non-productive
+frames (ignored extensions, WINDOWs that raise nothing, stray PONGs, late non-DATA frames;
+1000/s), inbound RESETs (200/s, burst 1000) and queued control output (1 MiB / 4096 frames).
+Token buckets refill from ``now``, so the adapter must pass a real clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, NoReturn, cast
+
+from muxtunnel.errors import (
+    ErrorCode,
+    FinalSizeError,
+    FlowControlError,
+    PrefaceError,
+    ProtocolError,
+    SessionClosedError,
+    StreamLimitError,
+    StreamStateError,
+    VersionMismatchError,
+)
+
+from .constants import (
+    AUTH_NONCE_SIZE,
+    EXTENSION_MIN,
+    FLAG_FIN,
+    MAGIC,
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    AuthMethod,
+    FrameType,
+    OpenFailReason,
+    ResultStatus,
+    Role,
+    TunnelProto,
+)
+from .events import (
+    AuthRequested,
+    BindRequested,
+    ChallengeReceived,
+    ConnectionClosed,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    PongReceived,
+    ResultReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamRejected,
+    StreamReset,
+    UnbindReceived,
+    WindowUpdated,
+)
+from .flowcontrol import ReceiveWindow, SendCredit, WindowBudget, credit_consumed, min_conn_window
+from .frames import (
+    HEADER,
+    Address,
+    AuthFrame,
+    BindFrame,
+    ChallengeFrame,
+    CloseFrame,
+    Frame,
+    GoAwayFrame,
+    HelloFrame,
+    OpenAckFrame,
+    OpenFailFrame,
+    OpenFrame,
+    PingFrame,
+    ResetFrame,
+    ResultFrame,
+    Settings,
+    UnbindFrame,
+    WindowFrame,
+    decode_payload,
+    encode_frame,
+)
+from .reader import FrameReader, RawFrame
+from .scheduler import SWS_THRESHOLD, OutboundStream, Scheduler
+from .state import (
+    RECV_DATA_STATES,
+    SEND_DATA_STATES,
+    SEND_WINDOW_STATES,
+    TRANSITIONS,
+    StreamInput,
+    StreamState,
+)
+
+__all__ = ["Session", "SessionConfig"]
+
+_MiB = 1024 * 1024
+
+#: Inbound PINGs: sustained rate per second and burst (spec §12).
+PING_RATE: Final = 10.0
+PING_BURST: Final = 20
+#: Non-productive frames per second (and burst).
+NONPRODUCTIVE_RATE: Final = 1000.0
+NONPRODUCTIVE_BURST: Final = 1000
+#: Inbound RESETs per second and burst (Rapid Reset, CVE-2023-44487).
+RESET_RATE: Final = 200.0
+RESET_BURST: Final = 1000
+#: Queued control output that makes us stop reading (CVE-2019-9517).
+MAX_CONTROL_BYTES: Final = 1 * _MiB
+MAX_CONTROL_FRAMES: Final = 4096
+#: Our own PINGs outstanding at most.
+MAX_OUTSTANDING_PINGS: Final = 4
+#: Largest DATA frame we send, whatever the peer allows (one 64 KiB slice of a batch).
+MAX_SEND_FRAME: Final = 65_536
+_MAX_STREAM_ID: Final = (1 << 64) - 1
+
+_S = StreamState
+_I = StreamInput
+_DATA: Final = int(FrameType.DATA)
+_REMOTE_FINISHED = frozenset({_S.OPENING_IN_REMOTE_DONE, _S.REMOTE_DONE})
+_OPENING_IN = frozenset({_S.OPENING_IN, _S.OPENING_IN_REMOTE_DONE})
+#: What the server accepts before it has sent RESULT(OK) for the AUTH (spec §7.1, §7.6).
+_PREAUTH_TYPES = frozenset({FrameType.HELLO, FrameType.AUTH, FrameType.PING, FrameType.CLOSE})
+
+# Building the hot-path event without the frozen dataclass __init__ (which goes through
+# object.__setattr__ per field) halves its cost; the result is an ordinary DataReceived.
+_new_object = object.__new__
+_set_data_sid = DataReceived.__dict__["stream_id"].__set__
+_set_data_payload = DataReceived.__dict__["data"].__set__
+
+
+def _data_event(stream_id: int, data: bytes | memoryview) -> DataReceived:
+    event: DataReceived = _new_object(DataReceived)
+    _set_data_sid(event, stream_id)
+    _set_data_payload(event, data)
+    return event
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionConfig:
+    """Local knobs of a session.
+
+    Attributes:
+        settings: our declared receive limits (sent in HELLO); None -> the role's defaults
+            (the server allows 0 client-initiated streams).
+        max_stream_window: auto-tuning cap of each stream's receive window.
+        max_conn_window: auto-tuning cap of the connection receive window.
+        quantum: DRR quantum, and the DATA frame size while several streams compete.
+        max_batch: bytes one ``data_to_send()`` call returns at most (soft: control frames
+            always go out whole, and a DATA frame is never cut below one quantum).
+        preauth_limit: bytes the server accepts before authentication succeeds.
+        window_budget: optional process-wide memory budget, asked before any window grows.
+    """
+
+    settings: Settings | None = None
+    max_stream_window: int = 16 * _MiB
+    max_conn_window: int = 64 * _MiB
+    quantum: int = 16_384
+    max_batch: int = 262_144
+    preauth_limit: int = 16_384
+    window_budget: WindowBudget | None = None
+
+
+class _Bucket:
+    """Token bucket refilled from the ``now`` the adapter passes in."""
+
+    __slots__ = ("burst", "last", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last: float | None = None
+
+    def take(self, now: float) -> bool:
+        last = self.last
+        if last is not None and now > last:
+            self.tokens = min(self.burst, self.tokens + (now - last) * self.rate)
+        if last is None or now > last:
+            self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class _Stream(OutboundStream):
+    """One stream: the scheduler's sending half plus state and the receive window."""
+
+    __slots__ = ("adv_sent", "local", "pending_open", "recv", "state")
+
+    def __init__(
+        self, stream_id: int, *, local: bool, send_limit: int, recv: ReceiveWindow
+    ) -> None:
+        super().__init__(stream_id, send_limit)
+        #: We opened it.
+        self.local = local
+        self.state = _S.IDLE
+        #: OPEN not answered yet (counts against MAX_PENDING_OPENS).
+        self.pending_open = True
+        self.recv = recv
+        #: The last receive limit we told the peer (WINDOW or the HELLO default).
+        self.adv_sent = recv.advertised
+
+
+class Session:
+    """One side of a muxtunnel connection (sans-IO).
+
+    Args:
+        role: ``Role.CLIENT`` or ``Role.SERVER``.
+        config: local knobs; None -> defaults.
+
+    MAGIC and HELLO are queued at once.
+    """
+
+    def __init__(self, role: Role, config: SessionConfig | None = None) -> None:
+        if role not in (Role.CLIENT, Role.SERVER):
+            raise ValueError(f"unknown role {role!r}")
+        cfg = config if config is not None else SessionConfig()
+        self.config = cfg
+        self.role = Role(role)
+        settings = cfg.settings
+        if settings is None:
+            settings = Settings(max_concurrent_streams=0) if role == Role.SERVER else Settings()
+        #: Our declared receive limits.
+        self.local_settings: Settings = settings
+        #: The peer's declared receive limits (our send limits); None until its HELLO.
+        self.peer_settings: Settings | None = None
+        #: The negotiated minor version (valid once the peer's HELLO arrived).
+        self.minor = PROTOCOL_MINOR
+        #: True once CLOSE was sent or received (or a fault happened); input is ignored.
+        self.closed = False
+        #: Server: RESULT(OK) sent for AUTH. Client: RESULT(OK) received for our AUTH.
+        self.authenticated = False
+        #: Smoothed RTT in seconds (EWMA 1/8 over PING round trips), None before the first.
+        self.rtt: float | None = None
+
+        self._now = 0.0
+        self._reader = FrameReader(
+            max_data_payload=settings.max_frame_payload,
+            max_control_payload=settings.max_control_payload,
+        )
+        self._control: list[bytes] = [MAGIC]
+        self._control_bytes = len(MAGIC)
+        self._pong: int | None = None
+        self._dirty: dict[int, _Stream] = {}
+        self._conn_dirty = False
+        self._streams: dict[int, _Stream] = {}
+        self._drain: dict[int, int] = {}
+        self._sched = Scheduler(cfg.quantum, MAX_SEND_FRAME)
+        self._sws = min(SWS_THRESHOLD, cfg.quantum)
+
+        self._max_conn_window = max(
+            cfg.max_conn_window, settings.initial_conn_window, min_conn_window(16_384)
+        )
+        self._max_stream_window = max(
+            settings.initial_stream_window,
+            min(cfg.max_stream_window, self._max_conn_window * 2 // 3),
+        )
+        self._conn_send = SendCredit(0)
+        self._conn_recv = ReceiveWindow(settings.initial_conn_window, self._max_conn_window)
+        if self._conn_recv.ensure_window(min_conn_window(settings.initial_stream_window)):
+            self._conn_dirty = True
+        self._conn_adv_sent = settings.initial_conn_window
+
+        self._local_parity = 1 if role == Role.CLIENT else 0
+        self._next_id = 1 if role == Role.CLIENT else 2
+        self._highest_local = 0
+        self._highest_remote = 0
+        self._local_open = 0
+        self._local_pending = 0
+        self._remote_open = 0
+        self._remote_pending = 0
+
+        self._hello_received = False
+        self._challenge_sent = False
+        self._challenge_received = False
+        self._auth_seen = False
+        self._auth_req: int | None = None  # server: AUTH awaiting send_result
+        self._held: list[RawFrame] | None = None  # server: frames held behind that AUTH
+        self._preauth_bytes = 0
+        self._requests_in: dict[int, FrameType] = {}  # server: unanswered id -> kind
+        self._requests_out: dict[int, tuple[FrameType, int]] = {}  # client: id -> (kind, tunnel)
+        self._unbound: set[int] = set()  # client: tunnels whose UNBIND completed
+
+        self._ping_seq = 0
+        self._pings: dict[int, float] = {}
+        self._peer_ping_seq = -1
+        self._goaway_sent: int | None = None
+        self._goaway_received: int | None = None
+
+        self._ping_bucket = _Bucket(PING_RATE, PING_BURST)
+        self._idle_bucket = _Bucket(NONPRODUCTIVE_RATE, NONPRODUCTIVE_BURST)
+        self._reset_bucket = _Bucket(RESET_RATE, RESET_BURST)
+
+        self._stats = {
+            "frames_received": 0,
+            "bytes_received": 0,
+            "data_bytes_received": 0,
+            "bytes_sent": 0,
+            "data_bytes_sent": 0,
+            "streams_opened_local": 0,
+            "streams_opened_remote": 0,
+        }
+
+        self._queue(
+            HelloFrame(
+                major=PROTOCOL_MAJOR,
+                minor=PROTOCOL_MINOR,
+                role=self.role,
+                flags=0,
+                settings=settings.to_pairs(),
+            )
+        )
+
+    # ------------------------------------------------------------------------------------
+    # Input
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> list[Event]:
+        """Process bytes received from the peer.
+
+        Args:
+            data: the bytes (any chunking). ``b""`` processes frames held behind an AUTH.
+            now: the current time in seconds (monotonic); drives RTT and flood limits.
+
+        Returns:
+            The events, in order.
+
+        Raises:
+            ProtocolError: the peer broke the protocol; ``CLOSE(error_code)`` is already
+                queued (except for ``PrefaceError``) and the session is closed.
+        """
+        if self.closed:
+            return []
+        self._now = now
+        events: list[Event] = []
+        try:
+            size = len(data)
+            self._stats["bytes_received"] += size
+            if not self.authenticated and self.role == Role.SERVER:
+                self._preauth_bytes += size
+                if self._preauth_bytes > self.config.preauth_limit:
+                    raise ProtocolError(
+                        f"more than {self.config.preauth_limit} bytes before authentication"
+                    )
+            frames = self._reader.feed(data) if size else []
+            if self._held is not None:
+                if self._auth_req is not None:
+                    self._held.extend(frames)
+                    return events
+                frames = self._held + frames
+                self._held = None
+            if frames:
+                self._process(frames, events, now)
+            if len(self._control) > MAX_CONTROL_FRAMES or self._control_bytes > MAX_CONTROL_BYTES:
+                raise ProtocolError(
+                    "peer makes us queue too much control output", ErrorCode.ENHANCE_YOUR_CALM
+                )
+        except ProtocolError as exc:
+            self._fail(exc)
+            raise
+        return events
+
+    def _process(self, frames: list[RawFrame], events: list[Event], now: float) -> None:
+        streams = self._streams
+        conn = self._conn_recv
+        append = events.append
+        recv_ok = RECV_DATA_STATES
+        new_event = _new_object
+        set_sid = _set_data_sid
+        set_payload = _set_data_payload
+        stats = self._stats
+        stats["frames_received"] += len(frames)
+        data_bytes = 0
+        it = iter(frames)
+        try:
+            for frame_type, flags, sid, payload in it:
+                if frame_type == _DATA:
+                    stream = streams.get(sid)
+                    n = len(payload)
+                    if stream is not None and n and stream.state in recv_ok and not flags & 1:
+                        recv = stream.recv
+                        total = recv.received + n
+                        conn_total = conn.received + n
+                        if total > recv.advertised or conn_total > conn.advertised:
+                            self._window_exceeded(stream, n)
+                        recv.received = total
+                        conn.received = conn_total
+                        data_bytes += n
+                        event = new_event(DataReceived)  # == _data_event(), inlined
+                        set_sid(event, sid)
+                        set_payload(event, payload)
+                        append(event)
+                        continue
+                    self._on_data(stream, sid, flags, payload, events)
+                    continue
+                self._dispatch(frame_type, flags, sid, payload, events, now)
+                if self._auth_req is not None:
+                    self._held = list(it)
+                    return
+                if self.closed:
+                    return
+        finally:
+            stats["data_bytes_received"] += data_bytes
+
+    # --- DATA ---------------------------------------------------------------------------
+
+    def _window_exceeded(self, stream: _Stream, n: int) -> NoReturn:
+        recv = stream.recv
+        if recv.received + n > recv.advertised:
+            raise FlowControlError(
+                f"stream {stream.stream_id}: {recv.received + n} bytes exceed "
+                f"the window {recv.advertised}"
+            )
+        conn = self._conn_recv
+        raise FlowControlError(
+            f"{conn.received + n} bytes exceed the connection window {conn.advertised}"
+        )
+
+    def _on_data(
+        self,
+        stream: _Stream | None,
+        sid: int,
+        flags: int,
+        payload: bytes | memoryview,
+        events: list[Event],
+    ) -> None:
+        """DATA with FIN, or on a closed/unknown stream, or in a state that forbids it.
+
+        (DATA without FIN on a live stream whose state accepts it takes the inline path.)
+        """
+        self._check_allowed(_DATA)
+        if sid == 0:
+            raise ProtocolError("DATA frame on stream 0")
+        n = len(payload)
+        fin = bool(flags & FLAG_FIN)
+        if n == 0 and not fin:
+            raise ProtocolError("empty DATA frame without FIN")
+        if stream is None:
+            self._check_known(sid, "DATA")
+            self._receive_conn(n)
+            self._discard(n)  # late DATA on a known-closed stream: discard, credit
+            return
+        state = stream.state
+        if (n and (state, _I.RECV_DATA) not in TRANSITIONS) or (
+            fin and (state, _I.RECV_FIN) not in TRANSITIONS
+        ):
+            if state is _S.OPENING_IN_REMOTE_DONE:
+                # Not answered yet, so no RESET is possible: a connection error (§9.3).
+                raise StreamStateError(f"DATA after FIN on stream {sid} (not answered yet)")
+            if state is _S.REMOTE_DONE:
+                # Stream error: the peer kept sending after its FIN.
+                self._receive_conn(n)
+                self._discard(n)
+                self._reset(stream, ErrorCode.STREAM_STATE_ERROR)
+                events.append(
+                    StreamReset(
+                        stream_id=sid, error_code=ErrorCode.STREAM_STATE_ERROR, remote=False
+                    )
+                )
+                return
+            raise ProtocolError(
+                f"DATA on stream {sid} before OPEN_ACK/OPEN_FAIL (state {state.name})"
+            )
+        # Only FIN frames get here: data-only frames on a live stream took the inline path.
+        recv = stream.recv
+        if recv.received + n > recv.advertised or not self._conn_recv.receive(n):
+            self._window_exceeded(stream, n)
+        recv.received += n
+        if n:
+            self._stats["data_bytes_received"] += n
+            events.append(_data_event(sid, payload))
+        nxt = TRANSITIONS[state, _I.RECV_FIN]
+        stream.state = nxt
+        self._dirty.pop(sid, None)
+        events.append(StreamEnded(stream_id=sid))
+        if nxt is _S.CLOSED:
+            self._forget(stream, discard=False)
+
+    def _receive_conn(self, n: int) -> None:
+        conn = self._conn_recv
+        if not conn.receive(n):
+            raise FlowControlError(
+                f"{conn.received + n} bytes exceed the connection window {conn.advertised}"
+            )
+
+    def _discard(self, n: int) -> None:
+        """Credit ``n`` received bytes that nobody will consume to the connection window."""
+        if (
+            n
+            and credit_consumed(
+                None, self._conn_recv, n, self._now, self.rtt, self.config.window_budget
+            )[1]
+        ):
+            self._conn_dirty = True
+
+    # --- everything else ---------------------------------------------------------------
+
+    def _check_allowed(self, frame_type: int) -> None:
+        if not self._hello_received and frame_type != FrameType.HELLO:
+            raise ProtocolError("the first frame must be HELLO")
+        if (
+            self.role == Role.SERVER
+            and not self.authenticated
+            and frame_type not in _PREAUTH_TYPES
+            and frame_type < EXTENSION_MIN
+        ):
+            raise ProtocolError(
+                f"{FrameType(frame_type).name} frame before authentication succeeded"
+            )
+
+    def _check_known(self, sid: int, what: str) -> None:
+        """Raise if ``sid`` is idle (above its initiator's highest id)."""
+        highest = self._highest_local if sid & 1 == self._local_parity else self._highest_remote
+        if sid > highest:
+            raise ProtocolError(f"{what} frame on idle stream {sid}")
+
+    def _nonproductive(self) -> None:
+        if not self._idle_bucket.take(self._now):
+            raise ProtocolError("too many frames that do nothing", ErrorCode.ENHANCE_YOUR_CALM)
+
+    def _dispatch(
+        self,
+        frame_type: int,
+        flags: int,
+        sid: int,
+        payload: bytes | memoryview,
+        events: list[Event],
+        now: float,
+    ) -> None:
+        self._check_allowed(frame_type)
+        frame = decode_payload(frame_type, flags, sid, payload)
+        if isinstance(frame, WindowFrame):
+            self._on_window(frame, events)
+        elif isinstance(frame, PingFrame):
+            self._on_ping(frame, events, now)
+        elif isinstance(frame, OpenFrame):
+            self._on_open(frame, events)
+        elif isinstance(frame, OpenAckFrame):
+            self._on_open_answer(sid, None, events)
+        elif isinstance(frame, OpenFailFrame):
+            self._on_open_answer(sid, frame, events)
+        elif isinstance(frame, ResetFrame):
+            self._on_reset(frame, events, now)
+        elif isinstance(frame, HelloFrame):
+            self._on_hello(frame, events)
+        elif isinstance(frame, GoAwayFrame):
+            self._on_goaway(frame, events)
+        elif isinstance(frame, CloseFrame):
+            code = ErrorCode.from_wire(frame.error_code)
+            self._shutdown()
+            self._control.clear()  # the peer is gone: nothing more is worth sending
+            self._control_bytes = 0
+            events.append(ConnectionClosed(error_code=code, message=frame.message))
+        elif isinstance(frame, AuthFrame):
+            self._on_auth(frame, events)
+        elif isinstance(frame, BindFrame):
+            self._on_bind(frame, events)
+        elif isinstance(frame, UnbindFrame):
+            self._on_unbind(frame, events)
+        elif isinstance(frame, ResultFrame):
+            self._on_result(frame, events)
+        elif isinstance(frame, ChallengeFrame):
+            self._on_challenge(frame, events)
+        else:  # ExtensionFrame: skipped, but it counts as non-productive
+            self._nonproductive()
+
+    def _on_hello(self, frame: HelloFrame, events: list[Event]) -> None:
+        if self._hello_received:
+            raise ProtocolError("second HELLO")
+        if frame.major != PROTOCOL_MAJOR:
+            raise VersionMismatchError(
+                f"peer speaks protocol {frame.major}.{frame.minor}, we speak {PROTOCOL_MAJOR}"
+            )
+        expected = Role.SERVER if self.role == Role.CLIENT else Role.CLIENT
+        if frame.role != expected:
+            raise ProtocolError(f"peer HELLO has role {frame.role}, expected {int(expected)}")
+        defaults = Settings(max_concurrent_streams=0) if expected == Role.SERVER else Settings()
+        settings = Settings.from_pairs(frame.settings, defaults)
+        self._hello_received = True
+        self.peer_settings = settings
+        self.minor = min(PROTOCOL_MINOR, frame.minor)
+        self._conn_send.limit = settings.initial_conn_window
+        self._sched.single_max = min(MAX_SEND_FRAME, settings.max_frame_payload)
+        events.append(HelloReceived(settings=settings, minor=self.minor))
+
+    def _on_window(self, frame: WindowFrame, events: list[Event]) -> None:
+        sid = frame.stream_id
+        if sid == 0:
+            if self._conn_send.raise_limit(frame.max_offset):
+                events.append(WindowUpdated(stream_id=0))
+            else:
+                self._nonproductive()
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._check_known(sid, "WINDOW")
+            self._nonproductive()
+            return
+        if (stream.state, _I.RECV_WINDOW) not in TRANSITIONS:
+            raise ProtocolError(f"WINDOW on stream {sid} before OPEN_ACK/OPEN_FAIL")
+        if frame.max_offset > stream.limit:
+            stream.limit = frame.max_offset
+            self._sched.credit_raised(stream)
+            events.append(WindowUpdated(stream_id=sid))
+        else:
+            self._nonproductive()
+
+    def _on_ping(self, frame: PingFrame, events: list[Event], now: float) -> None:
+        seq = frame.seq
+        if frame.ack:
+            if seq > self._ping_seq:
+                raise ProtocolError(f"PONG for PING {seq}, which was never sent")
+            sent_at = self._pings.get(seq)
+            if sent_at is None:
+                self._nonproductive()
+                return
+            for old in [s for s in self._pings if s <= seq]:
+                del self._pings[old]
+            sample = max(0.0, now - sent_at)
+            srtt = self.rtt
+            self.rtt = sample if srtt is None else srtt + (sample - srtt) / 8
+            events.append(PongReceived(seq=seq, rtt=sample))
+            return
+        if not self._ping_bucket.take(now):
+            raise ProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
+        if seq <= self._peer_ping_seq:
+            raise ProtocolError(f"PING seq {seq} does not increase")
+        self._peer_ping_seq = seq
+        self._pong = seq
+
+    def _on_open(self, frame: OpenFrame, events: list[Event]) -> None:
+        sid = frame.stream_id
+        if self.role == Role.CLIENT and not self.authenticated:
+            raise ProtocolError("OPEN before authentication succeeded")
+        if sid & 1 == self._local_parity:
+            raise ProtocolError(f"OPEN with our parity: stream {sid}")
+        if sid <= self._highest_remote:
+            raise ProtocolError(f"OPEN stream {sid} not above {self._highest_remote}")
+        self._highest_remote = sid
+        if self._goaway_sent is not None and sid > self._goaway_sent:
+            return  # after our GOAWAY: not processed; later frames are late frames
+        if frame.tunnel_id in self._unbound:
+            raise ProtocolError(f"OPEN for tunnel {frame.tunnel_id} after it was unbound")
+        local = self.local_settings
+        if self._remote_open >= local.max_concurrent_streams:
+            raise StreamLimitError(
+                f"peer exceeds MAX_CONCURRENT_STREAMS = {local.max_concurrent_streams}"
+            )
+        if self._remote_pending >= local.max_pending_opens:
+            raise StreamLimitError(f"peer exceeds MAX_PENDING_OPENS = {local.max_pending_opens}")
+        stream = self._new_stream(sid, local=False)
+        stream.state = TRANSITIONS[_S.IDLE, _I.RECV_OPEN]
+        self._remote_open += 1
+        self._remote_pending += 1
+        self._stats["streams_opened_remote"] += 1
+        events.append(
+            StreamOpened(
+                stream_id=sid, tunnel_id=frame.tunnel_id, origin=frame.origin, target=frame.target
+            )
+        )
+
+    def _on_open_answer(self, sid: int, fail: OpenFailFrame | None, events: list[Event]) -> None:
+        name = "OPEN_ACK" if fail is None else "OPEN_FAIL"
+        if sid & 1 != self._local_parity:
+            raise ProtocolError(f"{name} for stream {sid}, which the peer opened")
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._check_known(sid, name)
+            self._nonproductive()  # an answer that crossed our RESET
+            return
+        inp = _I.RECV_ACK if fail is None else _I.RECV_FAIL
+        nxt = TRANSITIONS.get((stream.state, inp))
+        if nxt is None:
+            raise ProtocolError(f"{name} on stream {sid} in state {stream.state.name}")
+        stream.state = nxt
+        stream.pending_open = False
+        self._local_pending -= 1
+        if fail is None:
+            events.append(StreamAccepted(stream_id=sid))
+        else:
+            self._forget(stream, discard=True)
+            events.append(StreamRejected(stream_id=sid, reason=fail.reason, message=fail.message))
+
+    def _on_reset(self, frame: ResetFrame, events: list[Event], now: float) -> None:
+        if not self._reset_bucket.take(now):
+            raise ProtocolError("RESET flood", ErrorCode.ENHANCE_YOUR_CALM)
+        sid = frame.stream_id
+        stream = self._streams.get(sid)
+        if stream is None:
+            self._check_known(sid, "RESET")
+            return  # never answer a RESET; late ones are ignored
+        if (stream.state, _I.RECV_RESET) not in TRANSITIONS:
+            raise ProtocolError(f"RESET on stream {sid} before OPEN_ACK/OPEN_FAIL")
+        if frame.final_offset != stream.recv.received:
+            raise FinalSizeError(
+                f"RESET on stream {sid}: final offset {frame.final_offset}, "
+                f"received {stream.recv.received}"
+            )
+        stream.state = _S.CLOSED
+        self._forget(stream, discard=True)
+        events.append(
+            StreamReset(
+                stream_id=sid, error_code=ErrorCode.from_wire(frame.error_code), remote=True
+            )
+        )
+
+    def _on_goaway(self, frame: GoAwayFrame, events: list[Event]) -> None:
+        last = frame.last_stream_id
+        previous = self._goaway_received
+        if previous is not None and last > previous:
+            raise ProtocolError(f"GOAWAY last_stream_id grew from {previous} to {last}")
+        self._goaway_received = last
+        events.append(
+            GoAwayReceived(
+                last_stream_id=last,
+                error_code=ErrorCode.from_wire(frame.error_code),
+                message=frame.message,
+            )
+        )
+        refused = [s for s in self._streams.values() if s.local and s.stream_id > last]
+        for stream in refused:
+            stream.state = _S.CLOSED
+            self._forget(stream, discard=True)
+            events.append(
+                StreamReset(
+                    stream_id=stream.stream_id, error_code=ErrorCode.REFUSED_STREAM, remote=True
+                )
+            )
+
+    def _on_auth(self, frame: AuthFrame, events: list[Event]) -> None:
+        if self.role != Role.SERVER:
+            raise ProtocolError("AUTH sent to a client")
+        if self._auth_seen:
+            raise ProtocolError("second AUTH")
+        if not self._challenge_sent:
+            raise ProtocolError("AUTH before CHALLENGE")
+        self._auth_seen = True
+        self._take_request(frame.req_id, FrameType.AUTH)
+        if frame.method != AuthMethod.HMAC_SHA256:
+            self._queue(
+                ResultFrame(
+                    req_id=frame.req_id,
+                    status=ResultStatus.UNSUPPORTED_METHOD,
+                    message=f"unsupported auth method {frame.method}",
+                )
+            )
+            raise ProtocolError("unsupported auth method", ErrorCode.AUTH_FAILED)
+        if len(frame.credential) != 2 * AUTH_NONCE_SIZE:
+            self._queue(
+                ResultFrame(
+                    req_id=frame.req_id,
+                    status=ResultStatus.MALFORMED,
+                    message="credential must be 64 bytes",
+                )
+            )
+            raise ProtocolError("malformed auth credential", ErrorCode.AUTH_FAILED)
+        self._auth_req = frame.req_id
+        events.append(
+            AuthRequested(req_id=frame.req_id, method=frame.method, credential=frame.credential)
+        )
+
+    def _take_request(self, req_id: int, kind: FrameType) -> None:
+        if req_id == 0:
+            raise ProtocolError("request id 0 is reserved for notices")
+        if req_id in self._requests_in:
+            raise ProtocolError(f"request id {req_id} is already outstanding")
+        self._requests_in[req_id] = kind
+
+    def _on_bind(self, frame: BindFrame, events: list[Event]) -> None:
+        if self.role != Role.SERVER:
+            raise ProtocolError("BIND sent to a client")
+        self._take_request(frame.req_id, FrameType.BIND)
+        events.append(
+            BindRequested(
+                req_id=frame.req_id, tunnel_id=frame.tunnel_id, proto=frame.proto, bind=frame.bind
+            )
+        )
+
+    def _on_unbind(self, frame: UnbindFrame, events: list[Event]) -> None:
+        if self.role == Role.SERVER:
+            self._take_request(frame.req_id, FrameType.UNBIND)
+        else:
+            if frame.req_id != 0:
+                raise ProtocolError(f"UNBIND notice with request id {frame.req_id}, not 0")
+            self._unbound.add(frame.tunnel_id)  # revoked: no OPEN may follow for it
+        events.append(
+            UnbindReceived(
+                req_id=frame.req_id,
+                tunnel_id=frame.tunnel_id,
+                error_code=ErrorCode.from_wire(frame.error_code),
+            )
+        )
+
+    def _on_result(self, frame: ResultFrame, events: list[Event]) -> None:
+        if self.role != Role.CLIENT:
+            raise ProtocolError("RESULT sent to a server")
+        request = self._requests_out.pop(frame.req_id, None)
+        if request is None:
+            raise ProtocolError(f"RESULT for unknown request id {frame.req_id}")
+        kind, tunnel_id = request
+        if (frame.bound is not None) != (
+            kind == FrameType.BIND and frame.status == ResultStatus.OK
+        ):
+            raise ProtocolError(
+                "a bound address comes with exactly the OK RESULT of a BIND "
+                f"(request {frame.req_id})"
+            )
+        status: ResultStatus | int
+        try:
+            status = ResultStatus(frame.status)
+        except ValueError:
+            status = frame.status
+        if status == ResultStatus.OK:
+            if kind == FrameType.AUTH:
+                self.authenticated = True
+            elif kind == FrameType.BIND:
+                self._unbound.discard(tunnel_id)
+            else:
+                self._unbound.add(tunnel_id)
+        events.append(
+            ResultReceived(
+                req_id=frame.req_id, status=status, message=frame.message, bound=frame.bound
+            )
+        )
+
+    def _on_challenge(self, frame: ChallengeFrame, events: list[Event]) -> None:
+        if self.role != Role.CLIENT:
+            raise ProtocolError("CHALLENGE sent to a server")
+        if self._challenge_received:
+            raise ProtocolError("second CHALLENGE")
+        self._challenge_received = True
+        events.append(ChallengeReceived(nonce=frame.nonce))
+
+    # ------------------------------------------------------------------------------------
+    # Output
+
+    def _queue(self, frame: Frame) -> None:
+        raw = encode_frame(frame)
+        self._control.append(raw)
+        self._control_bytes += len(raw)
+
+    def data_to_send(self, max_bytes: int | None = None) -> bytes:
+        """Everything that may be sent now, as one ``bytes`` (``b""`` if nothing).
+
+        Control frames come first (FIFO), then coalesced PING answers and WINDOW updates,
+        then DATA frames chosen by the scheduler until about ``max_bytes``.
+
+        Args:
+            max_bytes: soft size limit of the batch; None -> ``config.max_batch``.
+        """
+        parts: list[bytes | memoryview] = list(self._control)
+        used = self._control_bytes
+        self._control.clear()
+        self._control_bytes = 0
+        if not self.closed:
+            pack = HEADER.pack
+            if self._pong is not None:
+                parts.append(encode_frame(PingFrame(seq=self._pong, ack=True)))
+                used += 24
+                self._pong = None
+            conn = self._conn_recv
+            # Invariant: a dirty entry always has a raised offset that the peer has not
+            # seen, and a stream leaves _dirty when it stops taking WINDOWs (peer FIN, close).
+            if self._conn_dirty:
+                self._conn_dirty = False
+                self._conn_adv_sent = conn.advertised
+                parts.append(pack(8, FrameType.WINDOW, 0, 0, 0))
+                parts.append(conn.advertised.to_bytes(8, "big"))
+                used += 24
+            if self._dirty:
+                for sid, stream in self._dirty.items():
+                    offset = stream.recv.advertised
+                    stream.adv_sent = offset
+                    parts.append(pack(8, FrameType.WINDOW, 0, 0, sid))
+                    parts.append(offset.to_bytes(8, "big"))
+                    used += 24
+                self._dirty.clear()
+            sched = self._sched
+            if sched.new or sched.old or sched.fins:
+                room = (self.config.max_batch if max_bytes is None else max_bytes) - used
+                conn_send = self._conn_send
+                added, charged, finished = sched.fill(parts, room, conn_send.limit - conn_send.sent)
+                conn_send.sent += charged
+                used += added
+                self._stats["data_bytes_sent"] += charged
+                for done in finished:
+                    stream = cast("_Stream", done)
+                    nxt = TRANSITIONS[stream.state, _I.SEND_FIN]
+                    stream.state = nxt
+                    if nxt is _S.CLOSED:
+                        self._forget(stream, discard=False)
+        if not parts:
+            return b""
+        out = b"".join(parts)
+        self._stats["bytes_sent"] += len(out)
+        return out
+
+    def wants_write(self) -> bool:
+        """True if :meth:`data_to_send` would return something now."""
+        if self._control:
+            return True
+        if self.closed:
+            return False
+        if self._pong is not None:
+            return True
+        if self._conn_dirty or self._dirty:
+            return True
+        sched = self._sched
+        for out in sched.fins:
+            if out.fin_queued and not out.pending:
+                return True
+        conn_available = self._conn_send.limit - self._conn_send.sent
+        sws = self._sws
+        for lst in (sched.new, sched.old):
+            for out in lst:
+                pending = out.pending
+                if not pending:
+                    continue
+                need = pending if pending < sws else sws
+                if out.limit - out.sent >= need:
+                    return conn_available >= need
+        return False
+
+    # ------------------------------------------------------------------------------------
+    # Handshake and control requests
+
+    def _check_open_session(self) -> None:
+        if self.closed:
+            raise SessionClosedError("the session is closed")
+
+    def send_challenge(self, nonce: bytes) -> None:
+        """Server: queue CHALLENGE with our 32-byte nonce.
+
+        Raises:
+            ValueError: not a server, already sent, or the nonce is not 32 bytes.
+            SessionClosedError: the session is closed.
+        """
+        self._check_open_session()
+        if self.role != Role.SERVER or self._challenge_sent:
+            raise ValueError("only a server sends CHALLENGE, once")
+        if len(nonce) != AUTH_NONCE_SIZE:
+            raise ValueError(f"the nonce must be {AUTH_NONCE_SIZE} bytes")
+        self._challenge_sent = True
+        self._queue(ChallengeFrame(nonce=bytes(nonce)))
+
+    def _new_request(self, req_id: int, kind: FrameType, tunnel_id: int) -> None:
+        self._check_open_session()
+        if self.role != Role.CLIENT:
+            raise ValueError(f"only a client sends {kind.name} requests")
+        if req_id == 0 or req_id in self._requests_out:
+            raise ValueError(f"request id {req_id} is 0 or already outstanding")
+        self._requests_out[req_id] = (kind, tunnel_id)
+
+    def send_auth(self, req_id: int, method: int, credential: bytes) -> None:
+        """Client: queue AUTH (normally right after ChallengeReceived).
+
+        Raises:
+            ValueError: not a client, or ``req_id`` is outstanding.
+            SessionClosedError: the session is closed.
+        """
+        self._new_request(req_id, FrameType.AUTH, 0)
+        self._queue(AuthFrame(req_id=req_id, method=method, credential=bytes(credential)))
+
+    def send_bind(
+        self, req_id: int, tunnel_id: int, bind: Address, proto: int = TunnelProto.TCP
+    ) -> None:
+        """Client: queue BIND for a public listener (may be pipelined after AUTH).
+
+        Raises:
+            ValueError: not a client, or ``req_id`` is outstanding.
+            SessionClosedError: the session is closed.
+        """
+        self._new_request(req_id, FrameType.BIND, tunnel_id)
+        self._queue(BindFrame(req_id=req_id, tunnel_id=tunnel_id, proto=proto, flags=0, bind=bind))
+
+    def send_unbind(
+        self, req_id: int, tunnel_id: int, code: ErrorCode = ErrorCode.NO_ERROR
+    ) -> None:
+        """Client: request UNBIND. Server: notify a revocation (``req_id`` must be 0).
+
+        Raises:
+            ValueError: a client's ``req_id`` is outstanding, or a server's is not 0.
+            SessionClosedError: the session is closed.
+        """
+        if self.role == Role.SERVER:
+            self._check_open_session()
+            if req_id != 0:
+                raise ValueError("a server's UNBIND is a notice with req_id 0")
+        else:
+            self._new_request(req_id, FrameType.UNBIND, tunnel_id)
+        self._queue(UnbindFrame(req_id=req_id, tunnel_id=tunnel_id, error_code=code))
+
+    def send_result(
+        self, req_id: int, status: ResultStatus, message: str = "", bound: Address | None = None
+    ) -> None:
+        """Server: answer a request. The answer to AUTH decides the session's fate.
+
+        An OK answer to the AUTH marks the session authenticated; frames held behind the AUTH
+        are processed by the next ``receive_data`` call (``receive_data(b"")`` will do). Any
+        other answer to the AUTH also queues ``CLOSE(AUTH_FAILED)`` and closes the session.
+
+        Raises:
+            ValueError: not a server, ``req_id`` is not an unanswered request, or ``bound`` is
+                missing on the OK answer to a BIND or present on any other answer.
+            SessionClosedError: the session is closed.
+        """
+        self._check_open_session()
+        kind = self._requests_in.get(req_id)
+        if self.role != Role.SERVER or kind is None:
+            raise ValueError(f"no unanswered request {req_id}")
+        if (bound is not None) != (kind == FrameType.BIND and status == ResultStatus.OK):
+            raise ValueError("bound goes with exactly the OK answer to a BIND")
+        del self._requests_in[req_id]
+        self._queue(ResultFrame(req_id=req_id, status=status, message=message, bound=bound))
+        if req_id == self._auth_req:
+            self._auth_req = None
+            if status == ResultStatus.OK:
+                self.authenticated = True
+            else:
+                self.close(ErrorCode.AUTH_FAILED, "authentication failed")
+
+    # ------------------------------------------------------------------------------------
+    # Streams
+
+    def _new_stream(self, sid: int, *, local: bool) -> _Stream:
+        peer = self.peer_settings
+        assert peer is not None  # OPEN is only accepted or sent after the peer's HELLO
+        recv = ReceiveWindow(
+            self.local_settings.initial_stream_window, self._max_stream_window, self._now
+        )
+        stream = _Stream(sid, local=local, send_limit=peer.initial_stream_window, recv=recv)
+        self._streams[sid] = stream
+        return stream
+
+    def _forget(self, stream: _Stream, *, discard: bool) -> None:
+        """Drop a stream that just became CLOSED, and settle its accounting."""
+        sid = stream.stream_id
+        del self._streams[sid]
+        self._dirty.pop(sid, None)
+        stream.drop_pending()
+        if stream.local:
+            self._local_open -= 1
+            if stream.pending_open:
+                self._local_pending -= 1
+        else:
+            self._remote_open -= 1
+            if stream.pending_open:
+                self._remote_pending -= 1
+        stream.pending_open = False
+        buffered = stream.recv.buffered
+        if buffered:
+            if discard:
+                self._discard(buffered)
+            else:
+                self._drain[sid] = buffered
+
+    def _stream_for(self, sid: int) -> _Stream | None:
+        """The live stream ``sid``; None if it is known-closed.
+
+        Raises:
+            SessionClosedError: the session is closed.
+            StreamStateError: ``sid`` was never opened.
+        """
+        self._check_open_session()
+        stream = self._streams.get(sid)
+        if stream is None and (
+            sid == 0
+            or sid
+            > (self._highest_local if sid & 1 == self._local_parity else self._highest_remote)
+        ):
+            raise StreamStateError(f"stream {sid} was never opened")
+        return stream
+
+    def can_open_stream(self) -> bool:
+        """True if we may open one more stream now.
+
+        False before authentication completed, after GOAWAY (either way) or close, and while
+        the peer's MAX_CONCURRENT_STREAMS or MAX_PENDING_OPENS would be exceeded.
+        """
+        peer = self.peer_settings
+        return (
+            not self.closed
+            and self.authenticated
+            and peer is not None
+            and self._goaway_received is None
+            and self._goaway_sent is None
+            and self._local_open < peer.max_concurrent_streams
+            and self._local_pending < peer.max_pending_opens
+            and self._next_id <= _MAX_STREAM_ID
+        )
+
+    def open_stream(self, tunnel_id: int, origin: Address, target: Address) -> int:
+        """Queue OPEN for a new stream; DATA may follow at once.
+
+        Returns:
+            The new stream id.
+
+        Raises:
+            SessionClosedError: the session is closed, or a GOAWAY was sent or received.
+            StreamLimitError: the peer's limits allow no more streams now (local; nothing sent).
+        """
+        self._check_open_session()
+        if self._goaway_received is not None or self._goaway_sent is not None:
+            raise SessionClosedError("the session is going away: no new streams")
+        if not self.can_open_stream():
+            raise StreamLimitError("the peer's stream limits allow no new stream now")
+        sid = self._next_id
+        frame = OpenFrame(stream_id=sid, tunnel_id=tunnel_id, origin=origin, target=target)
+        raw = encode_frame(frame)  # validates the addresses before any state changes
+        self._next_id += 2
+        self._highest_local = sid
+        stream = self._new_stream(sid, local=True)
+        stream.state = TRANSITIONS[_S.IDLE, _I.SEND_OPEN]
+        self._local_open += 1
+        self._local_pending += 1
+        self._stats["streams_opened_local"] += 1
+        self._control.append(raw)
+        self._control_bytes += len(raw)
+        return sid
+
+    def _answer(self, sid: int, inp: StreamInput) -> _Stream | None:
+        stream = self._stream_for(sid)
+        if stream is None:
+            return None
+        nxt = TRANSITIONS.get((stream.state, inp))
+        if nxt is None:
+            raise StreamStateError(
+                f"stream {sid} is not waiting for an answer (state {stream.state.name})"
+            )
+        stream.state = nxt
+        stream.pending_open = False
+        self._remote_pending -= 1
+        return stream
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Queue OPEN_ACK for a stream the peer opened. No-op if it is closed already.
+
+        Raises:
+            StreamStateError: the stream was never opened, or is not awaiting an answer.
+            SessionClosedError: the session is closed.
+        """
+        stream = self._answer(stream_id, _I.SEND_ACK)
+        if stream is None:
+            return
+        self._queue(OpenAckFrame(stream_id=stream_id))
+        if stream.recv.advertised > stream.adv_sent and stream.state in SEND_WINDOW_STATES:
+            self._dirty[stream_id] = stream
+
+    def reject_stream(self, stream_id: int, reason: OpenFailReason, message: str = "") -> None:
+        """Queue OPEN_FAIL for a stream the peer opened; its early data is credited.
+
+        No-op if the stream is closed already.
+
+        Raises:
+            StreamStateError: the stream was never opened, or is not awaiting an answer.
+            SessionClosedError: the session is closed.
+        """
+        stream = self._answer(stream_id, _I.SEND_FAIL)
+        if stream is None:
+            return
+        self._queue(OpenFailFrame(stream_id=stream_id, reason=reason, message=message))
+        self._forget(stream, discard=True)
+
+    def send_data(
+        self, stream_id: int, data: bytes | memoryview, *, end_stream: bool = False
+    ) -> None:
+        """Queue bytes (and optionally FIN) on a stream. The bytes are not copied.
+
+        The core does not bound the queue: the adapter bounds it with :meth:`pending_bytes`.
+
+        Raises:
+            StreamStateError: the stream is unknown, closed, or finished for sending.
+            SessionClosedError: the session is closed.
+        """
+        stream = self._stream_for(stream_id)
+        if stream is None or stream.state not in SEND_DATA_STATES or stream.fin_queued:
+            raise StreamStateError(f"stream {stream_id} is not open for sending")
+        n = len(data)
+        if type(data) is memoryview and (data.itemsize != 1 or data.ndim != 1):
+            data = data.cast("B")
+            n = len(data)
+        was_idle = not stream.pending
+        if n:
+            stream.chunks.append(data)
+            stream.pending += n
+        if end_stream:
+            stream.fin_queued = True
+        if was_idle and (n or end_stream):
+            self._sched.activate(stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Queue FIN on a stream, after every byte queued before it.
+
+        Raises:
+            StreamStateError: the stream is unknown, closed, or finished for sending.
+            SessionClosedError: the session is closed.
+        """
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def _reset(self, stream: _Stream, code: ErrorCode) -> None:
+        """Abort a live stream; an unanswered peer stream gets OPEN_FAIL(REFUSED) instead."""
+        sid = stream.stream_id
+        if stream.state in _OPENING_IN:
+            # The acceptor's first frame must be an answer, and no byte reached a target.
+            frame: Frame = OpenFailFrame(
+                stream_id=sid, reason=OpenFailReason.REFUSED, message=f"reset ({code.name})"
+            )
+            stream.state = TRANSITIONS[stream.state, _I.SEND_FAIL]
+        else:
+            frame = ResetFrame(stream_id=sid, error_code=code, final_offset=stream.sent)
+            stream.state = TRANSITIONS[stream.state, _I.SEND_RESET]
+        self._queue(frame)
+        self._forget(stream, discard=True)
+
+    def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
+        """Abort a stream: queue RESET (with the final offset) and drop its unsent data.
+
+        On a peer-opened stream not answered yet, this sends OPEN_FAIL(REFUSED) instead (the
+        acceptor's first frame must be an answer). No-op on a closed stream or session.
+
+        Raises:
+            StreamStateError: the stream was never opened.
+        """
+        if self.closed:
+            return
+        stream = self._stream_for(stream_id)
+        if stream is not None:
+            self._reset(stream, code)
+
+    def pending_bytes(self, stream_id: int) -> int:
+        """Bytes queued on a stream and not framed yet (0 for an unknown stream)."""
+        stream = self._streams.get(stream_id)
+        return stream.pending if stream is not None else 0
+
+    def acknowledge(self, stream_id: int, n: int, now: float = 0.0) -> None:
+        """The application consumed ``n`` bytes of a stream: return them as credit.
+
+        Unknown and reset streams are ignored (their bytes were credited when they closed).
+
+        Raises:
+            ValueError: ``n`` exceeds the bytes received and not yet acknowledged.
+        """
+        if self.closed or n == 0:
+            return
+        self._now = now
+        budget = self.config.window_budget
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            remaining = self._drain.get(stream_id)
+            if remaining is None:
+                return
+            if n > remaining:
+                raise ValueError(f"cannot acknowledge {n} bytes: {remaining} are buffered")
+            if remaining == n:
+                del self._drain[stream_id]
+            else:
+                self._drain[stream_id] = remaining - n
+            self._discard(n)
+            return
+        state = stream.state
+        tune = state not in _REMOTE_FINISHED
+        recv = stream.recv
+        stream_update, conn_update = credit_consumed(
+            recv, self._conn_recv, n, now, self.rtt, budget, tune_stream=tune
+        )
+        if stream_update and state in SEND_WINDOW_STATES:
+            self._dirty[stream_id] = stream
+        if conn_update:
+            self._conn_dirty = True
+
+    def stream_is_open(self, stream_id: int) -> bool:
+        """True while the stream is in the table (not closed)."""
+        return stream_id in self._streams
+
+    # ------------------------------------------------------------------------------------
+    # Session
+
+    def ping(self, now: float) -> int | None:
+        """Queue PING; the answer yields PongReceived and an RTT sample.
+
+        Returns:
+            The PING's seq, or None if 4 PINGs are outstanding already.
+
+        Raises:
+            SessionClosedError: the session is closed.
+        """
+        self._check_open_session()
+        if len(self._pings) >= MAX_OUTSTANDING_PINGS:
+            return None
+        self._now = now
+        self._ping_seq += 1
+        seq = self._ping_seq
+        self._pings[seq] = now
+        self._queue(PingFrame(seq=seq, ack=False))
+        return seq
+
+    def go_away(
+        self,
+        code: ErrorCode = ErrorCode.NO_ERROR,
+        message: str = "",
+        last_stream_id: int | None = None,
+    ) -> None:
+        """Queue GOAWAY: we open no new streams; peer streams above the id are not processed.
+
+        Args:
+            code: why.
+            message: diagnostic text.
+            last_stream_id: the highest peer stream id we process; None -> the highest seen.
+                Use ``2**64 - 1`` for the first phase of a two-phase shutdown. Never raised
+                above a previous GOAWAY's value.
+        """
+        if self.closed:
+            return
+        last = self._highest_remote if last_stream_id is None else last_stream_id
+        if self._goaway_sent is not None:
+            last = min(last, self._goaway_sent)
+        self._goaway_sent = last
+        self._queue(GoAwayFrame(last_stream_id=last, error_code=code, message=message))
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
+        """Queue CLOSE and close the session at once (no-op if closed already)."""
+        if self.closed:
+            return
+        self._shutdown()
+        self._queue(CloseFrame(error_code=code, message=message))
+
+    def _shutdown(self) -> None:
+        """Mark closed and drop all stream state and non-FIFO output."""
+        self.closed = True
+        for stream in self._streams.values():
+            stream.drop_pending()
+        self._streams.clear()
+        self._drain.clear()
+        self._dirty.clear()
+        self._conn_dirty = False
+        self._pong = None
+        self._held = None
+        self._auth_req = None
+        sched = self._sched
+        sched.new.clear()
+        sched.old.clear()
+        sched.fins.clear()
+
+    def _fail(self, exc: ProtocolError) -> None:
+        if self.closed:  # pragma: no cover - receive_data returns early once closed
+            return
+        if isinstance(exc, PrefaceError):
+            self._shutdown()
+            self._control.clear()
+            self._control_bytes = 0
+            return
+        if exc.error_code == ErrorCode.ENHANCE_YOUR_CALM:
+            self._control.clear()
+            self._control_bytes = 0
+        self.close(exc.error_code, str(exc))
+
+    def statistics(self) -> dict[str, int]:
+        """A debugging snapshot of counters and windows."""
+        stats = dict(self._stats)
+        stats.update(
+            streams=len(self._streams),
+            local_open=self._local_open,
+            local_pending=self._local_pending,
+            remote_open=self._remote_open,
+            remote_pending=self._remote_pending,
+            scheduled=len(self._sched),
+            control_queued=self._control_bytes,
+            conn_send_available=self._conn_send.limit - self._conn_send.sent,
+            conn_recv_window=self._conn_recv.window,
+            conn_recv_buffered=self._conn_recv.buffered,
+            pings_outstanding=len(self._pings),
+            closed=int(self.closed),
+            authenticated=int(self.authenticated),
+        )
+        return stats

@@ -1,0 +1,246 @@
+"""The relay's public ports: which token holds which port, and for how long.
+
+A :class:`PortLease` is a bound public listener that belongs to one token. While a session of
+that token has it bound, the session accepts visitors on it. When the session goes away the
+listener stays bound (visitors wait in the kernel's backlog) and the lease is kept for
+``lease_seconds``: a reconnecting client of the same token re-binds the same port at once,
+auto-assigned ports included (matched by tunnel id when the client asks for port 0). Only when
+the lease expires is the listener closed. So a client never sees "port already in use" after a
+drop or a ``kill -9``.
+
+If a BIND asks for a port still held by *another live-looking session of the same token*, the
+old session is probed (PING, wait for any byte); if it stays silent it is stale (half-open TCP,
+killed client): it is closed and the new session takes the port over. If it answers, both
+clients are alive and the new one gets ADDRESS_IN_USE (taking it would make the two flap).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from muxtunnel.protocol.constants import ResultStatus
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["BindError", "PortLease", "PortRegistry"]
+
+logger = logging.getLogger(__name__)
+
+#: How long a live-looking session of the same token gets to show it is alive (seconds).
+TAKEOVER_PROBE_TIMEOUT = 1.5
+#: Random ports tried before a linear scan of the range when the relay picks a port.
+_RANDOM_TRIES = 32
+
+
+class LeaseOwner(Protocol):
+    """What the registry needs from a relay session."""
+
+    token_id: str
+
+    @property
+    def alive(self) -> bool:
+        """False once the session's connection is closing."""
+
+    async def probe(self, within: float) -> bool:
+        """True if the peer shows life within ``within`` seconds."""
+
+    def replaced(self, reason: str) -> None:
+        """Close the session: a new session of the same token took over."""
+
+
+@dataclass(eq=False, slots=True)
+class PortLease:
+    """One public port held by a token."""
+
+    port: int
+    token_id: str
+    tunnel_id: int
+    listeners: list[trio.SocketListener]
+    owner: LeaseOwner | None = None
+    #: ``trio.current_time()`` when the lease expires (only while detached).
+    expires_at: float | None = None
+    #: Cancels the current owner's accept loop.
+    accept_scope: trio.CancelScope | None = None
+    #: Set whenever the owner changes; accept loops watch it.
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def close(self) -> None:
+        """Close the listening sockets (synchronous: trio socket close needs no await)."""
+        for listener in self.listeners:
+            listener.socket.close()
+
+
+class BindError(Exception):
+    """A BIND cannot be granted; ``status`` goes into the RESULT."""
+
+    def __init__(self, status: ResultStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PortRegistry:
+    """All leases of one relay process."""
+
+    def __init__(
+        self,
+        port_range: tuple[int, int],
+        bind_host: str,
+        lease_seconds: float,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.port_range = port_range
+        self.bind_host = bind_host
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self.leases: dict[int, PortLease] = {}
+
+    # -- acquiring -----------------------------------------------------------------------
+
+    async def acquire(self, owner: LeaseOwner, tunnel_id: int, port: int) -> PortLease:
+        """Give ``owner`` a public port for ``tunnel_id``: ``port``, or any in range if 0.
+
+        Raises:
+            BindError: OUT_OF_RANGE, ADDRESS_IN_USE, DENIED or INTERNAL.
+        """
+        lo, hi = self.port_range
+        if port:
+            if not lo <= port <= hi:
+                raise BindError(
+                    ResultStatus.OUT_OF_RANGE, f"port {port} is outside the relay's range {lo}-{hi}"
+                )
+            lease = self.leases.get(port)
+            if lease is not None:
+                if await self._can_take(lease, owner):
+                    return self._attach(lease, owner, tunnel_id)
+                raise BindError(
+                    ResultStatus.ADDRESS_IN_USE, f"port {port} is in use by another client"
+                )
+            return self._attach(await self._bind_new(port, owner, tunnel_id), owner, tunnel_id)
+        # Port 0: the same tunnel of the same token gets its old port back.
+        for lease in list(self.leases.values()):
+            if (
+                lease.token_id == owner.token_id
+                and lease.tunnel_id == tunnel_id
+                and lease.owner is not owner
+                and await self._can_take(lease, owner)
+            ):
+                return self._attach(lease, owner, tunnel_id)
+        return self._attach(await self._bind_any(owner, tunnel_id), owner, tunnel_id)
+
+    async def _can_take(self, lease: PortLease, owner: LeaseOwner) -> bool:
+        if lease.token_id != owner.token_id:
+            return False
+        current = lease.owner
+        if current is None or not current.alive:
+            return True
+        if current is owner:
+            return False
+        # Another session of the same token holds it: stale (half-open, killed) or a twin?
+        if await current.probe(TAKEOVER_PROBE_TIMEOUT):
+            return False
+        logger.info(
+            "session holding port %d is unresponsive; closing it and handing the port over",
+            lease.port,
+        )
+        current.replaced("replaced by a new session of the same token")
+        return True
+
+    def _attach(self, lease: PortLease, owner: LeaseOwner, tunnel_id: int) -> PortLease:
+        if lease.accept_scope is not None:
+            lease.accept_scope.cancel()
+            lease.accept_scope = None
+        lease.owner = owner
+        lease.tunnel_id = tunnel_id
+        lease.expires_at = None
+        lease.changed.set()
+        lease.changed = trio.Event()
+        return lease
+
+    async def _open(self, port: int) -> list[trio.SocketListener]:
+        return await trio.open_tcp_listeners(port, host=self.bind_host)
+
+    async def _bind_new(self, port: int, owner: LeaseOwner, tunnel_id: int) -> PortLease:
+        try:
+            listeners = await self._open(port)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise BindError(
+                    ResultStatus.ADDRESS_IN_USE, f"port {port} is in use on the relay"
+                ) from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise BindError(ResultStatus.DENIED, f"port {port}: permission denied") from None
+            raise BindError(ResultStatus.INTERNAL, f"port {port}: {exc.strerror or exc}") from None
+        lease = PortLease(port, owner.token_id, tunnel_id, listeners)
+        self.leases[port] = lease
+        return lease
+
+    async def _bind_any(self, owner: LeaseOwner, tunnel_id: int) -> PortLease:
+        lo, hi = self.port_range
+        size = hi - lo + 1
+        tries = [random.randint(lo, hi) for _ in range(min(_RANDOM_TRIES, size))]
+        start = random.randint(0, size - 1)
+        tries += [lo + (start + i) % size for i in range(size)]
+        for port in tries:
+            if port in self.leases:
+                continue
+            try:
+                return await self._bind_new(port, owner, tunnel_id)
+            except BindError as exc:
+                if exc.status != ResultStatus.ADDRESS_IN_USE:
+                    raise
+        raise BindError(ResultStatus.ADDRESS_IN_USE, f"no free port left in {lo}-{hi}")
+
+    # -- releasing -----------------------------------------------------------------------
+
+    def detach(self, lease: PortLease, owner: LeaseOwner) -> None:
+        """The owner's session ended: keep the port for the token until the lease expires."""
+        if lease.owner is not owner:
+            return  # already taken over
+        if lease.accept_scope is not None:
+            lease.accept_scope.cancel()
+            lease.accept_scope = None
+        lease.owner = None
+        lease.expires_at = self._clock() + self.lease_seconds
+        lease.changed.set()
+        lease.changed = trio.Event()
+        logger.info("port %d kept for its token for %.0f s", lease.port, self.lease_seconds)
+
+    def release(self, lease: PortLease, owner: LeaseOwner | None = None) -> None:
+        """Give the port up now (UNBIND, lease expiry, relay shutdown)."""
+        if owner is not None and lease.owner is not owner:
+            return
+        if lease.accept_scope is not None:
+            lease.accept_scope.cancel()
+            lease.accept_scope = None
+        if self.leases.get(lease.port) is lease:
+            del self.leases[lease.port]
+        lease.owner = None
+        lease.close()
+        lease.changed.set()
+        logger.info("tunnel port %d released", lease.port)
+
+    def expire(self) -> float | None:
+        """Release expired leases; return when the next one expires (or None)."""
+        now = self._clock()
+        nxt: float | None = None
+        for lease in list(self.leases.values()):
+            if lease.owner is None and lease.expires_at is not None:
+                if lease.expires_at <= now:
+                    logger.info("lease on port %d expired", lease.port)
+                    self.release(lease)
+                else:
+                    nxt = lease.expires_at if nxt is None else min(nxt, lease.expires_at)
+        return nxt
+
+    def close_all(self) -> None:
+        """Release every lease (relay shutdown)."""
+        for lease in list(self.leases.values()):
+            self.release(lease)

@@ -1,0 +1,169 @@
+"""Copy bytes both ways between a local TCP stream and a mux stream.
+
+Two copy loops run side by side, one per direction, so a local application that writes without
+reading never blocks the other direction (PROTOCOL-NOTES §3.6). EOF on one side becomes
+``send_eof()`` on the other (TCP half-close kept: a FIN travels as FIN). Any error or reset
+aborts both sides: the mux stream gets RESET(CONNECT_ERROR) (or the peer's reset stands), and the
+TCP socket is closed with ``SO_LINGER`` = (1, 0) so its peer sees an RST instead of a clean EOF
+(RFC 9113 §8.5; P9).
+
+Buffers: the mux→TCP direction hands the stream's received chunks (read-only views of the
+decrypted record) straight to ``send_all`` without copying. The TCP→mux direction reads with
+``receive_some`` (trio's stream API has no ``recv_into``); the fresh ``bytes`` it returns is
+passed to the session without another copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from muxtunnel.connection import MuxStream, MuxStreamResetError, OpenRejectedError
+from muxtunnel.errors import ErrorCode
+from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamPolicy
+
+__all__ = ["COPY_CHUNK", "SpliceResult", "abort_tcp", "splice"]
+
+logger = logging.getLogger(__name__)
+
+#: Bytes read from the local socket per ``receive_some`` (one maximum DATA frame).
+COPY_CHUNK = 64 * 1024
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+@dataclass(slots=True)
+class SpliceResult:
+    """How a splice ended."""
+
+    #: None for a clean end (both directions finished with FIN), else what went wrong.
+    error: str | None = None
+    #: True if the peer refused the stream (OPEN_FAIL).
+    rejected: bool = False
+
+
+async def abort_tcp(stream: trio.abc.AsyncResource) -> None:
+    """Close a TCP stream so its peer sees an RST (``SO_LINGER`` on with a zero timeout)."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except (OSError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+
+
+class _Splice:
+    def __init__(
+        self, tcp: trio.abc.HalfCloseableStream, mux: MuxStream, policy: StreamPolicy
+    ) -> None:
+        self.tcp = tcp
+        self.mux = mux
+        self.policy = policy
+        self.result = SpliceResult()
+        self.scope: trio.CancelScope | None = None
+
+    def _fail(self, error: str, *, mux_code: ErrorCode | None) -> None:
+        if self.result.error is None:
+            self.result.error = error
+            if mux_code is not None:
+                self.mux.reset(mux_code, error)
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def tcp_to_mux(self) -> None:
+        tcp, mux, policy, info = self.tcp, self.mux, self.policy, self.mux.info
+        while True:
+            try:
+                data = await tcp.receive_some(COPY_CHUNK)
+            except (trio.BrokenResourceError, OSError) as exc:
+                self._fail(f"local read failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
+                return
+            except trio.ClosedResourceError:
+                self._fail("local socket closed", mux_code=ErrorCode.CONNECT_ERROR)
+                return
+            try:
+                if not data:
+                    await mux.send_eof()
+                    return
+                await mux.send_all(data)
+            except OpenRejectedError as exc:
+                self.result.rejected = True
+                self._fail(str(exc), mux_code=None)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(f"mux stream failed: {exc}", mux_code=None)
+                return
+            await policy.throttle(info, Direction.OUT, len(data))
+
+    async def mux_to_tcp(self) -> None:
+        tcp, mux, policy, info = self.tcp, self.mux, self.policy, self.mux.info
+        prologue = policy.prologue(info)
+        try:
+            if prologue:
+                await tcp.send_all(prologue)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._fail(f"local write failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
+            return
+        while True:
+            try:
+                chunk = await mux.receive_chunk(COPY_CHUNK)
+            except OpenRejectedError as exc:
+                self.result.rejected = True
+                self._fail(str(exc), mux_code=None)
+                return
+            except (MuxStreamResetError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(f"mux stream failed: {exc}", mux_code=None)
+                return
+            try:
+                if not chunk:
+                    await tcp.send_eof()
+                    return
+                await tcp.send_all(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._fail(f"local write failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
+                return
+            await policy.throttle(info, Direction.IN, len(chunk))
+
+
+async def splice(
+    tcp: trio.abc.HalfCloseableStream,
+    mux: MuxStream,
+    *,
+    policy: StreamPolicy = DEFAULT_POLICY,
+) -> SpliceResult:
+    """Copy both ways until both directions finished or one side failed; close both.
+
+    Never raises for I/O errors: they are returned in the result (and turned into RESET / RST).
+    Cancellation resets the mux stream and aborts the TCP side.
+    """
+    state = _Splice(tcp, mux, policy)
+    clean = False
+    try:
+        async with trio.open_nursery() as nursery:
+            state.scope = nursery.cancel_scope
+            nursery.start_soon(state.tcp_to_mux)
+            nursery.start_soon(state.mux_to_tcp)
+        clean = state.result.error is None
+    finally:
+        if clean:
+            await _graceful_close(tcp)
+            await mux.aclose()
+        else:
+            if state.result.error is None:
+                state.result.error = "cancelled"
+            mux.reset(
+                ErrorCode.CANCEL if state.result.error == "cancelled" else ErrorCode.CONNECT_ERROR
+            )
+            await abort_tcp(tcp)
+        policy.finished(mux.info, trio.current_time(), state.result.error)
+    return state.result
+
+
+async def _graceful_close(tcp: trio.abc.HalfCloseableStream) -> None:
+    try:
+        await tcp.aclose()
+    except (trio.BrokenResourceError, OSError):
+        await trio.aclose_forcefully(tcp)

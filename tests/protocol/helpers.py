@@ -1,0 +1,180 @@
+"""Test helpers for the sans-IO core: a connected Session pair and frame builders.
+
+``SessionPair`` moves bytes between a client and a server :class:`Session` (the h11
+``ConnectionPair`` idea): ``pump()`` shuttles ``data_to_send()`` output into the other side's
+``receive_data()`` until both are quiet and returns the events each side saw.
+
+Frame builders produce raw wire bytes so tests can play a misbehaving peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass, field
+
+from muxtunnel.protocol.constants import AUTH_CONTEXT, MAGIC, AuthMethod, ResultStatus, Role
+from muxtunnel.protocol.events import (
+    AuthRequested,
+    ChallengeReceived,
+    DataReceived,
+    Event,
+    HelloReceived,
+    ResultReceived,
+)
+from muxtunnel.protocol.frames import (
+    Address,
+    Frame,
+    HelloFrame,
+    Settings,
+    encode_frame,
+    pack_data_header,
+)
+from muxtunnel.protocol.session import Session, SessionConfig
+
+__all__ = [
+    "CLIENT_NONCE",
+    "ORIGIN",
+    "SERVER_NONCE",
+    "TARGET",
+    "TOKEN",
+    "SessionPair",
+    "data_frame",
+    "frames",
+    "hello_bytes",
+    "make_credential",
+    "preface",
+]
+
+TOKEN = "s3cr3t-token"
+SERVER_NONCE = bytes(range(32))
+CLIENT_NONCE = bytes(range(32, 64))
+ORIGIN = Address("198.51.100.23", 51514)
+TARGET = Address("203.0.113.7", 40001)
+
+
+def make_credential(
+    token: str = TOKEN, server_nonce: bytes = SERVER_NONCE, client_nonce: bytes = CLIENT_NONCE
+) -> bytes:
+    """The AUTH credential for method 1: client_nonce || HMAC-SHA256(token, context+nonces)."""
+    mac = hmac.new(
+        token.encode("utf-8"), AUTH_CONTEXT + server_nonce + client_nonce, hashlib.sha256
+    ).digest()
+    return client_nonce + mac
+
+
+def frames(*items: Frame) -> bytes:
+    """The wire bytes of several frames."""
+    return b"".join(encode_frame(f) for f in items)
+
+
+def data_frame(stream_id: int, payload: bytes, *, fin: bool = False, flags: int = 0) -> bytes:
+    """A DATA frame; ``flags`` adds extra (undefined) flag bits."""
+    header = bytearray(pack_data_header(stream_id, len(payload), fin))
+    header[5] |= flags
+    return bytes(header) + payload
+
+
+def hello_bytes(role: Role, settings: Settings | None = None, *, major: int = 1) -> bytes:
+    """A HELLO frame as ``role`` would send it."""
+    if settings is None:
+        settings = Settings(max_concurrent_streams=0) if role == Role.SERVER else Settings()
+    return encode_frame(
+        HelloFrame(major=major, minor=0, role=role, flags=0, settings=settings.to_pairs())
+    )
+
+
+def preface(role: Role, settings: Settings | None = None) -> bytes:
+    """MAGIC + HELLO of a peer with ``role``."""
+    return MAGIC + hello_bytes(role, settings)
+
+
+@dataclass
+class SessionPair:
+    """A client and a server session wired back to back.
+
+    Args:
+        client_config / server_config: the sessions' configs.
+        handshake: run HELLO + CHALLENGE + AUTH at once (``authenticate``).
+        max_bytes: batch size passed to ``data_to_send`` while pumping (None = default).
+    """
+
+    client_config: SessionConfig | None = None
+    server_config: SessionConfig | None = None
+    handshake: bool = True
+    max_bytes: int | None = None
+    now: float = 0.0
+    client: Session = field(init=False)
+    server: Session = field(init=False)
+    #: Every event each side produced, in order.
+    client_log: list[Event] = field(default_factory=list, init=False)
+    server_log: list[Event] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.client = Session(Role.CLIENT, self.client_config)
+        self.server = Session(Role.SERVER, self.server_config)
+        if self.handshake:
+            self.authenticate()
+
+    def peer(self, session: Session) -> Session:
+        """The other session."""
+        return self.server if session is self.client else self.client
+
+    def send(self, src: Session, max_bytes: int | None = None) -> list[Event]:
+        """Move one ``data_to_send()`` batch from ``src`` to its peer; return the peer's events."""
+        data = src.data_to_send(self.max_bytes if max_bytes is None else max_bytes)
+        dst = self.peer(src)
+        events = dst.receive_data(data, self.now) if data else []
+        (self.server_log if dst is self.server else self.client_log).extend(events)
+        return events
+
+    def pump(self, max_rounds: int = 10_000) -> tuple[list[Event], list[Event]]:
+        """Shuttle bytes both ways until neither side has anything to send.
+
+        Returns:
+            (events seen by the client, events seen by the server).
+        """
+        client_events: list[Event] = []
+        server_events: list[Event] = []
+        for _ in range(max_rounds):
+            if not (self.client.wants_write() or self.server.wants_write()):
+                return client_events, server_events
+            server_events += self.send(self.client)
+            client_events += self.send(self.server)
+        raise AssertionError("SessionPair.pump did not settle")
+
+    def authenticate(self, token: str = TOKEN) -> None:
+        """Run HELLO, CHALLENGE, AUTH (method 1) and RESULT(OK) between the two sessions."""
+        self.server.send_challenge(SERVER_NONCE)
+        events = self.send(self.server)
+        assert isinstance(events[0], HelloReceived)
+        assert isinstance(events[1], ChallengeReceived)
+        self.client.send_auth(1, AuthMethod.HMAC_SHA256, make_credential(token, events[1].nonce))
+        events = self.send(self.client)
+        assert isinstance(events[0], HelloReceived)
+        auth = events[1]
+        assert isinstance(auth, AuthRequested)
+        assert hmac.compare_digest(auth.credential, make_credential(token))
+        self.server.send_result(auth.req_id, ResultStatus.OK)
+        self.server_log += self.server.receive_data(b"", self.now)
+        events = self.send(self.server)
+        assert isinstance(events[0], ResultReceived)
+        assert events[0].status == ResultStatus.OK
+        assert self.client.authenticated
+        assert self.server.authenticated
+
+    def open(self, opener: Session | None = None, tunnel_id: int = 1) -> int:
+        """Open a stream from ``opener`` (default: the server) and have the peer accept it."""
+        opener = self.server if opener is None else opener
+        sid = opener.open_stream(tunnel_id, ORIGIN, TARGET)
+        self.send(opener)
+        self.peer(opener).accept_stream(sid)
+        self.send(self.peer(opener))
+        return sid
+
+
+def received_bytes(events: list[Event], stream_id: int) -> bytes:
+    """Concatenate the DataReceived payloads of one stream."""
+    return b"".join(
+        bytes(e.data) for e in events if isinstance(e, DataReceived) and e.stream_id == stream_id
+    )

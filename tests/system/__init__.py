@@ -1,0 +1,3 @@
+"""System tests: real muxtunnel processes carrying real OpenSSH and PostgreSQL traffic."""
+
+from __future__ import annotations

@@ -1,0 +1,296 @@
+"""The ``muxtunnel`` command line, run as real processes (``python -m muxtunnel``).
+
+A few checks also call :func:`muxtunnel.cli.run` in-process, so that coverage sees the
+error mapping without subprocess coverage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from muxtunnel import __version__, cli
+from muxtunnel.tls import load_or_create_identity, normalize_fingerprint
+
+ERROR_LINE = re.compile(r"^muxtunnel: error: \S.*$")
+
+
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a child: its own HOME and state dir, no token from the outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MUXTUNNEL_", "COVERAGE_"))}
+    env["HOME"] = str(tmp_path / "home")
+    env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
+    env["PYTHONUNBUFFERED"] = "1"
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def mux(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "muxtunnel", *args],
+        capture_output=True,
+        text=True,
+        env=env or clean_env(tmp_path),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+
+
+def assert_one_error_line(
+    proc: subprocess.CompletedProcess[str], code: int, *fragments: str
+) -> str:
+    """The process exited ``code`` with exactly one ``muxtunnel: error:`` line and no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert ERROR_LINE.match(lines[0]), lines[0]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = mux(tmp_path, "--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"muxtunnel {__version__}\n"
+    assert proc.stderr == ""
+
+
+def test_fingerprint_command(tmp_path: Path) -> None:
+    state = tmp_path / "relay-state"
+    identity = load_or_create_identity(state)
+    proc = mux(tmp_path, "fingerprint", "--state-dir", str(state))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == identity.fingerprint + "\n"
+    assert (
+        normalize_fingerprint(proc.stdout) == identity.fingerprint
+    )  # the form --fingerprint takes
+
+    by_cert = mux(tmp_path, "fingerprint", "--cert", str(identity.cert_path))
+    assert by_cert.stdout == proc.stdout
+
+    # the default state dir follows XDG_STATE_HOME
+    env = clean_env(tmp_path)
+    default = load_or_create_identity(Path(env["XDG_STATE_HOME"]) / "muxtunnel")
+    assert mux(tmp_path, "fingerprint", env=env).stdout == default.fingerprint + "\n"
+
+    assert_one_error_line(
+        mux(tmp_path, "fingerprint", "--state-dir", str(tmp_path / "empty")),
+        2,
+        "no certificate in",
+        "--cert FILE",
+    )
+    assert_one_error_line(
+        mux(tmp_path, "fingerprint", "--state-dir", str(state), "--cert", str(identity.cert_path)),
+        2,
+        "either --state-dir or --cert",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (("server", "--bogus"), ("No such option: --bogus", "muxtunnel server --help")),
+        (("frobnicate",), ("No such command 'frobnicate'",)),
+        (("client", "--server", "relay", "--max-retries", "many", "22"), ("--max-retries",)),
+        (("client", "--token", "t", "22"), ("missing --server",)),
+        (("client", "--server", "relay", "--token", "t"), ("no tunnels",)),
+        (
+            ("client", "--server", "relay", "--token", "t", "::1:22"),
+            ("put IPv6 addresses in brackets",),
+        ),
+        (("server", "--ports", "9-1"), ("option --ports: empty range 9-1",)),
+        (("server", "--cert", "c.pem"), ("--cert needs --key",)),
+        (("server", "--log-level", "loud"), ("--log-level",)),
+    ],
+)
+def test_usage_errors_exit_2(
+    tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]
+) -> None:
+    assert_one_error_line(mux(tmp_path, *args), 2, *fragments)
+
+
+def test_no_arguments_prints_help_and_exits_2(tmp_path: Path) -> None:
+    proc = mux(tmp_path)
+    assert proc.returncode == 2
+    assert "server" in proc.stdout
+    assert "client" in proc.stdout
+
+
+def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
+    relay = tmp_path / "relay.toml"
+    relay.write_text('listen = "127.0.0.1:7000"\nport_range = "1-2"\n')
+    assert_one_error_line(
+        mux(tmp_path, "server", "--config", str(relay)), 2, "unknown key 'port_range'"
+    )
+    relay.write_text('drain_timeout = "soon"\n')
+    assert_one_error_line(mux(tmp_path, "server", "--config", str(relay)), 2, "key 'drain-timeout'")
+
+    client = tmp_path / "client.toml"
+    client.write_text('server = "relay.example.com"\ntoken = "t"\n[[tunnel]]\nlocal_port = "ssh"\n')
+    line = assert_one_error_line(
+        mux(tmp_path, "client", "--config", str(client)), 2, "key 'local_port'"
+    )
+    assert str(client) in line
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    proc = mux(tmp_path, "--debug", "fingerprint", "--cert", str(tmp_path / "missing.pem"))
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("muxtunnel: error: certificate ")
+
+
+def test_demo_once_is_the_main_job(tmp_path: Path) -> None:
+    """README's quick start: ``muxtunnel demo --once`` tunnels, self-checks and exits 0."""
+    proc = mux(tmp_path, "demo", "--once", "--log-level", "warning")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert re.search(
+        r"^forwarding tcp://127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+$", proc.stdout, re.M
+    ), proc.stdout
+    assert "self-check passed" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# In-process: the same entry point, seen by coverage
+
+
+def test_run_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(["--version"]) == 0
+    assert capsys.readouterr().out == f"muxtunnel {__version__}\n"
+    identity = load_or_create_identity(tmp_path / "s")
+    assert cli.run(["fingerprint", "--state-dir", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out == identity.fingerprint + "\n"
+    assert cli.run(["server", "--listen", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("muxtunnel: error: option --listen: ")
+    assert (
+        cli.run(["client", "--server", "r", "--token", "t", "--fingerprint", "sha256:1", "22"]) == 2
+    )
+    assert "option --fingerprint" in capsys.readouterr().err
+
+
+def test_primary_error_unwraps_exception_groups() -> None:
+    from muxtunnel.errors import AuthError, IdentityMismatchError
+
+    group = BaseExceptionGroup(
+        "x", [RuntimeError("boom"), ExceptionGroup("y", [AuthError("refused")])]
+    )
+    assert isinstance(cli._primary(group), AuthError)
+    assert cli._describe(cli._primary(group)) == ("refused", 3)
+    assert cli._describe(IdentityMismatchError("changed"))[1] == 4
+    assert cli._describe(RuntimeError("boom")) == ("RuntimeError: boom", 1)
+    assert cli._describe(FileNotFoundError(2, "No such file or directory", "x.pem")) == (
+        "x.pem: No such file or directory",
+        1,
+    )
+
+
+def test_signals_drain_then_force() -> None:
+    """First SIGTERM/SIGINT sets ``shutdown``; a second one cancels; without drain the first cancels."""
+
+    async def drains(shutdown: trio.Event) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with trio.fail_after(5):
+            await shutdown.wait()
+        return "drained"
+
+    assert trio.run(cli._with_signals, drains, True) == "drained"
+
+    async def stubborn(shutdown: trio.Event) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        with trio.fail_after(5):
+            await shutdown.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+        await trio.sleep(30)  # cancelled by the second signal
+
+    with pytest.raises(cli._ForcedStop):
+        trio.run(cli._with_signals, stubborn, True)
+
+    async def no_drain(shutdown: trio.Event) -> str:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await trio.sleep(30)  # cancelled by the first signal
+        return "not reached"
+
+    assert trio.run(cli._with_signals, no_drain, False) is None
+
+
+# --------------------------------------------------------------------------------------------
+# The relay process: identity and token on stdout, clean exit on SIGTERM
+
+
+def read_until(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> list[str]:
+    """stdout lines of ``proc`` up to and including the first one matching ``pattern``."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line.rstrip("\n"))
+        if re.search(pattern, line):
+            return seen
+    proc.kill()
+    _, err = proc.communicate(timeout=10)
+    raise AssertionError(f"no line matching {pattern!r}; stdout: {seen}; stderr: {err}")
+
+
+def test_server_generates_token_once_and_stops_on_sigterm(tmp_path: Path) -> None:
+    state = tmp_path / "relay"
+    args = [
+        sys.executable,
+        "-m",
+        "muxtunnel",
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--bind",
+        "127.0.0.1",
+    ]
+    args += ["--ports", "40000-40009", "--state-dir", str(state)]
+    env = clean_env(tmp_path)
+    runs: list[list[str]] = []
+    for _ in range(2):
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            lines = read_until(proc, r"^muxtunnel relay listening on 127\.0\.0\.1:\d+$")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err
+        runs.append(lines)
+    token = (state / "token").read_text().strip()
+    assert stat.S_IMODE((state / "token").stat().st_mode) == 0o600
+    first, second = runs
+    assert re.fullmatch(r"fingerprint: sha256:[0-9a-f]{64}", first[0])
+    assert first[1] == f"token: {token}"
+    assert first[2].startswith("hint: ")
+    assert str(state / "token") in first[2]
+    # second start: same identity, the stored token is reused and not printed again
+    assert second[0] == first[0]
+    assert not any(line.startswith("token:") for line in second)

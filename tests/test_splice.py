@@ -1,0 +1,132 @@
+"""splice(): half-close kept, resets mapped to RST both ways, policy hooks called."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+
+import pytest
+import trio
+
+from muxtunnel.connection import MuxStream, MuxStreamResetError
+from muxtunnel.errors import ErrorCode
+from muxtunnel.policy import Direction, StreamInfo, StreamPolicy
+from muxtunnel.splice import SpliceResult, splice
+from tests.conftest import mux_connection_pair, mux_stream_pair
+
+
+async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with listeners[0]:
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server = await listeners[0].accept()
+    return client, server
+
+
+class RecordingPolicy(StreamPolicy):
+    def __init__(self) -> None:
+        self.moved: dict[Direction, int] = {Direction.IN: 0, Direction.OUT: 0}
+        self.finished_with: list[tuple[int, int, str | None]] = []
+
+    def prologue(self, info: StreamInfo) -> bytes:
+        return f"PROXY TCP4 {info.origin.host} 127.0.0.1 {info.origin.port} 0\r\n".encode()
+
+    async def throttle(self, info: StreamInfo, direction: Direction, nbytes: int) -> None:
+        self.moved[direction] += nbytes
+        await trio.lowlevel.checkpoint()
+
+    def finished(self, info: StreamInfo, now: float, error: str | None) -> None:
+        self.finished_with.append((info.bytes_in, info.bytes_out, error))
+
+
+async def _setup(nursery: trio.Nursery) -> tuple[MuxStream, MuxStream]:
+    server, client = await mux_connection_pair(nursery)
+    return await mux_stream_pair(server, client)
+
+
+async def test_half_close_both_ways_and_policy(nursery: trio.Nursery) -> None:
+    far, near = await _setup(nursery)  # far: the peer's end of the mux stream
+    app, local = await tcp_pair()  # app: the local application; local: what splice copies
+    policy = RecordingPolicy()
+    results: list[SpliceResult] = []
+    done = trio.Event()
+
+    async def run() -> None:
+        results.append(await splice(local, near, policy=policy))
+        done.set()
+
+    nursery.start_soon(run)
+    with trio.fail_after(10):
+        # The application sees the prologue first.
+        header = await app.receive_some(100)
+        assert header.startswith(b"PROXY TCP4 127.0.0.1 ")
+        # Peer -> app, then the peer half-closes: the app reads EOF but can still answer.
+        await far.send_all(b"request")
+        await far.send_eof()
+        got = b""
+        while chunk := await app.receive_some(100):
+            got += chunk
+        assert got == b"request"
+        await app.send_all(b"response after FIN")
+        await app.send_eof()
+        reply = b""
+        while chunk := await far.receive_some(100):
+            reply += chunk
+        assert reply == b"response after FIN"
+        await app.aclose()
+        await far.aclose()
+        await done.wait()
+    assert results[0].error is None
+    assert policy.moved[Direction.IN] == len(b"request")
+    assert policy.moved[Direction.OUT] == len(b"response after FIN")
+    assert policy.finished_with == [(len(b"request"), len(b"response after FIN"), None)]
+
+
+async def test_mux_reset_becomes_tcp_rst(nursery: trio.Nursery) -> None:
+    far, near = await _setup(nursery)
+    app, local = await tcp_pair()
+    nursery.start_soon(splice, local, near)
+    await far.send_all(b"partial")
+    async with app:
+        await _expect_rst(app, far)
+
+
+async def _expect_rst(app: trio.SocketStream, far: MuxStream) -> None:
+    with trio.fail_after(10):
+        assert await app.receive_some(100) == b"partial"
+        far.reset(ErrorCode.CONNECT_ERROR)
+        with pytest.raises(trio.BrokenResourceError) as info:
+            await app.receive_some(100)
+    cause = info.value.__cause__
+    assert isinstance(cause, OSError)
+    assert cause.errno == errno.ECONNRESET
+
+
+async def test_tcp_rst_becomes_mux_reset(nursery: trio.Nursery) -> None:
+    far, near = await _setup(nursery)
+    app, local = await tcp_pair()
+    results: list[SpliceResult] = []
+    done = trio.Event()
+
+    async def run() -> None:
+        results.append(await splice(local, near))
+        done.set()
+
+    nursery.start_soon(run)
+    await app.send_all(b"bye")
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await trio.aclose_forcefully(app)
+
+    async def read_all() -> None:
+        # "bye" may or may not arrive first: a RESET drops data not yet framed.
+        while await far.receive_some(100):
+            pass
+
+    with trio.fail_after(10), pytest.raises(MuxStreamResetError) as info:
+        await read_all()
+    assert info.value.error_code == ErrorCode.CONNECT_ERROR
+    with trio.fail_after(5):
+        await done.wait()
+    assert results[0].error is not None
