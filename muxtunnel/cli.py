@@ -127,9 +127,29 @@ class _ForcedStop(MuxtunnelError):
     """A second SIGINT/SIGTERM arrived while draining."""
 
 
-async def _with_signals(start: Callable[[trio.Event], Awaitable[object]], drain: bool) -> object:
-    """Run ``start(shutdown)``; the first SIGINT/SIGTERM sets ``shutdown`` (or cancels, without
-    ``drain``), a second one cancels at once."""
+#: A repeat of the first signal within this many seconds is the same request, not "stop now":
+#: ``timeout(1)`` and some supervisors signal both the process and its process group.
+SIGNAL_REPEAT_WINDOW = 0.5
+
+
+class _SignalState:
+    """Whether a stop signal was received (then the process is on its way out)."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+
+async def _with_signals(
+    start: Callable[[trio.Event], Awaitable[object]],
+    drain: bool,
+    state: _SignalState | None = None,
+) -> object:
+    """Run ``start(shutdown)`` with SIGINT/SIGTERM handled.
+
+    The first signal sets ``shutdown`` so ``start`` drains and returns (without ``drain`` it
+    cancels ``start`` instead); a later signal cancels at once and raises ``_ForcedStop``.
+    """
+    state = state if state is not None else _SignalState()
     shutdown = trio.Event()
     forced = False
     result: object = None
@@ -139,18 +159,26 @@ async def _with_signals(start: Callable[[trio.Event], Awaitable[object]], drain:
 
                 async def watch() -> None:
                     nonlocal forced
+                    first: tuple[int, float] | None = None
                     async for signum in signals:
                         name = signal.Signals(signum).name
-                        if drain and not shutdown.is_set():
-                            logger.info(
-                                "received %s: shutting down (send it again to stop at once)", name
-                            )
+                        now = trio.current_time()
+                        state.received = True
+                        if first is None:
+                            first = (signum, now)
+                            if drain:
+                                logger.info(
+                                    "received %s: shutting down (send it again to stop at once)",
+                                    name,
+                                )
                             shutdown.set()
+                            if not drain:
+                                work_scope.cancel()
+                        elif signum == first[0] and now - first[1] < SIGNAL_REPEAT_WINDOW:
+                            logger.debug("received %s again at once: same request", name)
                         else:
-                            if shutdown.is_set():
-                                forced = True
-                                logger.warning("received %s again: stopping without draining", name)
-                            shutdown.set()
+                            forced = True
+                            logger.warning("received %s again: stopping without draining", name)
                             work_scope.cancel()
 
                 nursery.start_soon(watch)
@@ -162,7 +190,15 @@ async def _with_signals(start: Callable[[trio.Event], Awaitable[object]], drain:
 
 
 def _run_async(start: Callable[[trio.Event], Awaitable[object]], *, drain: bool = True) -> object:
-    return trio.run(_with_signals, start, drain)
+    state = _SignalState()
+    try:
+        return trio.run(_with_signals, start, drain, state)
+    finally:
+        if state.received:
+            # We are exiting because of a signal: a late duplicate must not kill the process
+            # with the default action (exit status 143) after a clean shutdown.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------

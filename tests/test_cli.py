@@ -6,7 +6,9 @@ error mapping without subprocess coverage.
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import re
 import signal
 import stat
@@ -14,12 +16,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
 from muxtunnel import __version__, cli
 from muxtunnel.tls import load_or_create_identity, normalize_fingerprint
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ERROR_LINE = re.compile(r"^muxtunnel: error: \S.*$")
 
@@ -47,6 +53,28 @@ def mux(
         timeout=60,
         check=False,
     )
+
+
+def run_in_process(
+    capsys: pytest.CaptureFixture[str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``muxtunnel ARGS`` through :func:`muxtunnel.cli.run` in this process."""
+    capsys.readouterr()
+    code = cli.run(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """In-process runs configure the root logger; undo that after each test."""
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    yield
+    for handler in root.handlers[:]:
+        if handler not in saved[1]:
+            root.removeHandler(handler)
+    root.setLevel(saved[0])
 
 
 def assert_one_error_line(
@@ -86,45 +114,56 @@ def test_fingerprint_command(tmp_path: Path) -> None:
     by_cert = mux(tmp_path, "fingerprint", "--cert", str(identity.cert_path))
     assert by_cert.stdout == proc.stdout
 
-    # the default state dir follows XDG_STATE_HOME
-    env = clean_env(tmp_path)
-    default = load_or_create_identity(Path(env["XDG_STATE_HOME"]) / "muxtunnel")
-    assert mux(tmp_path, "fingerprint", env=env).stdout == default.fingerprint + "\n"
-
     assert_one_error_line(
         mux(tmp_path, "fingerprint", "--state-dir", str(tmp_path / "empty")),
         2,
         "no certificate in",
         "--cert FILE",
     )
-    assert_one_error_line(
-        mux(tmp_path, "fingerprint", "--state-dir", str(state), "--cert", str(identity.cert_path)),
-        2,
-        "either --state-dir or --cert",
+
+
+def test_fingerprint_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the default state dir follows XDG_STATE_HOME
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    default = load_or_create_identity(tmp_path / "xdg" / "muxtunnel")
+    assert cli.run(["fingerprint"]) == 0
+    assert capsys.readouterr().out == default.fingerprint + "\n"
+    proc = run_in_process(
+        capsys, "fingerprint", "--state-dir", str(tmp_path), "--cert", str(default.cert_path)
     )
+    assert_one_error_line(proc, 2, "either --state-dir or --cert")
 
 
 @pytest.mark.parametrize(
-    ("args", "fragments"),
+    ("args", "fragments", "as_process"),
     [
-        (("server", "--bogus"), ("No such option: --bogus", "muxtunnel server --help")),
-        (("frobnicate",), ("No such command 'frobnicate'",)),
-        (("client", "--server", "relay", "--max-retries", "many", "22"), ("--max-retries",)),
-        (("client", "--token", "t", "22"), ("missing --server",)),
-        (("client", "--server", "relay", "--token", "t"), ("no tunnels",)),
+        (("server", "--bogus"), ("No such option: --bogus", "muxtunnel server --help"), True),
+        (("frobnicate",), ("No such command 'frobnicate'",), True),
+        (("client", "--server", "r", "--max-retries", "many", "22"), ("--max-retries",), True),
+        (("client", "--token", "t", "22"), ("missing --server",), True),
+        (("client", "--server", "relay", "--token", "t"), ("no tunnels",), False),
         (
-            ("client", "--server", "relay", "--token", "t", "::1:22"),
-            ("put IPv6 addresses in brackets",),
+            ("client", "--server", "r", "--token", "t", "::1:22"),
+            ("IPv6 addresses in brackets",),
+            False,
         ),
-        (("server", "--ports", "9-1"), ("option --ports: empty range 9-1",)),
-        (("server", "--cert", "c.pem"), ("--cert needs --key",)),
-        (("server", "--log-level", "loud"), ("--log-level",)),
+        (("server", "--ports", "9-1"), ("option --ports: empty range 9-1",), False),
+        (("server", "--cert", "c.pem"), ("--cert needs --key",), False),
+        (("server", "--log-level", "loud"), ("--log-level",), False),
+        (("demo", "--local", "0"), ("--local",), False),
     ],
 )
 def test_usage_errors_exit_2(
-    tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: tuple[str, ...],
+    fragments: tuple[str, ...],
+    as_process: bool,
 ) -> None:
-    assert_one_error_line(mux(tmp_path, *args), 2, *fragments)
+    proc = mux(tmp_path, *args) if as_process else run_in_process(capsys, *args)
+    assert_one_error_line(proc, 2, *fragments)
 
 
 def test_no_arguments_prints_help_and_exits_2(tmp_path: Path) -> None:
@@ -140,8 +179,6 @@ def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
     assert_one_error_line(
         mux(tmp_path, "server", "--config", str(relay)), 2, "unknown key 'port_range'"
     )
-    relay.write_text('drain_timeout = "soon"\n')
-    assert_one_error_line(mux(tmp_path, "server", "--config", str(relay)), 2, "key 'drain-timeout'")
 
     client = tmp_path / "client.toml"
     client.write_text('server = "relay.example.com"\ntoken = "t"\n[[tunnel]]\nlocal_port = "ssh"\n')
@@ -149,6 +186,13 @@ def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
         mux(tmp_path, "client", "--config", str(client)), 2, "key 'local_port'"
     )
     assert str(client) in line
+
+
+def test_bad_config_value_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    relay = tmp_path / "relay.toml"
+    relay.write_text('drain_timeout = "soon"\n')
+    proc = run_in_process(capsys, "server", "--config", str(relay))
+    assert_one_error_line(proc, 2, f"config file {relay}: key 'drain-timeout'")
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
@@ -215,15 +259,21 @@ def test_signals_drain_then_force() -> None:
 
     assert trio.run(cli._with_signals, drains, True) == "drained"
 
+    survived_duplicate: list[bool] = []
+
     async def stubborn(shutdown: trio.Event) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         with trio.fail_after(5):
             await shutdown.wait()
-        os.kill(os.getpid(), signal.SIGINT)
-        await trio.sleep(30)  # cancelled by the second signal
+        os.kill(os.getpid(), signal.SIGINT)  # a duplicate (timeout(1) sends two): ignored
+        await trio.sleep(cli.SIGNAL_REPEAT_WINDOW + 0.2)
+        survived_duplicate.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await trio.sleep(30)  # cancelled by the second request
 
     with pytest.raises(cli._ForcedStop):
         trio.run(cli._with_signals, stubborn, True)
+    assert survived_duplicate == [True]
 
     async def no_drain(shutdown: trio.Event) -> str:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -294,3 +344,88 @@ def test_server_generates_token_once_and_stops_on_sigterm(tmp_path: Path) -> Non
     # second start: same identity, the stored token is reused and not printed again
     assert second[0] == first[0]
     assert not any(line.startswith("token:") for line in second)
+
+
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "muxtunnel", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGTERM ``proc``; return its exit status and stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    return proc.returncode, err
+
+
+def test_client_with_ca(tmp_path: Path) -> None:
+    """``--ca`` accepts a relay whose certificate chains to it and refuses others (exit 4)."""
+    env = clean_env(tmp_path)
+    relay_state = tmp_path / "relay"
+    lo = random.randrange(30000, 39990, 10)  # other test runs may share this machine
+    relay = start(
+        [
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--bind",
+            "127.0.0.1",
+            "--ports",
+            f"{lo}-{lo + 9}",
+            "--token",
+            "tok",
+            "--state-dir",
+            str(relay_state),
+        ],
+        env,
+    )
+    try:
+        line = read_until(relay, r"^muxtunnel relay listening on ")[-1]
+        port = line.rsplit(":", 1)[1]
+        # the relay's own self-signed certificate works as a CA file (it names 127.0.0.1)
+        client = start(
+            [
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--token",
+                "tok",
+                "--state-dir",
+                str(tmp_path / "c1"),
+                "--ca",
+                str(relay_state / "cert.pem"),
+                "9",
+            ],
+            env,
+        )
+        try:
+            forward = read_until(client, r"^forwarding tcp://")[-1]
+        finally:
+            code, err = stop(client)
+        match = re.fullmatch(r"forwarding tcp://127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:9", forward)
+        assert match is not None, forward
+        assert lo <= int(match[1]) <= lo + 9
+        assert code == 0, err
+        assert not (tmp_path / "c1" / "known_hosts").exists()  # CA mode pins nothing
+
+        other = load_or_create_identity(tmp_path / "other")
+        refused = mux(
+            tmp_path,
+            *["client", "--server", f"127.0.0.1:{port}", "--token", "tok", "--state-dir"],
+            *[str(tmp_path / "c2"), "--ca", str(other.cert_path), "9"],
+            env=env,
+        )
+        assert_one_error_line(refused, 4, "certificate verification", "--ca")
+    finally:
+        code, err = stop(relay)
+    assert code == 0, err

@@ -30,7 +30,9 @@ Peer faults. Every violation raises a :class:`~muxtunnel.errors.ProtocolError` s
 ``error_code`` is the wire code, *after* ``CLOSE(code)`` has been queued and the session
 marked closed: the adapter flushes ``data_to_send()`` and ends the connection. (A wrong
 preface raises ``PrefaceError`` and queues nothing: the peer does not speak our framing.)
-Stream errors (DATA after the peer's FIN) reset only that stream and raise nothing.
+Stream errors (DATA after the peer's FIN on a stream we answered) reset only that stream,
+report ``StreamReset(remote=False)`` and raise nothing; before our answer the same input is a
+connection STREAM_STATE_ERROR, since the acceptor cannot RESET an unanswered stream.
 Local misuse raises ``StreamStateError`` (stream calls), ``StreamLimitError`` (no room to
 open), ``SessionClosedError`` (the session is closed) or ``ValueError`` (bad arguments),
 without queueing anything.
@@ -76,6 +78,7 @@ from muxtunnel.errors import (
     ErrorCode,
     FinalSizeError,
     FlowControlError,
+    FrameSizeError,
     PrefaceError,
     ProtocolError,
     SessionClosedError,
@@ -120,6 +123,7 @@ from .events import (
 from .flowcontrol import ReceiveWindow, SendCredit, WindowBudget, credit_consumed, min_conn_window
 from .frames import (
     HEADER,
+    MAX_WINDOW_OFFSET,
     Address,
     AuthFrame,
     BindFrame,
@@ -176,6 +180,7 @@ _MAX_STREAM_ID: Final = (1 << 64) - 1
 _S = StreamState
 _I = StreamInput
 _DATA: Final = int(FrameType.DATA)
+_WINDOW: Final = int(FrameType.WINDOW)
 _REMOTE_FINISHED = frozenset({_S.OPENING_IN_REMOTE_DONE, _S.REMOTE_DONE})
 _OPENING_IN = frozenset({_S.OPENING_IN, _S.OPENING_IN_REMOTE_DONE})
 #: What the server accepts before it has sent RESULT(OK) for the AUTH (spec §7.1, §7.6).
@@ -430,7 +435,7 @@ class Session:
         set_payload = _set_data_payload
         stats = self._stats
         stats["frames_received"] += len(frames)
-        data_bytes = 0
+        received_before = conn.received
         it = iter(frames)
         try:
             for frame_type, flags, sid, payload in it:
@@ -445,13 +450,24 @@ class Session:
                             self._window_exceeded(stream, n)
                         recv.received = total
                         conn.received = conn_total
-                        data_bytes += n
                         event = new_event(DataReceived)  # == _data_event(), inlined
                         set_sid(event, sid)
                         set_payload(event, payload)
                         append(event)
                         continue
                     self._on_data(stream, sid, flags, payload, events)
+                    continue
+                if frame_type == _WINDOW:
+                    # Second hot path: WINDOW without building a WindowFrame (same checks
+                    # as decode_payload: any stream id, exactly 8 bytes, offset <= 2^62).
+                    if not self._streams_allowed():
+                        self._check_allowed(_WINDOW)
+                    if len(payload) != 8:
+                        raise FrameSizeError(f"WINDOW payload is {len(payload)} bytes, must be 8")
+                    offset = int.from_bytes(payload, "big")
+                    if offset > MAX_WINDOW_OFFSET:
+                        raise FlowControlError(f"WINDOW offset {offset} above 2^62")
+                    self._on_window(sid, offset, events)
                     continue
                 self._dispatch(frame_type, flags, sid, payload, events, now)
                 if self._auth_req is not None:
@@ -460,7 +476,7 @@ class Session:
                 if self.closed:
                     return
         finally:
-            stats["data_bytes_received"] += data_bytes
+            stats["data_bytes_received"] += conn.received - received_before
 
     # --- DATA ---------------------------------------------------------------------------
 
@@ -527,7 +543,6 @@ class Session:
             self._window_exceeded(stream, n)
         recv.received += n
         if n:
-            self._stats["data_bytes_received"] += n
             events.append(_data_event(sid, payload))
         nxt = TRANSITIONS[state, _I.RECV_FIN]
         stream.state = nxt
@@ -589,9 +604,8 @@ class Session:
     ) -> None:
         self._check_allowed(frame_type)
         frame = decode_payload(frame_type, flags, sid, payload)
-        if isinstance(frame, WindowFrame):
-            self._on_window(frame, events)
-        elif isinstance(frame, PingFrame):
+        # (WINDOW never gets here: _process handles it inline.)
+        if isinstance(frame, PingFrame):
             self._on_ping(frame, events, now)
         elif isinstance(frame, OpenFrame):
             self._on_open(frame, events)
@@ -643,10 +657,13 @@ class Session:
         self._sched.single_max = min(MAX_SEND_FRAME, settings.max_frame_payload)
         events.append(HelloReceived(settings=settings, minor=self.minor))
 
-    def _on_window(self, frame: WindowFrame, events: list[Event]) -> None:
-        sid = frame.stream_id
+    def _streams_allowed(self) -> bool:
+        """True once stream-level frames pass :meth:`_check_allowed` (HELLO in, auth done)."""
+        return self._hello_received and (self.authenticated or self.role == Role.CLIENT)
+
+    def _on_window(self, sid: int, max_offset: int, events: list[Event]) -> None:
         if sid == 0:
-            if self._conn_send.raise_limit(frame.max_offset):
+            if self._conn_send.raise_limit(max_offset):
                 events.append(WindowUpdated(stream_id=0))
             else:
                 self._nonproductive()
@@ -658,8 +675,8 @@ class Session:
             return
         if (stream.state, _I.RECV_WINDOW) not in TRANSITIONS:
             raise ProtocolError(f"WINDOW on stream {sid} before OPEN_ACK/OPEN_FAIL")
-        if frame.max_offset > stream.limit:
-            stream.limit = frame.max_offset
+        if max_offset > stream.limit:
+            stream.limit = max_offset
             self._sched.credit_raised(stream)
             events.append(WindowUpdated(stream_id=sid))
         else:
@@ -1222,9 +1239,12 @@ class Session:
         self._forget(stream, discard=True)
 
     def send_data(
-        self, stream_id: int, data: bytes | memoryview, *, end_stream: bool = False
+        self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False
     ) -> None:
-        """Queue bytes (and optionally FIN) on a stream. The bytes are not copied.
+        """Queue bytes (and optionally FIN) on a stream.
+
+        ``bytes`` and ``memoryview`` data are queued by reference (not copied): the caller must
+        not change a viewed buffer afterwards; a ``bytearray`` is copied.
 
         The core does not bound the queue: the adapter bounds it with :meth:`pending_bytes`.
 
@@ -1235,13 +1255,17 @@ class Session:
         stream = self._stream_for(stream_id)
         if stream is None or stream.state not in SEND_DATA_STATES or stream.fin_queued:
             raise StreamStateError(f"stream {stream_id} is not open for sending")
-        n = len(data)
-        if type(data) is memoryview and (data.itemsize != 1 or data.ndim != 1):
-            data = data.cast("B")
-            n = len(data)
+        chunk: bytes | memoryview
+        if isinstance(data, memoryview):
+            chunk = data if data.itemsize == 1 and data.ndim == 1 else data.cast("B")
+        elif isinstance(data, bytes):
+            chunk = data
+        else:
+            chunk = bytes(data)  # the caller may reuse its bytearray: keep a private copy
+        n = len(chunk)
         was_idle = not stream.pending
         if n:
-            stream.chunks.append(data)
+            stream.chunks.append(chunk)
             stream.pending += n
         if end_stream:
             stream.fin_queued = True

@@ -13,7 +13,17 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
-from muxtunnel.protocol.constants import AUTH_CONTEXT, MAGIC, AuthMethod, ResultStatus, Role
+import pytest
+
+from muxtunnel.errors import ErrorCode, ProtocolError
+from muxtunnel.protocol.constants import (
+    AUTH_CONTEXT,
+    MAGIC,
+    AuthMethod,
+    FrameType,
+    ResultStatus,
+    Role,
+)
 from muxtunnel.protocol.events import (
     AuthRequested,
     ChallengeReceived,
@@ -23,10 +33,13 @@ from muxtunnel.protocol.events import (
     ResultReceived,
 )
 from muxtunnel.protocol.frames import (
+    HEADER,
     Address,
+    CloseFrame,
     Frame,
     HelloFrame,
     Settings,
+    decode_payload,
     encode_frame,
     pack_data_header,
 )
@@ -39,11 +52,15 @@ __all__ = [
     "TARGET",
     "TOKEN",
     "SessionPair",
+    "close_code",
     "data_frame",
+    "expect_close",
     "frames",
     "hello_bytes",
     "make_credential",
+    "parse_frames",
     "preface",
+    "received_bytes",
 ]
 
 TOKEN = "s3cr3t-token"
@@ -61,6 +78,43 @@ def make_credential(
         token.encode("utf-8"), AUTH_CONTEXT + server_nonce + client_nonce, hashlib.sha256
     ).digest()
     return client_nonce + mac
+
+
+def parse_frames(wire: bytes) -> list[tuple[int, int, int, bytes]]:
+    out = []
+    if wire.startswith(MAGIC):
+        wire = wire[len(MAGIC) :]
+    off = 0
+    while off < len(wire):
+        length, ftype, flags, _res, sid = HEADER.unpack_from(wire, off)
+        out.append((ftype, flags, sid, wire[off + 16 : off + 16 + length]))
+        off += 16 + length
+    return out
+
+
+def close_code(wire: bytes) -> int | None:
+    """The code of the last CLOSE frame in ``wire`` (None if there is none)."""
+    code = None
+    for ftype, flags, sid, payload in parse_frames(wire):
+        if ftype == FrameType.CLOSE:
+            frame = decode_payload(ftype, flags, sid, payload)
+            assert isinstance(frame, CloseFrame)
+            code = frame.error_code
+    return code
+
+
+def expect_close(
+    session: Session, data: bytes, code: ErrorCode, exc: type[ProtocolError] = ProtocolError
+) -> bytes:
+    with pytest.raises(exc) as info:
+        session.receive_data(data)
+    assert info.value.error_code == code
+    assert session.closed
+    wire = session.data_to_send()
+    assert close_code(wire) == code
+    assert session.receive_data(b"anything") == []  # input is ignored after close
+    assert session.data_to_send() == b""
+    return wire
 
 
 def frames(*items: Frame) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from muxtunnel.errors import FrameSizeError, ProtocolError
 from muxtunnel.protocol.constants import MAGIC, FrameType
@@ -108,14 +108,14 @@ def _parse(data: bytes | memoryview, reader: FrameReader | None = None) -> list[
     return [decode_payload(t, f, s, p) for t, f, s, p in reader.feed(data)]
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(FRAMES)
 def test_round_trip_every_frame_type(frame: Frame) -> None:
     wire = encode_frame(frame)
     assert _parse(wire) == [frame]
 
 
-@settings(max_examples=100)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(FRAMES, min_size=1, max_size=12), st.data())
 def test_any_chunking_yields_the_same_frames(items: list[Frame], data: st.DataObject) -> None:
     wire = MAGIC + b"".join(encode_frame(f) for f in items)
@@ -160,7 +160,7 @@ def test_wrong_fixed_lengths_are_frame_size_errors(frame_type: int, length: int)
         decode_payload(frame_type, 0, sid, bytes(length))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200), st.integers(0, 0xFF), st.integers(0, 0xFF), U64)
 def test_decode_payload_raises_only_protocol_errors(
     payload: bytes, frame_type: int, flags: int, sid: int

@@ -31,11 +31,13 @@ from .helpers import (
     TARGET,
     SessionPair,
     data_frame,
+    expect_close,
     frames,
     make_credential,
+    parse_frames,
     preface,
+    received_bytes,
 )
-from .test_session_handshake import expect_close, parse_frames
 
 NONE = Address(None, 0)
 
@@ -269,3 +271,12 @@ def test_wants_write_skips_a_fin_made_stale_by_reset() -> None:
     pair.server._control_bytes = 0
     assert not pair.server.wants_write()
     assert pair.server.data_to_send() == b""
+
+
+def test_send_data_copies_a_bytearray() -> None:
+    pair = SessionPair()
+    sid = pair.open()
+    buf = bytearray(b"abc")
+    pair.server.send_data(sid, buf)
+    buf[:] = b"xyz"
+    assert received_bytes(pair.send(pair.server), sid) == b"abc"

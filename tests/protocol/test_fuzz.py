@@ -81,7 +81,7 @@ def test_mutated_transcript_raises_only_protocol_errors(
     feed_all(client_under_test(), chunks)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600), st.sampled_from([Role.CLIENT, Role.SERVER]))
 def test_random_bytes_after_preface(junk: bytes, role: Role) -> None:
     session = Session(role)
@@ -91,7 +91,7 @@ def test_random_bytes_after_preface(junk: bytes, role: Role) -> None:
     feed_all(session, [preface(peer), junk])
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=64))
 def test_random_bytes_as_preface(junk: bytes) -> None:
     feed_all(Session(Role.CLIENT), [junk])
@@ -109,7 +109,7 @@ FRAME_HEADERS = st.builds(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(FRAME_HEADERS, max_size=12), st.sampled_from([Role.CLIENT, Role.SERVER]))
 def test_plausible_frames_raise_only_protocol_errors(items: list[bytes], role: Role) -> None:
     session = Session(role)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from muxtunnel.errors import (
     ErrorCode,
@@ -46,49 +46,15 @@ from muxtunnel.protocol.session import Session, SessionConfig
 from .helpers import (
     SERVER_NONCE,
     SessionPair,
+    close_code,
+    expect_close,
     frames,
     make_credential,
+    parse_frames,
     preface,
 )
 
 BIND_ANY = Address(None, 0)
-
-
-def parse_frames(wire: bytes) -> list[tuple[int, int, int, bytes]]:
-    out = []
-    if wire.startswith(MAGIC):
-        wire = wire[len(MAGIC) :]
-    off = 0
-    while off < len(wire):
-        length, ftype, flags, _res, sid = HEADER.unpack_from(wire, off)
-        out.append((ftype, flags, sid, wire[off + 16 : off + 16 + length]))
-        off += 16 + length
-    return out
-
-
-def close_code(wire: bytes) -> int | None:
-    """The code of the last CLOSE frame in ``wire`` (None if there is none)."""
-    code = None
-    for ftype, flags, sid, payload in parse_frames(wire):
-        if ftype == FrameType.CLOSE:
-            frame = decode_payload(ftype, flags, sid, payload)
-            assert isinstance(frame, CloseFrame)
-            code = frame.error_code
-    return code
-
-
-def expect_close(
-    session: Session, data: bytes, code: ErrorCode, exc: type[ProtocolError] = ProtocolError
-) -> bytes:
-    with pytest.raises(exc) as info:
-        session.receive_data(data)
-    assert info.value.error_code == code
-    assert session.closed
-    wire = session.data_to_send()
-    assert close_code(wire) == code
-    assert session.receive_data(b"anything") == []  # input is ignored after close
-    assert session.data_to_send() == b""
-    return wire
 
 
 def fresh_server() -> Session:
@@ -191,7 +157,7 @@ def test_chunking_whole_and_byte_by_byte() -> None:
     assert _normalize(_replay(list(range(1, len(TRANSCRIPT))))) == expected
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(0, len(TRANSCRIPT)), max_size=30))
 def test_chunking_random_splits(cuts: list[int]) -> None:
     assert _normalize(_replay(sorted(cuts))) == _normalize(TRANSCRIPT_EVENTS)

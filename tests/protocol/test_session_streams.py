@@ -35,8 +35,16 @@ from muxtunnel.protocol.frames import (
 )
 from muxtunnel.protocol.session import Session, SessionConfig
 
-from .helpers import ORIGIN, TARGET, SessionPair, data_frame, frames, received_bytes
-from .test_session_handshake import expect_close, parse_frames
+from .helpers import (
+    ORIGIN,
+    TARGET,
+    SessionPair,
+    data_frame,
+    expect_close,
+    frames,
+    parse_frames,
+    received_bytes,
+)
 
 KiB = 1024
 MiB = 1024 * KiB

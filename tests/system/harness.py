@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = [
     "REPO_ROOT",
@@ -35,13 +35,12 @@ __all__ = [
     "ManagedProcess",
     "ProcessGroup",
     "Relay",
-    "connect_ok",
     "echo_roundtrip",
     "expose",
     "free_port",
     "muxtunnel_command",
+    "muxtunnel_env",
     "port_is_listening",
-    "process_group",
     "random_port_range",
     "start_client",
     "start_relay",
@@ -118,11 +117,6 @@ def port_is_listening(port: int, host: str = "127.0.0.1", timeout: float = 1.0) 
             return True
     except OSError:
         return False
-
-
-def connect_ok(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> bool:
-    """Alias of :func:`port_is_listening` for readability in tests."""
-    return port_is_listening(port, host, timeout)
 
 
 def wait_until(
@@ -675,13 +669,3 @@ def expose(
             f"{client.proc.describe()}"
         )
     return relay, client, fwd.port
-
-
-@contextlib.contextmanager
-def process_group() -> Iterator[ProcessGroup]:
-    """A ProcessGroup that is closed on exit."""
-    group = ProcessGroup()
-    try:
-        yield group
-    finally:
-        group.close()
