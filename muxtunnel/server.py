@@ -44,6 +44,9 @@ __all__ = ["RelaySession", "ServerInfo", "serve"]
 
 logger = logging.getLogger(__name__)
 
+#: Connections allowed in the TLS + AUTH phase at once; more are reset at once (a flood of
+#: idle TLS connections would otherwise cost a task and buffers each for handshake_timeout).
+MAX_UNAUTHENTICATED = 256
 #: Pause after a failed ``accept`` (EMFILE ...) so a full fd table does not spin the CPU.
 ACCEPT_ERROR_PAUSE = 0.1
 
@@ -233,7 +236,8 @@ class RelaySession:
         while True:
             try:
                 # Back-pressure: no accept while the client's pending-open limit is reached.
-                await conn.wait_open_slot()
+                if not conn.open_slot_available():
+                    await conn.wait_open_slot()
             except MuxSessionClosedError:
                 return
             try:
@@ -266,7 +270,8 @@ class RelaySession:
                 nursery.start_soon(abort_tcp, tcp)
                 continue
             try:
-                await conn.wait_open_slot()
+                if not conn.open_slot_available():
+                    await conn.wait_open_slot()
             except MuxSessionClosedError:
                 nursery.start_soon(abort_tcp, tcp)
                 return
@@ -310,6 +315,9 @@ class _Relay:
         self.registry = PortRegistry(config.port_range, config.bind_host, config.lease_seconds)
         self.sessions: set[RelaySession] = set()
         self.shutting_down = False
+        #: Connections still in the TLS/AUTH handshake (bounded by MAX_UNAUTHENTICATED).
+        self.unauthenticated = 0
+        self._pending_auth: set[trio.abc.Stream] = set()
 
     async def reap_leases(self) -> None:
         while True:
@@ -334,6 +342,10 @@ class _Relay:
             peer = str(_sock_address(tcp.socket.getpeername()))
         except OSError:
             peer = "?"
+        if self.unauthenticated >= MAX_UNAUTHENTICATED:
+            logger.warning("client %s: too many connections in the handshake; refused", peer)
+            await abort_tcp(tcp)
+            return
         try:
             await self._handle_client(tcp, peer)
         except Exception:
@@ -343,6 +355,8 @@ class _Relay:
     async def _handle_client(self, tcp: trio.SocketStream, peer: str) -> None:
         config = self.config
         stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
+        self.unauthenticated += 1
+        self._pending_auth.add(stream)
         try:
             with trio.move_on_after(config.handshake_timeout) as tls_scope:
                 try:
@@ -368,7 +382,14 @@ class _Relay:
                         await conn.wait_closed()
                     nursery.cancel_scope.cancel()
         finally:
+            self._authenticated(stream)
             await trio.aclose_forcefully(stream)
+
+    def _authenticated(self, stream: trio.abc.Stream) -> None:
+        """The connection left the handshake phase (authenticated, failed or gone)."""
+        if stream in self._pending_auth:
+            self._pending_auth.discard(stream)
+            self.unauthenticated -= 1
 
     async def _run_session(self, conn: MuxConnection, peer: str) -> None:
         config = self.config
@@ -388,6 +409,7 @@ class _Relay:
             )
             conn.close(ErrorCode.TIMEOUT, "handshake timeout")
             return
+        self._authenticated(conn.transport)
         tid = token_id(token)
         conn.token_id = tid
         rs = RelaySession(self, conn, tid, peer)

@@ -145,7 +145,7 @@ async def splice(
         async with trio.open_nursery() as nursery:
             state.scope = nursery.cancel_scope
             nursery.start_soon(state.tcp_to_mux)
-            nursery.start_soon(state.mux_to_tcp)
+            await state.mux_to_tcp()  # the other direction runs in this task: one spawn less
         clean = state.result.error is None
     finally:
         if clean:

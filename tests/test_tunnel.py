@@ -293,3 +293,53 @@ async def _client_config(tmp_path: Path, relay: Relay, **overrides: object) -> C
         backoff_cap=0.1,
     )
     return replace(config, **overrides)  # type: ignore[arg-type]
+
+
+async def test_ca_verification_mode(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """With --ca the chain and host name are checked by TLS (no pin, no known-hosts file)."""
+    from muxtunnel.tls import load_or_create_identity
+
+    echo = await start_echo(nursery)
+    relay = await start_relay(nursery, tmp_path)
+    cert = relay.config.state_dir / "cert.pem"
+    config = await _client_config(
+        tmp_path, relay, fingerprint=None, ca_file=cert, tunnels=[TunnelSpec(local_port=echo)]
+    )
+    lines: list[str] = []
+    shutdown = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            info = await n.start(
+                lambda task_status: run_client(
+                    config, shutdown=shutdown, report=lines.append, task_status=task_status
+                )
+            )
+            assert await echo_roundtrip(info.tunnels[0].remote_port, b"ca") == b"ca"
+            shutdown.set()
+    assert not any("pinned" in line for line in lines)
+    other = load_or_create_identity(tmp_path / "other-ca")
+    wrong = replace(config, ca_file=other.cert_path)
+    with trio.fail_after(10), pytest.raises(IdentityMismatchError, match="verification"):
+        await run_client(wrong, report=lambda _line: None)
+
+
+async def test_handshake_flood_is_bounded(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import muxtunnel.server
+
+    monkeypatch.setattr(muxtunnel.server, "MAX_UNAUTHENTICATED", 2)
+    relay = await start_relay(nursery, tmp_path)
+    with trio.fail_after(10):
+        idle = [await connect(relay.info.port) for _ in range(2)]  # stuck before TLS
+        await trio.sleep(0.2)
+        extra = await connect(relay.info.port)
+        with pytest.raises(trio.BrokenResourceError):
+            await extra.receive_some(10)  # reset at once
+        for stream in idle:
+            await stream.aclose()
+        await extra.aclose()
+        # Once the idle ones are gone, real clients get in again.
+        echo = await start_echo(nursery)
+        client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=echo)])
+        assert await echo_roundtrip(client.port(), b"in") == b"in"

@@ -17,6 +17,7 @@ import dataclasses
 import resource
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -41,23 +42,68 @@ def _parser() -> argparse.ArgumentParser:
         prog="muxtunnel bench",
         description="Benchmark muxtunnel against direct TCP and ssh -R (issue 4 scenarios 1-7).",
     )
-    p.add_argument("--quick", action="store_true",
-                   help="small smoke run (< 60 s, no network namespaces); fails on wrong bytes")
-    p.add_argument("--scenarios", default=None,
-                   help="comma-separated scenario numbers, e.g. 1,3,5 (default: all; --quick: 1-6)")
-    p.add_argument("--targets", default=",".join(ALL_TARGETS),
-                   help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
-    p.add_argument("--runs", type=int, default=None,
-                   help="runs per loopback scenario, medians reported (default 3; --quick 1)")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
-                   help="CRC-check every byte (default: on with --quick, off otherwise)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small smoke run (< 60 s, no network namespaces); fails on wrong bytes",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=None,
+        help="comma-separated scenario numbers, e.g. 1,3,5 (default: all; --quick: 1-6)",
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)}",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="runs per loopback scenario, medians reported (default 3; --quick 1)",
+    )
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CRC-check every byte (default: on with --quick, off otherwise)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write all results")
-    p.add_argument("--png", type=Path, default=None, metavar="FILE",
-                   help="write a chart (needs matplotlib)")
-    p.add_argument("--write-results", type=Path, default=None, metavar="FILE",
-                   help="write the markdown results file (benchmarks/RESULTS.md)")
+    p.add_argument(
+        "--png", type=Path, default=None, metavar="FILE", help="write a chart (needs matplotlib)"
+    )
+    p.add_argument(
+        "--write-results",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the markdown results file (benchmarks/RESULTS.md)",
+    )
     p.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="measure nothing: print and write outputs from an earlier --json file",
+    )
     return p
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP (and SIGINT, even when started in the background) unwind cleanly.
+
+    The ``finally`` blocks and atexit hooks then stop every child by PID and delete the
+    network namespaces.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):  # not the main thread
+            signal.signal(sig, _interrupt)
 
 
 def _raise_nofile(want: int) -> str:
@@ -83,6 +129,9 @@ def _parse_list(text: str, allowed: tuple[Any, ...], conv: Any) -> list[Any]:
 def main(argv: list[str]) -> int:
     """Run the benchmark suite; returns the process exit status (0 = muxtunnel behaved)."""
     args = _parser().parse_args(argv)
+    if args.render is not None:
+        return _render(args)
+    _install_signal_handlers()
     quick: bool = args.quick
     sizes = Sizes.quick() if quick else Sizes()
     if args.runs is not None:
@@ -101,15 +150,20 @@ def main(argv: list[str]) -> int:
     command = "muxtunnel bench " + shlex.join(argv)
     started = time.monotonic()
     s = sizes
-    bench.progress(f"muxtunnel bench: scenarios {scenarios}, targets {keys}, runs {s.runs}, "
-                   f"verify {'on' if verify else 'off'}, logs in {workdir}")
+    bench.progress(
+        f"muxtunnel bench: scenarios {scenarios}, targets {keys}, runs {s.runs}, "
+        f"verify {'on' if verify else 'off'}, logs in {workdir}"
+    )
     out.notes.append(
         f"RLIMIT_NOFILE raised to {nofile} in the bench process before any child starts, so "
         "the relay, the tunnel client, sshd/ssh, the service and the load generators inherit it "
         "(scenario 6 needs about 2 descriptors per stream in each of them)."
     )
-    out.notes.append("Every byte checked with CRC-32 (service and load generators)." if verify
-                     else "Byte counts checked on every transfer; CRC-32 checks off (--verify).")
+    out.notes.append(
+        "Every byte checked with CRC-32 (service and load generators)."
+        if verify
+        else "Byte counts checked on every transfer; CRC-32 checks off (--verify)."
+    )
     why_ssh = sshd_available()
     if why_ssh and any(k.startswith("ssh") for k in keys):
         out.notes.append(f"ssh -R skipped: {why_ssh}")
@@ -118,26 +172,28 @@ def main(argv: list[str]) -> int:
 
     titles = {
         1: f"one stream, {size_text(s.one_stream)} up (visitor->service, timed to the sink's ack) "
-           f"and {size_text(s.one_stream)} down",
+        f"and {size_text(s.one_stream)} down",
         2: f"{s.multi_streams} concurrent streams x {size_text(s.multi_bytes)} up "
-           "(aggregate MB/s, connects included, total time, first/last finish)",
+        "(aggregate MB/s, connects included, total time, first/last finish)",
         3: f"64-byte round trips on one stream, idle tunnel: {s.rtt_count} after "
-           f"{s.rtt_warmup} warm-up (TCP_NODELAY at both ends)",
+        f"{s.rtt_warmup} warm-up (TCP_NODELAY at both ends)",
         4: f"64-byte round trips while {s.bulk_streams} bulk streams saturate the same tunnel "
-           f"for {s.bulk_seconds:g} s (sampled from 0.5 s after the bulk starts, up to "
-           f"{s.rtt_count} samples)",
+        f"for {s.bulk_seconds:g} s (sampled from 0.5 s after the bulk starts, up to "
+        f"{s.rtt_count} samples)",
         5: f"new tunnelled connections per second (connect, 1-byte echo, the service closes first, the visitor sees EOF and closes) for "
-           f"{s.connrate_seconds:g} s, {s.connrate_procs} generator process(es) x "
-           f"{s.connrate_workers} threads",
+        f"{s.connrate_seconds:g} s, {s.connrate_procs} generator process(es) x "
+        f"{s.connrate_workers} threads",
         6: f"relay and client RSS (VmRSS of the process tree) before and after opening "
-           f"{s.idle_streams} idle streams, each proven by a 1-byte echo",
+        f"{s.idle_streams} idle streams, each proven by a 1-byte echo",
         7: f"50 ms RTT path (two namespaces, userspace delay line 25 ms each way): one stream "
-           f"{size_text(s.wan_one_stream)} up and down, {s.wan_multi_streams} streams x "
-           f"{size_text(s.wan_multi_bytes)} up",
+        f"{size_text(s.wan_one_stream)} up and down, {s.wan_multi_streams} streams x "
+        f"{size_text(s.wan_multi_bytes)} up",
     }
-    loss_title = (f"the same path with {s.loss_percent:g}% random loss on each TUN device's input "
-                  f"(nftables): one stream {size_text(s.loss_one_stream)}, "
-                  f"{s.wan_multi_streams} streams x {size_text(s.loss_multi_bytes)}")
+    loss_title = (
+        f"the same path with {s.loss_percent:g}% random loss on each TUN device's input "
+        f"(nftables): one stream {size_text(s.loss_one_stream)}, "
+        f"{s.wan_multi_streams} streams x {size_text(s.loss_multi_bytes)}"
+    )
     targets = []
     path: DelayPath | None = None
     try:
@@ -150,11 +206,19 @@ def main(argv: list[str]) -> int:
             for sc in local:
                 ts = [t for t in targets if not (sc == 6 and t.key == "direct")]
                 if sc == 1:
-                    bench.scenario("1", titles[1], ts, bench.s_one_stream, s.one_stream,
-                                   runs=s.runs)
+                    bench.scenario(
+                        "1", titles[1], ts, bench.s_one_stream, s.one_stream, runs=s.runs
+                    )
                 elif sc == 2:
-                    bench.scenario("2", titles[2], ts, bench.s_multi, s.multi_streams,
-                                   s.multi_bytes, runs=s.runs)
+                    bench.scenario(
+                        "2",
+                        titles[2],
+                        ts,
+                        bench.s_multi,
+                        s.multi_streams,
+                        s.multi_bytes,
+                        runs=s.runs,
+                    )
                 elif sc == 3:
                     bench.scenario("3", titles[3], ts, bench.s_rtt, runs=s.runs)
                 elif sc == 4:
@@ -164,8 +228,12 @@ def main(argv: list[str]) -> int:
                 elif sc == 6:
                     bench.scenario("6", titles[6], ts, bench.s_idle, runs=1)
             if "muxtunnel" in by and not by["muxtunnel"].alive():
-                out.fail("setup", "muxtunnel", "muxtunnel exited during the loopback scenarios: "
-                         + by["muxtunnel"].children[0].errors()[-400:])
+                out.fail(
+                    "setup",
+                    "muxtunnel",
+                    "muxtunnel exited during the loopback scenarios: "
+                    + by["muxtunnel"].children[0].errors()[-400:],
+                )
             stop_targets(targets)
             targets = []
             svc.stop()
@@ -184,21 +252,40 @@ def main(argv: list[str]) -> int:
                 svc = bench.start_service(layout)
                 sport = int(svc.wait_for(r"^listening \S+ (\d+)", 5).group(1))
                 targets = bench.start_targets(keys, layout, sport, "50ms path")
-                bench.scenario("7", titles[7], targets, _wan, bench, s.wan_one_stream,
-                               s.wan_multi_streams, s.wan_multi_bytes, runs=s.wan_runs)
+                bench.scenario(
+                    "7",
+                    titles[7],
+                    targets,
+                    _wan,
+                    bench,
+                    s.wan_one_stream,
+                    s.wan_multi_streams,
+                    s.wan_multi_bytes,
+                    runs=s.wan_runs,
+                )
                 try:
                     path.set_loss(s.loss_percent)
                 except BenchError as exc:
                     out.notes.append(f"loss variant skipped: {exc}")
                 else:
-                    bench.scenario("7loss", loss_title, targets, _wan, bench, s.loss_one_stream,
-                                   s.wan_multi_streams, s.loss_multi_bytes, runs=s.wan_runs)
+                    bench.scenario(
+                        "7loss",
+                        loss_title,
+                        targets,
+                        _wan,
+                        bench,
+                        s.loss_one_stream,
+                        s.wan_multi_streams,
+                        s.loss_multi_bytes,
+                        runs=s.wan_runs,
+                    )
                     path.clear_loss()
                 out.notes.append(
                     "Scenario 7 uses smaller transfers than the loopback scenarios to stay "
                     "time-bounded (sizes in its title); slow start and window ramp-up are "
                     "included in every figure, for every target alike. Loss applies to both "
-                    "directions; the same namespaces are reused.")
+                    "directions; the same namespaces are reused."
+                )
                 stop_targets(targets)
                 targets = []
                 svc.stop()
@@ -214,8 +301,36 @@ def main(argv: list[str]) -> int:
         if path is not None:
             path.teardown()
     wall = time.monotonic() - started
-    meta = {"command": command, "runs": s.runs, "quick": quick, "wall_seconds": wall,
-            "machine": report.machine(), "sizes": dataclasses.asdict(s)}
+    meta = {
+        "command": command,
+        "runs": s.runs,
+        "quick": quick,
+        "wall_seconds": wall,
+        "machine": report.machine(),
+        "sizes": dataclasses.asdict(s),
+    }
+    _emit_outputs(args, out, meta)
+    bad = [
+        (sid, k, e)
+        for sid, per in out.errors.items()
+        for k, es in per.items()
+        for e in es
+        if k in (*STRICT_TARGETS, "bench")
+    ]
+    if "muxtunnel" in keys and not any("muxtunnel" in per for per in out.runs.values()):
+        bad.append(("-", "muxtunnel", "no muxtunnel measurement succeeded"))
+    if args.keep_logs or bad:
+        print(f"logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for sid, k, e in bad:
+        print(f"muxtunnel bench: FAILED: scenario {sid}, {k}: {e}", file=sys.stderr)
+    print(f"done in {wall:.0f} s", flush=True)
+    return 1 if bad else 0
+
+
+def _emit_outputs(args: argparse.Namespace, out: Outcome, meta: dict[str, Any]) -> None:
+    """Print the table and the verdicts; write --json, --png and --write-results."""
     print()
     print(report.table(out), flush=True)
     print()
@@ -231,24 +346,21 @@ def main(argv: list[str]) -> int:
         note = report.write_png(args.png, out)
         print(f"note: {note}" if note else f"wrote {args.png}")
     if args.write_results:
-        args.write_results.write_text(report.results_md(out, meta))
+        kept = report.kept_analysis(args.write_results)
+        args.write_results.write_text(report.results_md(out, meta, kept))
         print(f"wrote {args.write_results}")
-    bad = [(sid, k, e) for sid, per in out.errors.items() for k, es in per.items() for e in es
-           if k in (*STRICT_TARGETS, "bench")]
-    if "muxtunnel" in keys and not any("muxtunnel" in per for per in out.runs.values()):
-        bad.append(("-", "muxtunnel", "no muxtunnel measurement succeeded"))
-    if args.keep_logs or bad:
-        print(f"logs kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-    for sid, k, e in bad:
-        print(f"muxtunnel bench: FAILED: scenario {sid}, {k}: {e}", file=sys.stderr)
-    print(f"done in {wall:.0f} s", flush=True)
-    return 1 if bad else 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    """Re-create the outputs from a saved --json file without measuring anything."""
+    out, meta = report.from_json(args.render)
+    _emit_outputs(args, out, meta)
+    return 0
 
 
 def _wan(t: Any, bench: Bench, one: int, streams: int, per: int) -> dict[str, Any]:
-    r = bench.s_one_stream(t, one)
+    r = bench.s_path_rtt(t)
+    r.update(bench.s_one_stream(t, one))
     r.update(bench.s_multi(t, streams, per))
     return r
 

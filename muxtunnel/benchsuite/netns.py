@@ -76,16 +76,16 @@ class DelayPath:
 
     @property
     def layout(self) -> Layout:
-        return Layout(relay_ns=self.relay_ns, edge_ns=self.edge_ns, relay_addr=RELAY_ADDR,
-                      edge_addr=EDGE_ADDR)
+        return Layout(
+            relay_ns=self.relay_ns, edge_ns=self.edge_ns, relay_addr=RELAY_ADDR, edge_addr=EDGE_ADDR
+        )
 
     def setup(self) -> None:
         src = netdelay_source()
         if src is None:
             raise BenchError("netdelay.c not found")
         binary = self.workdir / "netdelay"
-        subprocess.run(["gcc", "-O2", "-o", str(binary), str(src)], check=True,
-                       capture_output=True)
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(src)], check=True, capture_output=True)
         atexit.register(self.teardown)
         for ns in (self.relay_ns, self.edge_ns):
             _ip("netns", "add", ns)
@@ -93,13 +93,24 @@ class DelayPath:
             _ip("-n", ns, "link", "set", "lo", "up")
         self._delay = Child(
             "netdelay",
-            [str(binary), self.relay_ns, self.relay_dev, self.edge_ns, self.edge_dev,
-             str(self.delay_ms), "0", "50", str(int(self.max_seconds))],
+            [
+                str(binary),
+                self.relay_ns,
+                self.relay_dev,
+                self.edge_ns,
+                self.edge_dev,
+                str(self.delay_ms),
+                "0",
+                "50",
+                str(int(self.max_seconds)),
+            ],
             self.workdir,
         )
         self._delay.wait_for(r"^ready", 10)
-        for ns, dev, addr, peer in ((self.relay_ns, self.relay_dev, RELAY_ADDR, EDGE_ADDR),
-                                    (self.edge_ns, self.edge_dev, EDGE_ADDR, RELAY_ADDR)):
+        for ns, dev, addr, peer in (
+            (self.relay_ns, self.relay_dev, RELAY_ADDR, EDGE_ADDR),
+            (self.edge_ns, self.edge_dev, EDGE_ADDR, RELAY_ADDR),
+        ):
             _ip("-n", ns, "addr", "add", addr, "peer", peer, "dev", dev)
             _ip("-n", ns, "link", "set", dev, "mtu", "9000", "up")
 
@@ -115,8 +126,13 @@ class DelayPath:
                 f'    iifname "{dev}" numgen random mod 10000 lt {round(percent * 100)} drop\n'
                 "  }\n}\n"
             )
-            r = subprocess.run(["ip", "netns", "exec", ns, self.nft, "-f", "-"], input=script,
-                               text=True, capture_output=True, check=False)
+            r = subprocess.run(
+                ["ip", "netns", "exec", ns, self.nft, "-f", "-"],
+                input=script,
+                text=True,
+                capture_output=True,
+                check=False,
+            )
             if r.returncode != 0:
                 raise BenchError(f"nft in {ns}: {r.stderr.strip()}")
         self.loss_percent = percent
@@ -125,8 +141,11 @@ class DelayPath:
         if self.nft is None:
             return
         for ns in (self.relay_ns, self.edge_ns):
-            subprocess.run(["ip", "netns", "exec", ns, self.nft, "delete", "table", "inet",
-                            "mxbloss"], capture_output=True, check=False)
+            subprocess.run(
+                ["ip", "netns", "exec", ns, self.nft, "delete", "table", "inet", "mxbloss"],
+                capture_output=True,
+                check=False,
+            )
         self.loss_percent = 0.0
 
     def teardown(self) -> None:

@@ -78,8 +78,13 @@ class Child:
     def errors(self) -> str:
         return self.err_path.read_text(errors="replace")
 
-    def wait_for(self, regex: str, timeout: float, *, stderr: bool = False) -> re.Match[str]:
-        """Wait until stdout (or stderr) matches *regex*; raise BenchError on exit or timeout."""
+    def wait_for(
+        self, regex: str, timeout: float, *, stderr: bool = False, watch: Child | None = None
+    ) -> re.Match[str]:
+        """Wait until stdout (or stderr) matches *regex*; raise BenchError on exit or timeout.
+
+        With *watch*, also give up as soon as that other process has exited.
+        """
         pat = re.compile(regex, re.MULTILINE)
         deadline = time.monotonic() + timeout
         while True:
@@ -91,6 +96,11 @@ class Child:
                 raise BenchError(
                     f"{self.name} exited with {self.proc.returncode} before printing {regex!r}; "
                     f"stderr: {self.errors()[-600:].strip()}"
+                )
+            if watch is not None and watch.proc.poll() is not None:
+                raise BenchError(
+                    f"{watch.name} exited with {watch.proc.returncode} while waiting for "
+                    f"{self.name}; its stderr: {watch.errors()[-600:].strip()}"
                 )
             if time.monotonic() > deadline:
                 raise BenchError(

@@ -48,6 +48,7 @@ ROWS: tuple[Row, ...] = (
     Row("6", "relay_per_stream", "6 relay RSS per idle stream", "B", False),
     Row("6", "client_per_stream", "6 client RSS per idle stream", "B", False),
     Row("6", "opened", "6 idle streams open", "streams", True),
+    Row("7", "rtt_p50_ms", "7 50ms path RTT p50 (20 samples)", "ms", False),
     Row("7", "put_mbps", "7 50ms RTT one stream up", "MB/s", True),
     Row("7", "get_mbps", "7 50ms RTT one stream down", "MB/s", True),
     Row("7", "mbps", "7 50ms RTT many streams", "MB/s", True),
@@ -76,15 +77,15 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def rows_present(out: Outcome) -> list[Row]:
-    return [r for r in ROWS if any(out.median(r.sid, k, r.metric) is not None
-                                   for k in TARGET_ORDER)]
+    return [
+        r for r in ROWS if any(out.median(r.sid, k, r.metric) is not None for k in TARGET_ORDER)
+    ]
 
 
 def table(out: Outcome, *, markdown: bool = False) -> str:
     """Medians per target plus muxtunnel's ratios to direct and to both ssh ciphers."""
     keys = [k for k in TARGET_ORDER if any(k in d for d in out.runs.values())]
-    head = ["scenario", "unit", *[LABELS[k] for k in keys],
-            "mux/direct", "mux/ssh", "mux/ssh-aes"]
+    head = ["scenario", "unit", *[LABELS[k] for k in keys], "mux/direct", "mux/ssh", "mux/ssh-aes"]
     body: list[list[str]] = []
     for r in rows_present(out):
         vals = {k: out.median(r.sid, k, r.metric) for k in keys}
@@ -104,11 +105,14 @@ def table(out: Outcome, *, markdown: bool = False) -> str:
         lines += ["| " + " | ".join(c) + " |" for c in body]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    out_lines = ["  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i])
-                           for i, h in enumerate(head))]
+    out_lines = [
+        "  ".join(h.ljust(widths[i]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(head))
+    ]
     out_lines.append("  ".join("-" * w for w in widths))
-    out_lines.extend("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
-                               for i, c in enumerate(row)) for row in body)
+    out_lines.extend(
+        "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row))
+        for row in body
+    )
     return "\n".join(out_lines)
 
 
@@ -138,43 +142,82 @@ def checks(out: Outcome) -> list[Check]:
         return min(got) if low else max(got)
 
     v = worst(q("1", "put_mbps", SSH_AES), q("1", "get_mbps", SSH_AES))
-    add("one stream >= 1.0x ssh -R aes128-gcm (worse of up/down)", v,
-        None if v is None else v >= 1.0, f"{fmt_ratio(v)}")
+    add(
+        "one stream >= 1.0x ssh -R aes128-gcm (worse of up/down)",
+        v,
+        None if v is None else v >= 1.0,
+        f"{fmt_ratio(v)}",
+    )
     v = worst(q("1", "put_mbps", SSH), q("1", "get_mbps", SSH))
-    add("one stream >= 1.6x ssh -R default cipher (worse of up/down)", v,
-        None if v is None else v >= 1.6, f"{fmt_ratio(v)}")
+    add(
+        "one stream >= 1.6x ssh -R default cipher (worse of up/down)",
+        v,
+        None if v is None else v >= 1.6,
+        f"{fmt_ratio(v)}",
+    )
     v = q("2", "mbps", SSH_AES)
-    add("100 streams aggregate >= 2x ssh -R aes128-gcm", v, None if v is None else v >= 2.0,
-        fmt_ratio(v))
+    add(
+        "100 streams aggregate >= 2x ssh -R aes128-gcm",
+        v,
+        None if v is None else v >= 2.0,
+        fmt_ratio(v),
+    )
     best_ssh = worst(med("3", SSH, "p50_us"), med("3", SSH_AES, "p50_us"))
     v = ratio(med("3", MUX, "p50_us"), best_ssh)
-    add("idle RTT p50 <= 1.5x ssh -R (the faster ssh)", v, None if v is None else v <= 1.5,
-        fmt_ratio(v))
+    add(
+        "idle RTT p50 <= 1.5x ssh -R (the faster ssh)",
+        v,
+        None if v is None else v <= 1.5,
+        fmt_ratio(v),
+    )
     best_ssh = worst(med("4", SSH, "p99_us"), med("4", SSH_AES, "p99_us"))
     v = ratio(med("4", MUX, "p99_us"), best_ssh)
-    add("RTT p99 under bulk <= 0.3x ssh -R (the better ssh)", v, None if v is None else v <= 0.3,
-        fmt_ratio(v))
+    add(
+        "RTT p99 under bulk <= 0.3x ssh -R (the better ssh)",
+        v,
+        None if v is None else v <= 0.3,
+        fmt_ratio(v),
+    )
     v = worst(q("7", "put_mbps", DIRECT), q("7", "get_mbps", DIRECT))
-    add("50 ms RTT one stream >= 0.95x direct (worse of up/down)", v,
-        None if v is None else v >= 0.95, fmt_ratio(v))
+    add(
+        "50 ms RTT one stream >= 0.95x direct (worse of up/down)",
+        v,
+        None if v is None else v >= 0.95,
+        fmt_ratio(v),
+    )
     v = q("7", "mbps", DIRECT)
     add("50 ms RTT 100 streams >= 0.9x direct", v, None if v is None else v >= 0.9, fmt_ratio(v))
     v = med("6", MUX, "relay_per_stream")
-    add("relay RSS <= 16 KiB per idle stream", v, None if v is None else v <= 16384,
-        "-" if v is None else f"{v / 1024:.1f} KiB")
+    add(
+        "relay RSS <= 16 KiB per idle stream",
+        v,
+        None if v is None else v <= 16384,
+        "-" if v is None else f"{v / 1024:.1f} KiB",
+    )
     opened = med("6", MUX, "opened")
     requested = med("6", MUX, "requested")
     failed = bool(out.errors.get("6", {}).get(MUX))
     if opened is not None and requested is not None and requested < 10000 and not failed:
-        add("10,000 idle streams open at once without error", opened, None,
-            f"only {requested:.0f} requested in this run")
+        add(
+            "10,000 idle streams open at once without error",
+            opened,
+            None,
+            f"only {requested:.0f} requested in this run",
+        )
     else:
-        add("10,000 idle streams open at once without error", opened,
+        add(
+            "10,000 idle streams open at once without error",
+            opened,
             None if opened is None else (opened >= 10000 and not failed),
-            "-" if opened is None else f"{opened:.0f} open" + (", errors" if failed else ""))
+            "-" if opened is None else f"{opened:.0f} open" + (", errors" if failed else ""),
+        )
     v = med("5", MUX, "per_second")
-    add(">= 3,000 new tunnelled connections/s", v, None if v is None else v >= 3000,
-        "-" if v is None else f"{v:,.0f}/s")
+    add(
+        ">= 3,000 new tunnelled connections/s",
+        v,
+        None if v is None else v >= 3000,
+        "-" if v is None else f"{v:,.0f}/s",
+    )
     return res
 
 
@@ -254,6 +297,22 @@ def to_json(out: Outcome, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def from_json(path: Path) -> tuple[Outcome, dict[str, Any]]:
+    """Load what :func:`write_json` wrote."""
+    from muxtunnel.benchsuite.runner import Outcome
+
+    data = json.loads(path.read_text())
+    out = Outcome(
+        runs=data["runs"],
+        errors=data["errors"],
+        titles=data["titles"],
+        notes=data["notes"],
+        target_notes=data["target_notes"],
+    )
+    meta: dict[str, Any] = data["meta"]
+    return out, meta
+
+
 def write_json(path: Path, out: Outcome, meta: dict[str, Any]) -> None:
     path.write_text(json.dumps(to_json(out, meta), indent=2, sort_keys=True) + "\n")
 
@@ -272,16 +331,26 @@ def write_png(path: Path, out: Outcome) -> str | None:
     cols = 4
     nrows = (len(rows) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
-    colors = {"direct": "#888888", "muxtunnel": "#1f77b4", "ssh": "#d62728",
-              "ssh-aes128": "#ff7f0e"}
+    colors = {
+        "direct": "#888888",
+        "muxtunnel": "#1f77b4",
+        "ssh": "#d62728",
+        "ssh-aes128": "#ff7f0e",
+    }
     for ax, r in zip(axes.flat, rows, strict=False):
         vals = [out.median(r.sid, k, r.metric) or 0.0 for k in keys]
-        ax.bar([LABELS[k].replace("ssh -R ", "ssh\n") for k in keys], vals,
-               color=[colors[k] for k in keys])
-        ax.set_title(f"{r.label}\n({r.unit or 'ratio'}, {'higher' if r.higher_is_better else 'lower'}"
-                     " is better)", fontsize=8)
+        ax.bar(
+            [LABELS[k].replace("ssh -R ", "ssh\n") for k in keys],
+            vals,
+            color=[colors[k] for k in keys],
+        )
+        ax.set_title(
+            f"{r.label}\n({r.unit or 'ratio'}, {'higher' if r.higher_is_better else 'lower'}"
+            " is better)",
+            fontsize=8,
+        )
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -289,8 +358,33 @@ def write_png(path: Path, out: Outcome) -> str | None:
     return None
 
 
-def results_md(out: Outcome, meta: dict[str, Any]) -> str:
-    """The text of benchmarks/RESULTS.md."""
+ANALYSIS_BEGIN = "<!-- analysis:begin (kept when the bench rewrites this file) -->"
+ANALYSIS_END = "<!-- analysis:end -->"
+
+REFERENCE = (
+    "For scale, shared/PERF-BASELINE.md measured on this machine kind, on a quiet host: direct "
+    "4,430 MB/s one stream, RTT p50 70 us; `ssh -R` 554 MB/s (default) / 899 MB/s (aes128-gcm), "
+    "100 streams 187 / 277 MB/s, RTT p50 130-145 us, RTT p99 under one bulk stream 3.2-4.6 ms; "
+    "50 ms path: direct 57.6 MB/s one stream, 225 MB/s for 100 streams. This machine is shared "
+    "with other jobs, so compare only the ratios taken in the same run (the load average at "
+    "start is given above)."
+)
+
+
+def kept_analysis(path: Path) -> str:
+    """The hand-written analysis block of an existing results file ("" if none)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    a, b = text.find(ANALYSIS_BEGIN), text.find(ANALYSIS_END)
+    if a < 0 or b < a:
+        return ""
+    return text[a : b + len(ANALYSIS_END)]
+
+
+def results_md(out: Outcome, meta: dict[str, Any], analysis: str = "") -> str:
+    """The text of benchmarks/RESULTS.md (*analysis*: a kept hand-written block)."""
     m = meta["machine"]
     lines = [
         "# muxtunnel benchmark results",
@@ -318,6 +412,16 @@ def results_md(out: Outcome, meta: dict[str, Any]) -> str:
         "## Targets (issue 4 §2)",
         "",
         checks_table(out),
+        "",
+        "## Why targets are missed, and what would fix them",
+        "",
+        analysis
+        or (
+            f"{ANALYSIS_BEGIN}\n(Not written yet: profile evidence goes here; "
+            f"see /work/notes/bench-findings.md.)\n{ANALYSIS_END}"
+        ),
+        "",
+        REFERENCE,
         "",
         "## All figures (medians)",
         "",

@@ -34,10 +34,11 @@ class Sizes:
     bulk_streams: int = 4
     bulk_seconds: float = 10.0
     connrate_seconds: float = 5.0
-    connrate_procs: int = 1
-    connrate_workers: int = 4
+    connrate_procs: int = 2
+    connrate_workers: int = 16
     idle_streams: int = 10000
-    idle_seconds: float = 60.0
+    idle_seconds: float = 150.0
+    idle_seconds_reference: float = 60.0
     wan_one_stream: int = 128 * MiB
     wan_multi_streams: int = 100
     wan_multi_bytes: int = 4 * MiB
@@ -49,11 +50,25 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(one_stream=8 * MiB, multi_streams=8, multi_bytes=1 * MiB, rtt_count=300,
-                   rtt_warmup=30, bulk_streams=2, bulk_seconds=2.0, connrate_seconds=1.0,
-                   connrate_procs=1, connrate_workers=4, idle_streams=200,
-                   wan_one_stream=8 * MiB, wan_multi_streams=10, wan_multi_bytes=1 * MiB,
-                   loss_one_stream=4 * MiB, loss_multi_bytes=512 * 1024, runs=1)
+        return cls(
+            one_stream=8 * MiB,
+            multi_streams=8,
+            multi_bytes=1 * MiB,
+            rtt_count=300,
+            rtt_warmup=30,
+            bulk_streams=2,
+            bulk_seconds=2.0,
+            connrate_seconds=1.0,
+            connrate_procs=1,
+            connrate_workers=8,
+            idle_streams=200,
+            wan_one_stream=8 * MiB,
+            wan_multi_streams=10,
+            wan_multi_bytes=1 * MiB,
+            loss_one_stream=4 * MiB,
+            loss_multi_bytes=512 * 1024,
+            runs=1,
+        )
 
 
 def size_text(n: int) -> str:
@@ -107,8 +122,15 @@ class Bench:
     # -- processes ------------------------------------------------------------------------
     def start_service(self, layout: Layout) -> Child:
         host = "0.0.0.0" if layout.remote else "127.0.0.1"
-        argv = [python(), "-m", "muxtunnel.benchsuite.service", "--host", host,
-                "--max-seconds", "7200"]
+        argv = [
+            python(),
+            "-m",
+            "muxtunnel.benchsuite.service",
+            "--host",
+            host,
+            "--max-seconds",
+            "7200",
+        ]
         if self.verify:
             argv.append("--verify")
         svc = Child(f"service{next(self._seq)}", argv, self.workdir, netns=layout.edge_ns)
@@ -116,10 +138,25 @@ class Bench:
         return svc
 
     def spawn_load(self, target: Target, mode: str, *args: str, stdin: bool = False) -> Child:
-        argv = [python(), "-m", "muxtunnel.benchsuite.load", mode, "--host", target.host,
-                "--port", str(target.port), *args]
-        return Child(f"load{next(self._seq)}-{mode}-{target.key}", argv, self.workdir,
-                     netns=target.visitor_ns, stdout_pipe=True, stdin_pipe=stdin)
+        argv = [
+            python(),
+            "-m",
+            "muxtunnel.benchsuite.load",
+            mode,
+            "--host",
+            target.host,
+            "--port",
+            str(target.port),
+            *args,
+        ]
+        return Child(
+            f"load{next(self._seq)}-{mode}-{target.key}",
+            argv,
+            self.workdir,
+            netns=target.visitor_ns,
+            stdout_pipe=True,
+            stdin_pipe=stdin,
+        )
 
     def load(self, target: Target, mode: str, *args: str, timeout: float) -> Run:
         child = self.spawn_load(target, mode, *args)
@@ -146,48 +183,100 @@ class Bench:
         timeout = 60 + amount / 5e6
         put = self.load(t, "put", "--bytes", str(amount), *self._verify_args(), timeout=timeout)
         get = self.load(t, "get", "--bytes", str(amount), *self._verify_args(), timeout=timeout)
-        return {"put_mbps": put["mbps"], "get_mbps": get["mbps"], "put_s": put["seconds"],
-                "get_s": get["seconds"]}
+        return {
+            "put_mbps": put["mbps"],
+            "get_mbps": get["mbps"],
+            "put_s": put["seconds"],
+            "get_s": get["seconds"],
+        }
 
     def s_multi(self, t: Target, streams: int, amount: int) -> Run:
         timeout = 60 + streams * amount / 5e6
-        r = self.load(t, "multi", "--streams", str(streams), "--bytes", str(amount),
-                      *self._verify_args(), timeout=timeout)
+        r = self.load(
+            t,
+            "multi",
+            "--streams",
+            str(streams),
+            "--bytes",
+            str(amount),
+            *self._verify_args(),
+            timeout=timeout,
+        )
         return {"mbps": r["mbps"], "seconds": r["seconds"], "fairness": r["fairness"]}
 
     def s_rtt(self, t: Target) -> Run:
         s = self.sizes
-        r = self.load(t, "rtt", "--count", str(s.rtt_count), "--warmup", str(s.rtt_warmup),
-                      "--max-seconds", "60", timeout=120)
+        r = self.load(
+            t,
+            "rtt",
+            "--count",
+            str(s.rtt_count),
+            "--warmup",
+            str(s.rtt_warmup),
+            "--max-seconds",
+            "60",
+            timeout=120,
+        )
         return {k: r[k] for k in ("p50_us", "p99_us", "max_us", "mean_us", "samples")}
+
+    def s_path_rtt(self, t: Target) -> Run:
+        """A few round trips, to show the delay line works (about 50 ms plus the tunnel)."""
+        r = self.load(t, "rtt", "--count", "20", "--warmup", "2", "--max-seconds", "20", timeout=60)
+        return {"rtt_p50_ms": r["p50_us"] / 1000.0}
 
     def s_rtt_bulk(self, t: Target) -> Run:
         s = self.sizes
-        bulk = self.spawn_load(t, "bulk", "--streams", str(s.bulk_streams), "--duration",
-                               str(s.bulk_seconds))
+        bulk = self.spawn_load(
+            t, "bulk", "--streams", str(s.bulk_streams), "--duration", str(s.bulk_seconds)
+        )
         rtt: Child | None = None
         try:
             ev = bulk.read_json_line(30)
             if "error" in ev:
                 raise BenchError(str(ev["error"]))
-            rtt = self.spawn_load(t, "rtt", "--count", str(s.rtt_count), "--warmup", "20",
-                                  "--start-delay", "0.5",
-                                  "--max-seconds", str(max(0.5, s.bulk_seconds - 1.5)))
+            rtt = self.spawn_load(
+                t,
+                "rtt",
+                "--count",
+                str(s.rtt_count),
+                "--warmup",
+                "20",
+                "--start-delay",
+                "0.5",
+                "--max-seconds",
+                str(max(0.5, s.bulk_seconds - 1.5)),
+            )
             r = self._result(rtt, s.bulk_seconds + 60)
             b = self._result(bulk, s.bulk_seconds + 60)
         finally:
             if rtt is not None:
                 rtt.stop()
             bulk.stop()
-        return {"p50_us": r["p50_us"], "p99_us": r["p99_us"], "max_us": r["max_us"],
-                "samples": r["samples"], "bulk_mbps": b["mbps"]}
+        return {
+            "p50_us": r["p50_us"],
+            "p99_us": r["p99_us"],
+            "max_us": r["max_us"],
+            "samples": r["samples"],
+            "bulk_mbps": b["mbps"],
+        }
 
     def s_connrate(self, t: Target) -> Run:
         s = self.sizes
-        kids = [self.spawn_load(t, "connrate", "--duration", str(s.connrate_seconds),
-                                "--workers", str(s.connrate_workers), "--max", "30000",
-                                "--timeout", "10")
-                for _ in range(s.connrate_procs)]
+        kids = [
+            self.spawn_load(
+                t,
+                "connrate",
+                "--duration",
+                str(s.connrate_seconds),
+                "--workers",
+                str(s.connrate_workers),
+                "--max",
+                "30000",
+                "--timeout",
+                "10",
+            )
+            for _ in range(s.connrate_procs)
+        ]
         try:
             rs = [self._result(k, s.connrate_seconds + 60) for k in kids]
         finally:
@@ -196,12 +285,18 @@ class Bench:
         done = sum(r["connections"] for r in rs)
         secs = max(r["seconds"] for r in rs)
         errors = sum(r["errors"] for r in rs)
-        run: Run = {"per_second": done / secs, "connections": done, "errors": errors,
-                    "p50_ms": statistics.median(r["p50_ms"] for r in rs)}
+        run: Run = {
+            "per_second": done / secs,
+            "connections": done,
+            "errors": errors,
+            "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+        }
         if errors:
             first = next(r["first_error"] for r in rs if r["first_error"])
-            raise BenchError(f"{errors} of {done + errors} connections failed ({first}); "
-                             f"{done / secs:.0f} conn/s otherwise")
+            raise BenchError(
+                f"{errors} of {done + errors} connections failed ({first}); "
+                f"{done / secs:.0f} conn/s otherwise"
+            )
         return run
 
     def s_idle(self, t: Target) -> Run:
@@ -210,8 +305,21 @@ class Bench:
         relay0, client0 = t.relay_rss(), t.client_rss()
         if relay0 is None or client0 is None:
             raise BenchError("no relay/client process to measure")
-        kid = self.spawn_load(t, "idle", "--count", str(s.idle_streams), "--workers", "16",
-                              "--max-seconds", str(s.idle_seconds), "--timeout", "30", stdin=True)
+        # ssh -R is only the reference here and opens 10,000 channels slowly: shorter limit.
+        limit = s.idle_seconds if t.key == "muxtunnel" else s.idle_seconds_reference
+        kid = self.spawn_load(
+            t,
+            "idle",
+            "--count",
+            str(s.idle_streams),
+            "--workers",
+            "16",
+            "--max-seconds",
+            str(limit),
+            "--timeout",
+            "30",
+            stdin=True,
+        )
         try:
             ev = kid.read_json_line(180)
             if "error" in ev:
@@ -229,20 +337,23 @@ class Bench:
             "opened": opened,
             "failures": int(r["failures"]),
             "open_seconds": float(ev["seconds"]),
-            "relay_rss_before": relay0, "relay_rss_after": relay1,
-            "client_rss_before": client0, "client_rss_after": client1,
+            "relay_rss_before": relay0,
+            "relay_rss_after": relay1,
+            "client_rss_before": client0,
+            "client_rss_after": client1,
             "relay_per_stream": (relay1 - relay0) / opened if opened else None,
             "client_per_stream": (client1 - client0) / opened if opened else None,
         }
         if ev.get("time_limited"):
-            run["note"] = f"stopped opening after {s.idle_seconds:g} s: {opened} open"
+            run["note"] = f"stopped opening after {limit:g} s: {opened} open"
         if r["failures"]:
             run["error"] = f"{r['failures']} streams failed: {r['first_failure']}"
         return run
 
     # -- driver ---------------------------------------------------------------------------
-    def start_targets(self, keys: list[str], layout: Layout, service_port: int,
-                      where: str) -> list[Target]:
+    def start_targets(
+        self, keys: list[str], layout: Layout, service_port: int, where: str
+    ) -> list[Target]:
         started: list[Target] = []
         for key in keys:
             t = make_target(key, layout, service_port, self.workdir)
@@ -277,12 +388,16 @@ class Bench:
         if run.get("note"):
             self.out.notes.append(f"scenario {sid}, {t.label}: {run.pop('note')}")
         self.out.add(sid, t.key, run)
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in run.items()
-                          if k not in ("error",) and not k.endswith(("_before", "_after")))
+        shown = ", ".join(
+            f"{k}={_fmt(v)}"
+            for k, v in run.items()
+            if k not in ("error",) and not k.endswith(("_before", "_after"))
+        )
         self.progress(f"{label:<34} {t.label:<20} {shown}")
 
-    def scenario(self, sid: str, title: str, targets: list[Target], fn: Any, *args: Any,
-                 runs: int) -> None:
+    def scenario(
+        self, sid: str, title: str, targets: list[Target], fn: Any, *args: Any, runs: int
+    ) -> None:
         self.out.titles[sid] = title
         self.progress(f"== {sid}: {title}")
         for i in range(runs):

@@ -141,8 +141,9 @@ def serve(host: str, port: int, *, verify: bool, max_seconds: float) -> None:
                     c.head = b""
                     if cmd in (wire.CMD_SINK, wire.CMD_SOURCE, wire.CMD_DISCARD):
                         sel.unregister(c.sock)
-                        threading.Thread(target=_bulk, args=(c.sock, cmd, amount, data, verify),
-                                         daemon=True).start()
+                        threading.Thread(
+                            target=_bulk, args=(c.sock, cmd, amount, data, verify), daemon=True
+                        ).start()
                         continue
                     c.mode, c.left = cmd, amount
                     if not data:

@@ -28,8 +28,8 @@ class Layout:
 
     relay_ns: str | None = None
     edge_ns: str | None = None
-    relay_addr: str = "127.0.0.1"   # where tunnel clients reach the relay / sshd
-    edge_addr: str = "127.0.0.1"    # where direct visitors reach the service
+    relay_addr: str = "127.0.0.1"  # where tunnel clients reach the relay / sshd
+    edge_addr: str = "127.0.0.1"  # where direct visitors reach the service
 
     @property
     def remote(self) -> bool:
@@ -108,10 +108,24 @@ class MuxTarget(Target):
         cdir.mkdir(parents=True, exist_ok=True)
         server = Child(
             f"{self.key}-server",
-            [python(), "-m", "muxtunnel", "server", "--listen", f"{self.layout.relay_addr}:0",
-             "--bind", "127.0.0.1", "--ports", f"{lo}-{lo + 199}", "--state-dir", str(sdir),
-             "--token", token],
-            self.workdir, netns=self.layout.relay_ns,
+            [
+                python(),
+                "-m",
+                "muxtunnel",
+                "server",
+                "--listen",
+                f"{self.layout.relay_addr}:0",
+                "--bind",
+                "127.0.0.1",
+                "--ports",
+                f"{lo}-{lo + 199}",
+                "--state-dir",
+                str(sdir),
+                "--token",
+                token,
+            ],
+            self.workdir,
+            netns=self.layout.relay_ns,
         )
         self.children.append(server)
         fp = server.wait_for(r"^fingerprint: (sha256:[0-9a-f]{64})", 30).group(1)
@@ -119,16 +133,29 @@ class MuxTarget(Target):
         relay_port = int(m.group(2))
         client = Child(
             f"{self.key}-client",
-            [python(), "-m", "muxtunnel", "client", "--server",
-             f"{self.layout.relay_addr}:{relay_port}", "--token", token, "--fingerprint", fp,
-             "--state-dir", str(cdir), str(self.service_port)],
-            self.workdir, netns=self.layout.edge_ns,
+            [
+                python(),
+                "-m",
+                "muxtunnel",
+                "client",
+                "--server",
+                f"{self.layout.relay_addr}:{relay_port}",
+                "--token",
+                token,
+                "--fingerprint",
+                fp,
+                "--state-dir",
+                str(cdir),
+                str(self.service_port),
+            ],
+            self.workdir,
+            netns=self.layout.edge_ns,
         )
         self.children.append(client)
-        m = client.wait_for(r"^forwarding tcp://(\S+):(\d+) -> (\S+)\s*$", 30)
-        self.host = m.group(1).strip("[]")
-        if self.host in ("0.0.0.0", "::"):
-            self.host = "127.0.0.1"
+        m = client.wait_for(r"^forwarding tcp://(\S+):(\d+) -> (\S+)\s*$", 30, watch=server)
+        # The line names the relay as the client dialled it; the public port itself is bound on
+        # --bind 127.0.0.1 in the relay's namespace, which is where the visitors run.
+        self.host = "127.0.0.1"
         self.port = int(m.group(2))
         self.note = f"relay {self.layout.relay_addr}:{relay_port}, public {self.host}:{self.port}"
 
@@ -164,8 +191,11 @@ class SshTarget(Target):
         d.mkdir(parents=True, exist_ok=True)
         for name in ("hostkey", "clientkey"):
             if not (d / name).exists():
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
-                               check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(
+                    ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
         shutil.copyfile(d / "clientkey.pub", d / "authorized_keys")
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         sshd_port = pick_port(self.layout)
@@ -176,19 +206,43 @@ class SshTarget(Target):
             "StrictModes no\nAllowTcpForwarding yes\nGatewayPorts no\nLogLevel INFO\n"
             f"PidFile {d / 'sshd.pid'}\nMaxStartups 100\n"
         )
-        sshd = Child(f"{self.key}-sshd", [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
-                     self.workdir, netns=self.layout.relay_ns)
+        sshd = Child(
+            f"{self.key}-sshd",
+            [SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+            self.workdir,
+            netns=self.layout.relay_ns,
+        )
         self.children.append(sshd)
         sshd.wait_for(r"Server listening on", 15, stderr=True)
         pub = pick_port(self.layout)
-        argv = ["ssh", "-F", "/dev/null", "-i", str(d / "clientkey"), "-o", "IdentitiesOnly=yes",
-                "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={d / 'known_hosts'}",
-                "-o", "StrictHostKeyChecking=no", "-o", "ExitOnForwardFailure=yes"]
+        argv = [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(d / "clientkey"),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"UserKnownHostsFile={d / 'known_hosts'}",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ]
         if self.cipher:
             argv += ["-c", self.cipher]
-        argv += ["-p", str(sshd_port), "-N", "-R",
-                 f"127.0.0.1:{pub}:127.0.0.1:{self.service_port}", "-v",
-                 f"{getpass.getuser()}@{self.layout.relay_addr}"]
+        argv += [
+            "-p",
+            str(sshd_port),
+            "-N",
+            "-R",
+            f"127.0.0.1:{pub}:127.0.0.1:{self.service_port}",
+            "-v",
+            f"{getpass.getuser()}@{self.layout.relay_addr}",
+        ]
         client = Child(f"{self.key}-ssh", argv, self.workdir, netns=self.layout.edge_ns)
         self.children.append(client)
         client.wait_for(r"remote forward success for: listen 127\.0\.0\.1:\d+", 30, stderr=True)

@@ -140,7 +140,6 @@ from .frames import (
     ResultFrame,
     Settings,
     UnbindFrame,
-    WindowFrame,
     decode_payload,
     encode_frame,
 )
@@ -766,14 +765,15 @@ class Session:
         if stream is None:
             self._check_known(sid, "RESET")
             return  # never answer a RESET; late ones are ignored
-        if (stream.state, _I.RECV_RESET) not in TRANSITIONS:
+        nxt = TRANSITIONS.get((stream.state, _I.RECV_RESET))
+        if nxt is None:
             raise ProtocolError(f"RESET on stream {sid} before OPEN_ACK/OPEN_FAIL")
         if frame.final_offset != stream.recv.received:
             raise FinalSizeError(
                 f"RESET on stream {sid}: final offset {frame.final_offset}, "
                 f"received {stream.recv.received}"
             )
-        stream.state = _S.CLOSED
+        stream.state = nxt
         self._forget(stream, discard=True)
         events.append(
             StreamReset(
@@ -796,7 +796,7 @@ class Session:
         )
         refused = [s for s in self._streams.values() if s.local and s.stream_id > last]
         for stream in refused:
-            stream.state = _S.CLOSED
+            stream.state = _S.CLOSED  # never processed by the peer: as if refused
             self._forget(stream, discard=True)
             events.append(
                 StreamReset(

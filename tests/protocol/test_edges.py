@@ -6,7 +6,7 @@ import pytest
 
 from muxtunnel.errors import ErrorCode, FlowControlError, StreamStateError
 from muxtunnel.protocol.constants import MAGIC, MAX_STR16, AuthMethod, FrameType, ResultStatus, Role
-from muxtunnel.protocol.events import HelloReceived
+from muxtunnel.protocol.events import HelloReceived, WindowUpdated
 from muxtunnel.protocol.frames import (
     Address,
     AuthFrame,
@@ -280,3 +280,17 @@ def test_send_data_copies_a_bytearray() -> None:
     pair.server.send_data(sid, buf)
     buf[:] = b"xyz"
     assert received_bytes(pair.send(pair.server), sid) == b"abc"
+
+
+def test_window_before_hello_and_before_authentication() -> None:
+    client = Session(Role.CLIENT)
+    raw = frames(WindowFrame(stream_id=0, max_offset=1 << 30))
+    expect_close(client, MAGIC + raw, ErrorCode.PROTOCOL_ERROR)
+    server = Session(Role.SERVER)
+    server.send_challenge(SERVER_NONCE)
+    expect_close(server, preface(Role.CLIENT) + raw, ErrorCode.PROTOCOL_ERROR)
+    client = Session(Role.CLIENT)  # the client takes a connection WINDOW before its RESULT
+    assert client.receive_data(preface(Role.SERVER) + raw) == [
+        HelloReceived(settings=Settings(max_concurrent_streams=0), minor=0),
+        WindowUpdated(stream_id=0),
+    ]
