@@ -16,6 +16,12 @@ Directions: ``c2s`` = the TLS client sends (client -> relay), ``s2c`` = the TLS 
 
 Run:  .venv/bin/python benchmarks/bench_tls.py [--bytes 512MiB] [--runs 3] [--sizes 64KiB,256KiB]
       [--variants plain,trio,ours,ours-thread] [--aes128] [--json]
+
+End to end (``e2e``): a real ``muxtunnel server`` + ``client`` pair per transfer, one stream of
+``--bytes`` put (visitor -> service) and get, with trio.SSLStream vs TLSStream (patched in for
+trio.SSLStream in those two processes; server.py/client.py are unchanged), CPU per MB of the
+relay and of the client from /proc:
+      .venv/bin/python benchmarks/bench_tls.py e2e [--bytes 1GiB] [--runs 3]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -298,6 +305,145 @@ def main() -> None:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# End to end: visitor -> relay -> client -> service, real `muxtunnel server` / `client` processes
+
+#: Runs the muxtunnel CLI with trio.SSLStream replaced by TLSStream (same constructor
+#: signature), so the relay and client use it without editing server.py / client.py.
+PATCHED_CLI = (
+    "import sys, trio; from muxtunnel.tlsstream import TLSStream; "
+    "trio.SSLStream = TLSStream; from muxtunnel.cli import run; sys.exit(run())"
+)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> re.Match[str]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"process {proc.args!r} exited before printing {pattern!r}")
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise RuntimeError(f"timeout waiting for {pattern!r}")
+
+
+def run_e2e(variant: str, total: int, direction: str, tmp: Path) -> dict[str, Any]:
+    """One tunnelled transfer through a fresh relay+client pair; MB/s and CPU per MB."""
+    py = sys.executable
+    procs: list[subprocess.Popen[str]] = []
+
+    def spawn(cmd: list[str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp
+        )
+        procs.append(proc)
+        return proc
+
+    cli = [py, "-c", PATCHED_CLI] if variant == "ours" else [py, "-m", "muxtunnel"]
+    token = "bench-token-" + os.urandom(8).hex()
+    try:
+        service = spawn([py, "-m", "muxtunnel.benchsuite.service", "--port", "0"])
+        service_port = int(_wait_line(service, r"^listening \S+ (\d+)").group(1))
+        lo = 30000 + int.from_bytes(os.urandom(2), "big") % 1800
+        server = spawn(
+            [
+                *cli,
+                *("server", "--listen", "127.0.0.1:0", "--bind", "127.0.0.1"),
+                *("--ports", f"{lo}-{lo + 199}", "--state-dir", str(tmp / f"s-{variant}")),
+                *("--token", token),
+            ]
+        )
+        fp = _wait_line(server, r"^fingerprint: (sha256:[0-9a-f]{64})").group(1)
+        relay_port = int(_wait_line(server, r"listening on \S+:(\d+)\s*$").group(1))
+        client = spawn(
+            [
+                *cli,
+                *("client", "--server", f"127.0.0.1:{relay_port}", "--token", token),
+                *("--fingerprint", fp, "--state-dir", str(tmp / f"c-{variant}"), str(service_port)),
+            ]
+        )
+        public = int(_wait_line(client, r"^forwarding tcp://\S+:(\d+) -> ").group(1))
+        cpu0 = {name: _cpu_seconds(p.pid) for name, p in (("relay", server), ("client", client))}
+        out = subprocess.run(
+            [
+                *(py, "-m", "muxtunnel.benchsuite.load", "multi", "--port", str(public)),
+                *("--bytes", str(total), "--streams", "1", "--direction", direction),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        ).stdout
+        cpu1 = {name: _cpu_seconds(p.pid) for name, p in (("relay", server), ("client", client))}
+        result = next(json.loads(ln) for ln in out.splitlines() if ln.startswith('{"result"'))
+        mb = total / 1e6
+        return {
+            "mbps": float(result["result"]["mbps"]),
+            "relay_us_per_mb": (cpu1["relay"] - cpu0["relay"]) / mb * 1e6,
+            "client_us_per_mb": (cpu1["client"] - cpu0["client"]) / mb * 1e6,
+        }
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def main_e2e(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench_tls.py e2e")
+    parser.add_argument("--bytes", default="1GiB")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--directions", default="put,get")
+    args = parser.parse_args(argv)
+    total = parse_size(args.bytes)
+    print("command: " + shlex.join([sys.executable, *sys.argv]))
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
+    variants = ("trio", "ours")
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-tls-e2e-") as tmp:
+        for run in range(args.runs):
+            for direction in args.directions.split(","):
+                for variant in variants:
+                    res = run_e2e(variant, total, direction, Path(tmp))
+                    runs.setdefault((direction, variant), []).append(res)
+                    print(
+                        f"  run {run + 1}/{args.runs} {direction} {variant:<5} "
+                        f"{res['mbps']:7.0f} MB/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    print(
+        f"\none stream, {fmt_size(total)} through relay+client, median of {args.runs} (min-max)\n"
+    )
+    print(
+        "| dir | transport | MB/s median (min-max) | vs trio | relay CPU µs/MB | client CPU µs/MB |"
+    )
+    print("|---|---|---|---|---|---|")
+    for direction in args.directions.split(","):
+        base = statistics.median(float(r["mbps"]) for r in runs[(direction, "trio")])
+        for variant in variants:
+            rs = runs[(direction, variant)]
+            mbps = [float(r["mbps"]) for r in rs]
+            med = statistics.median(mbps)
+            relay = statistics.median(float(r["relay_us_per_mb"]) for r in rs)
+            client = statistics.median(float(r["client_us_per_mb"]) for r in rs)
+            print(
+                f"| {direction} | {variant} | {med:.0f} ({min(mbps):.0f}-{max(mbps):.0f}) "
+                f"| {med / base:.2f}x | {relay:.0f} | {client:.0f} |"
+            )
+
+
 def child_entry() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", required=True, choices=VARIANTS)
@@ -315,5 +461,7 @@ def child_entry() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         child_entry()
+    elif len(sys.argv) > 1 and sys.argv[1] == "e2e":
+        main_e2e(sys.argv[2:])
     else:
         main()

@@ -348,6 +348,7 @@ class Session:
 
         self._ping_seq = 0
         self._pings: dict[int, float] = {}
+        self._stream_window_peak = settings.initial_stream_window
         self._peer_ping_seq = -1
         self._goaway_sent: int | None = None
         self._goaway_received: int | None = None
@@ -1349,6 +1350,8 @@ class Session:
         )
         if stream_update and state in SEND_WINDOW_STATES:
             self._dirty[stream_id] = stream
+            if recv.window > self._stream_window_peak:
+                self._stream_window_peak = recv.window
         if conn_update:
             self._conn_dirty = True
 
@@ -1439,7 +1442,12 @@ class Session:
         self.close(exc.error_code, str(exc))
 
     def statistics(self) -> dict[str, int]:
-        """A debugging snapshot of counters and windows."""
+        """A debugging snapshot of counters and windows.
+
+        ``conn_recv_window`` is the connection receive window now; ``stream_recv_window_peak``
+        the largest any stream's receive window has grown to; ``rtt_us`` the smoothed RTT in
+        microseconds (-1 before the first PONG).
+        """
         stats = dict(self._stats)
         stats.update(
             streams=len(self._streams),
@@ -1451,6 +1459,8 @@ class Session:
             control_queued=self._control_bytes,
             conn_send_available=self._conn_send.limit - self._conn_send.sent,
             conn_recv_window=self._conn_recv.window,
+            stream_recv_window_peak=self._stream_window_peak,
+            rtt_us=-1 if self.rtt is None else round(self.rtt * 1e6),
             conn_recv_buffered=self._conn_recv.buffered,
             pings_outstanding=len(self._pings),
             closed=int(self.closed),

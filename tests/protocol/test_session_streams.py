@@ -474,6 +474,11 @@ def test_window_autotune_grows_with_rtt() -> None:
     stream = client._streams[sid]
     assert stream.recv.window > 256 * KiB
     assert client._conn_recv.window >= stream.recv.window * 3 // 2
+    stats = client.statistics()
+    assert stats["stream_recv_window_peak"] == stream.recv.window
+    assert stats["conn_recv_window"] == client._conn_recv.window
+    assert stats["rtt_us"] == 50_000
+    assert pair.server.statistics()["rtt_us"] == -1
 
 
 def test_case37_two_phase_goaway() -> None:
