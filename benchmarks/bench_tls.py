@@ -18,9 +18,9 @@ Run:  .venv/bin/python benchmarks/bench_tls.py [--bytes 512MiB] [--runs 3] [--si
       [--variants plain,trio,ours,ours-thread] [--aes128] [--json]
 
 End to end (``e2e``): a real ``muxtunnel server`` + ``client`` pair per transfer, one stream of
-``--bytes`` put (visitor -> service) and get, with trio.SSLStream vs TLSStream (patched in for
-trio.SSLStream in those two processes; server.py/client.py are unchanged), CPU per MB of the
-relay and of the client from /proc:
+``--bytes`` put (visitor -> service) and get, with trio.SSLStream vs TLSStream (chosen through
+connection.FAST_TLS in those two processes, no file edited) and TLSStream with 256 KiB writer
+batches; CPU per MB of the relay and of the client from /proc:
       .venv/bin/python benchmarks/bench_tls.py e2e [--bytes 1GiB] [--runs 3]
 """
 
@@ -308,12 +308,24 @@ def main() -> None:
 # --------------------------------------------------------------------------------------------
 # End to end: visitor -> relay -> client -> service, real `muxtunnel server` / `client` processes
 
-#: Runs the muxtunnel CLI with trio.SSLStream replaced by TLSStream (same constructor
-#: signature), so the relay and client use it without editing server.py / client.py.
-PATCHED_CLI = (
-    "import sys, trio; from muxtunnel.tlsstream import TLSStream; "
-    "trio.SSLStream = TLSStream; from muxtunnel.cli import run; sys.exit(run())"
-)
+#: Runs the muxtunnel CLI with the tunnel's TLS chosen explicitly: connection.FAST_TLS when the
+#: code has that switch, and trio.SSLStream replaced by TLSStream (same constructor signature)
+#: for code that calls trio.SSLStream directly; server.py / client.py are not edited.
+#: ``ours-256k`` also sets connection.WRITE_BATCH to 256 KiB (the writer's batch size).
+E2E_VARIANTS = ("trio", "ours", "ours-256k")
+_CLI_PRELUDE = {
+    "trio": "c.FAST_TLS = False",
+    "ours": "c.FAST_TLS = True; trio.SSLStream = TLSStream",
+    "ours-256k": "c.FAST_TLS = True; trio.SSLStream = TLSStream; c.WRITE_BATCH = 262144",
+}
+
+
+def _patched_cli(variant: str) -> str:
+    return (
+        "import sys, trio; import muxtunnel.connection as c; "
+        "from muxtunnel.tlsstream import TLSStream; "
+        f"{_CLI_PRELUDE[variant]}; from muxtunnel.cli import run; sys.exit(run())"
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -346,7 +358,7 @@ def run_e2e(variant: str, total: int, direction: str, tmp: Path) -> dict[str, An
         procs.append(proc)
         return proc
 
-    cli = [py, "-c", PATCHED_CLI] if variant == "ours" else [py, "-m", "muxtunnel"]
+    cli = [py, "-c", _patched_cli(variant)]
     token = "bench-token-" + os.urandom(8).hex()
     try:
         service = spawn([py, "-m", "muxtunnel.benchsuite.service", "--port", "0"])
@@ -405,11 +417,15 @@ def main_e2e(argv: list[str]) -> None:
     parser.add_argument("--bytes", default="1GiB")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--directions", default="put,get")
+    parser.add_argument("--variants", default=",".join(E2E_VARIANTS))
     args = parser.parse_args(argv)
     total = parse_size(args.bytes)
     print("command: " + shlex.join([sys.executable, *sys.argv]))
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start")
-    variants = ("trio", "ours")
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in E2E_VARIANTS:
+            parser.error(f"unknown variant {v!r}")
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-tls-e2e-") as tmp:
         for run in range(args.runs):
@@ -418,7 +434,7 @@ def main_e2e(argv: list[str]) -> None:
                     res = run_e2e(variant, total, direction, Path(tmp))
                     runs.setdefault((direction, variant), []).append(res)
                     print(
-                        f"  run {run + 1}/{args.runs} {direction} {variant:<5} "
+                        f"  run {run + 1}/{args.runs} {direction} {variant:<9} "
                         f"{res['mbps']:7.0f} MB/s",
                         file=sys.stderr,
                         flush=True,
@@ -431,7 +447,8 @@ def main_e2e(argv: list[str]) -> None:
     )
     print("|---|---|---|---|---|---|")
     for direction in args.directions.split(","):
-        base = statistics.median(float(r["mbps"]) for r in runs[(direction, "trio")])
+        base_runs = runs.get((direction, "trio"))
+        base = statistics.median(float(r["mbps"]) for r in base_runs) if base_runs else None
         for variant in variants:
             rs = runs[(direction, variant)]
             mbps = [float(r["mbps"]) for r in rs]
@@ -440,7 +457,7 @@ def main_e2e(argv: list[str]) -> None:
             client = statistics.median(float(r["client_us_per_mb"]) for r in rs)
             print(
                 f"| {direction} | {variant} | {med:.0f} ({min(mbps):.0f}-{max(mbps):.0f}) "
-                f"| {med / base:.2f}x | {relay:.0f} | {client:.0f} |"
+                f"| {f'{med / base:.2f}x' if base else '-'} | {relay:.0f} | {client:.0f} |"
             )
 
 

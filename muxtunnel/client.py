@@ -30,6 +30,7 @@ from muxtunnel.connection import (
     MuxSessionClosedError,
     MuxStream,
     make_session,
+    wrap_tls,
 )
 from muxtunnel.errors import (
     AuthError,
@@ -50,6 +51,8 @@ from muxtunnel.splice import splice
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from muxtunnel.tlsstream import TLSStream
 
 __all__ = ["BoundTunnel", "ClientInfo", "run_client"]
 
@@ -129,10 +132,10 @@ class _Client:
         self._idle = trio.Event()
         self._idle.set()
 
-    async def connect(self) -> tuple[trio.SSLStream[trio.SocketStream], str]:
+    async def connect(self) -> tuple[trio.SSLStream[trio.SocketStream] | TLSStream, str]:
         config = self.config
         tcp = await trio.open_tcp_stream(config.server_host, config.server_port)
-        stream = trio.SSLStream(tcp, self.ssl_context, server_hostname=config.server_host)
+        stream = wrap_tls(tcp, self.ssl_context, server_hostname=config.server_host)
         try:
             try:
                 await stream.do_handshake()

@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-A :class:`MuxConnection` owns a transport stream (a ``trio.SSLStream`` in production, any
-``trio.abc.Stream`` in tests) and a ``Session``. :meth:`MuxConnection.run` runs three tasks in a
-nursery that the caller owns (``await nursery.start(conn.run)``):
+A :class:`MuxConnection` owns a transport stream (:class:`muxtunnel.tlsstream.TLSStream`, or
+``trio.SSLStream`` when :data:`FAST_TLS` is off, in production; any ``trio.abc.Stream``
+in tests) and a ``Session``. :meth:`MuxConnection.run` runs its tasks in a nursery that the
+caller owns (``await nursery.start(conn.run)``):
 
 * the **reader** awaits nothing but ``transport.receive_some``. It feeds the bytes to
   ``session.receive_data`` and dispatches the events with a dict lookup. Dispatch never blocks:
@@ -17,7 +18,13 @@ nursery that the caller owns (``await nursery.start(conn.run)``):
   cancelled ``send_all`` leaves an unknown frame boundary on the wire, so it ends the
   connection; it is never retried.
 * the **keepalive** task sends a PING after ``idle/4`` of receive silence and declares the peer
-  dead after ``idle`` of receive silence; any inbound byte counts as life (P12).
+  dead after ``idle`` of receive silence; any inbound byte counts as life (P12). While bytes
+  flow, another PING each :data:`RTT_SAMPLE_INTERVAL` keeps the RTT estimate (which drives
+  window auto-tuning) current.
+
+The writer asks for batches of at most :data:`WRITE_BATCH` (64 KiB), so an interactive frame
+waits behind at most one such batch plus the kernel's 16 KiB ``TCP_NOTSENT_LOWAT`` (set by trio),
+and the session's DRR quantum is :data:`SCHEDULER_QUANTUM`.
 
 A :class:`MuxStream` is a ``trio.abc.HalfCloseableStream``. ``send_all`` cuts the data into
 chunks of at most :data:`SEND_CHUNK` bytes and, before each chunk, waits while the session still
@@ -41,6 +48,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import os
 from collections import deque
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
@@ -70,23 +78,30 @@ from muxtunnel.protocol.events import (
     WindowUpdated,
 )
 from muxtunnel.protocol.session import Session, SessionConfig
+from muxtunnel.tlsstream import TLSStream
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import AsyncIterator, Callable
     from types import TracebackType
 
     from muxtunnel.protocol.frames import Address
 
 __all__ = [
+    "FAST_TLS",
     "RECEIVE_SIZE",
+    "SCHEDULER_QUANTUM",
     "SEND_CHUNK",
     "SEND_LOW_WATER",
+    "WRITE_BATCH",
     "MuxConnection",
     "MuxSessionClosedError",
     "MuxStream",
     "MuxStreamResetError",
     "OpenRejectedError",
+    "make_session",
     "open_mux_connection",
+    "wrap_tls",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,8 +113,15 @@ SEND_LOW_WATER: Final = 64 * 1024
 #: Largest piece ``MuxStream.send_all`` hands to the session at once (one maximum DATA frame).
 SEND_CHUNK: Final = 64 * 1024
 #: ``receive_some`` size for the transport. trio's SSLStream returns at most one TLS record
-#: (16 KiB) per call whatever we ask; plain sockets in tests can use more.
+#: (16 KiB) per call whatever we ask (and allocates ``max_bytes`` for it): 64 KiB is plenty.
 RECEIVE_SIZE: Final = 64 * 1024
+#: The same with :class:`muxtunnel.tlsstream.TLSStream`, which decrypts every complete record
+#: of one socket read into a reused buffer: ask for many records at once.
+FAST_TLS_RECEIVE_SIZE: Final = 256 * 1024
+#: Use :class:`muxtunnel.tlsstream.TLSStream` (on by default since helper "perf"'s measurements,
+#: /work/notes/perf-switch.md) instead of ``trio.SSLStream`` for the tunnel's TLS connection.
+#: ``MUXTUNNEL_FAST_TLS=0`` in the environment selects trio.SSLStream (A/B runs).
+FAST_TLS = os.environ.get("MUXTUNNEL_FAST_TLS", "1") == "1"
 #: Soft size of one writer batch (one ``transport.send_all``). PROTOCOL-NOTES P14 measured
 #: trio TLS at 418 MB/s with 64 KiB writes and 423 MB/s with 256 KiB: larger batches buy nothing
 #: but make an interactive frame wait longer behind bulk data already handed to TLS (P13).
@@ -559,8 +581,11 @@ class MuxConnection:
         *,
         name: str = "",
         token_id: str | None = None,
+        receive_size: int | None = None,
     ) -> None:
         self.transport = transport
+        #: Bytes asked of the transport per read.
+        self.receive_size = receive_size or _receive_size_for(transport)
         self._session = session
         self.name = name
         self.token_id = token_id
@@ -871,7 +896,7 @@ class MuxConnection:
         transport = self.transport
         while True:
             try:
-                data = await transport.receive_some(RECEIVE_SIZE)
+                data = await transport.receive_some(self.receive_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if not self.closed:
                     self._mark_dead(f"transport read failed: {exc!r}")
@@ -1086,6 +1111,23 @@ class MuxConnection:
             f"peer closed the connection ({event.error_code.name}{msg})", event.error_code
         )
         self._control_send.send_nowait(event)
+
+
+def _receive_size_for(transport: trio.abc.Stream) -> int:
+    return FAST_TLS_RECEIVE_SIZE if isinstance(transport, TLSStream) else RECEIVE_SIZE
+
+
+def wrap_tls(
+    tcp: trio.SocketStream,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool = False,
+    server_hostname: str | None = None,
+) -> trio.SSLStream[trio.SocketStream] | TLSStream:
+    """The TLS stream for a tunnel connection: ``trio.SSLStream``, or TLSStream if FAST_TLS."""
+    if FAST_TLS:
+        return TLSStream(tcp, context, server_side=server_side, server_hostname=server_hostname)
+    return trio.SSLStream(tcp, context, server_side=server_side, server_hostname=server_hostname)
 
 
 def make_session(

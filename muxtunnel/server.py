@@ -26,7 +26,13 @@ import trio
 
 from muxtunnel import tls
 from muxtunnel.config import ServerConfig, format_host_port
-from muxtunnel.connection import MuxConnection, MuxSessionClosedError, MuxStream, make_session
+from muxtunnel.connection import (
+    MuxConnection,
+    MuxSessionClosedError,
+    MuxStream,
+    make_session,
+    wrap_tls,
+)
 from muxtunnel.errors import AuthError, ConfigError, ErrorCode, HandshakeError
 from muxtunnel.handshake import authenticate_client, token_id
 from muxtunnel.policy import DEFAULT_POLICY, StreamInfo, StreamPolicy
@@ -354,7 +360,7 @@ class _Relay:
 
     async def _handle_client(self, tcp: trio.SocketStream, peer: str) -> None:
         config = self.config
-        stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
+        stream = wrap_tls(tcp, self.ssl_context, server_side=True)
         self.unauthenticated += 1
         self._pending_auth.add(stream)
         try:

@@ -408,10 +408,13 @@ class TLSStream(trio.abc.Stream):
                     break
                 except (ssl.SSLError, ssl.CertificateError) as exc:
                     raise self._transport_error(exc) from exc
+                if data or self._eof_received:
+                    # Output the reads produced (rare) waits for the next send, or for the next
+                    # call that must block: a cancelled flush here would lose ``data``.
+                    break
                 if self._outgoing.pending:
                     await self._flush_if_free()
-                if data or self._eof_received:
-                    break
+                    yielded = True
                 incoming = await self._transport_receive()
                 yielded = True
             if not yielded:
@@ -438,6 +441,8 @@ class TLSStream(trio.abc.Stream):
             self._check_status()
             await trio.lowlevel.checkpoint_if_cancelled()
             yielded = await self._ensure_handshake()
+            if type(data) is memoryview and data.itemsize != 1:
+                data = data.cast("B")
             total = len(data)
             if not total:
                 if not yielded:

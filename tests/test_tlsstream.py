@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 import ssl
@@ -208,7 +209,7 @@ async def test_interop_with_trio_sslstream_64mib(
 async def test_bulk_both_ways_ours(identity: ServerIdentity, offload: int | None) -> None:
     client, server = await tls_pair(identity, offload=offload)
     async with client, server:
-        up, down = pattern(8 * MiB + 3, 3), pattern(4 * MiB + 5, 4)
+        up, down = pattern(8 * MiB + 3, 3), pattern(MiB + 5, 4)
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump, client, server, up, 300 * 1024)
@@ -437,3 +438,16 @@ async def test_wait_send_all_might_not_block(identity: ServerIdentity) -> None:
             await client.wait_send_all_might_not_block()
         await client.send_all(b"x")
         assert await server.receive_some() == b"x"
+
+
+async def test_send_all_takes_any_buffer(identity: ServerIdentity) -> None:
+    client, server = await tls_pair(identity)
+    async with client, server:
+        words = memoryview(array.array("I", range(1000)))
+        with trio.fail_after(5):
+            await client.send_all(words)
+            await client.send_all(bytearray(b"tail"))
+            got = b""
+            while len(got) < 4004:
+                got += await server.receive_some()
+        assert got == words.tobytes() + b"tail"

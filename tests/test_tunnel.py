@@ -14,7 +14,12 @@ import trio
 
 from muxtunnel.client import run_client
 from muxtunnel.config import ClientConfig, TunnelSpec
+from muxtunnel.connection import MuxConnection
 from muxtunnel.errors import AuthError, IdentityMismatchError, SessionClosedError
+from muxtunnel.handshake import client_handshake
+from muxtunnel.protocol.constants import ResultStatus
+from muxtunnel.protocol.events import ResultReceived
+from muxtunnel.protocol.frames import Address
 from tests.conftest import (
     TOKEN,
     Relay,
@@ -29,6 +34,7 @@ from tests.conftest import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 
@@ -343,3 +349,57 @@ async def test_handshake_flood_is_bounded(
         echo = await start_echo(nursery)
         client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=echo)])
         assert await echo_roundtrip(client.port(), b"in") == b"in"
+
+
+async def _raw_client(nursery: trio.Nursery, relay: Relay) -> MuxConnection:
+    """A bare MuxConnection (real TLS) to the relay, authenticated, no tunnels yet."""
+    from muxtunnel.connection import make_session
+    from muxtunnel.protocol.constants import Role
+    from muxtunnel.tls import client_ssl_context
+
+    tcp = await trio.open_tcp_stream("127.0.0.1", relay.info.port)
+    tls = trio.SSLStream(tcp, client_ssl_context(None), server_hostname="127.0.0.1")
+    conn = MuxConnection(tls, make_session(Role.CLIENT), name="raw")
+    await nursery.start(conn.run)
+    assert await client_handshake(conn, TOKEN, []) == []
+    return conn
+
+
+async def _request(conn: MuxConnection, send: Callable[[], None]) -> ResultReceived:
+    send()
+    conn.wake_writer()
+    while True:
+        event = await conn.next_control_event()
+        if isinstance(event, ResultReceived):
+            return event
+
+
+async def test_relay_control_requests(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """BIND errors that the real client never provokes, and UNBIND releasing the port."""
+    relay = await start_relay(nursery, tmp_path, max_tunnels_per_client=2)
+    lo, hi = relay.config.port_range
+    conn = await _raw_client(nursery, relay)
+    session = conn.session
+    any_port = Address(None, 0)
+    with trio.fail_after(10):
+        ok = await _request(conn, lambda: session.send_bind(10, 1, Address("0.0.0.0", lo + 1)))
+        assert ok.status == ResultStatus.OK
+        assert ok.bound == Address("127.0.0.1", lo + 1)
+        dup = await _request(conn, lambda: session.send_bind(11, 1, any_port))
+        assert dup.status == ResultStatus.DUPLICATE_TUNNEL
+        proto = await _request(conn, lambda: session.send_bind(12, 2, any_port, proto=9))
+        assert proto.status == ResultStatus.UNSUPPORTED_PROTO
+        second = await _request(conn, lambda: session.send_bind(13, 2, any_port))
+        assert second.status == ResultStatus.OK
+        assert second.bound is not None
+        assert lo <= second.bound.port <= hi
+        third = await _request(conn, lambda: session.send_bind(14, 3, any_port))
+        assert third.status == ResultStatus.LIMIT_REACHED
+        gone = await _request(conn, lambda: session.send_unbind(15, 1))
+        assert gone.status == ResultStatus.OK
+        unknown = await _request(conn, lambda: session.send_unbind(16, 42))
+        assert unknown.status == ResultStatus.UNKNOWN_TUNNEL
+        # Released at once by UNBIND (no lease): the port can be bound by anyone now.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", lo + 1))
+        await conn.aclose()

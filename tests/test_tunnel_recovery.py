@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING
 
 import trio
@@ -251,3 +252,29 @@ async def test_client_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_pa
         await client.done.wait()
     assert bytes(got) == b"done:in flight"
     assert client.error is None
+
+
+async def test_remembered_auto_port_taken_falls_back_to_a_new_one(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    echo = await start_echo(nursery)
+    relay = await start_relay(nursery, tmp_path)
+    client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=echo)])
+    old = client.port()
+    relay.shutdown.set()
+    with trio.fail_after(10):
+        await relay.done.wait()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", old))
+    squatter.listen()
+    try:
+        await start_relay(
+            nursery, tmp_path, listen_port=relay.info.port, port_range=relay.config.port_range
+        )
+        await _wait_lines(client, 2, within=15)
+        new = _ports(client.lines[1:])[0]
+        assert new != old
+        with trio.fail_after(10):
+            assert await echo_roundtrip(new, b"moved") == b"moved"
+    finally:
+        squatter.close()
