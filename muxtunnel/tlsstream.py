@@ -243,17 +243,18 @@ class TLSStream(trio.abc.Stream):
             raise self._transport_error(exc) from exc
 
     def _feed(self, data: bytes | bytearray) -> None:
-        with self._ssl_lock:
-            if data:
-                self._incoming.write(data)
-            else:
-                self._incoming.write_eof()
+        # The caller holds the SSL lock.
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
 
     async def _flush_locked(self) -> None:
         """Send everything in the outgoing BIO; the caller holds ``_send_lock``."""
+        # ``pending`` is read without the SSL lock: at worst a stale 0 while a worker decrypts,
+        # and whoever holds ``_send_lock`` next flushes what that worker added.
         while self._outgoing.pending:
-            with self._ssl_lock:
-                out = self._outgoing.read()
+            out, _ = await self._call(False, self._outgoing.read)
             await self._transport_send(out)
 
     async def _flush_if_free(self) -> None:
@@ -273,8 +274,7 @@ class TLSStream(trio.abc.Stream):
         while True:
             want_read = False
             try:
-                with self._ssl_lock:
-                    self._ssl.do_handshake()
+                await self._call(False, self._ssl.do_handshake)
             except ssl.SSLWantReadError:
                 want_read = True
             except (ssl.SSLError, ssl.CertificateError) as exc:
@@ -290,7 +290,7 @@ class TLSStream(trio.abc.Stream):
                 await self._flush_locked()
             if not want_read:
                 return
-            self._feed(await self._transport_receive())
+            await self._call(False, self._feed, await self._transport_receive())
 
     async def _ensure_handshake(self) -> bool:
         """Run (or wait for) the handshake; return True if this call yielded."""

@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the temporary directory")
     p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="py-spy the muxtunnel relay and client during every run (raw stacks into DIR)",
+    )
+    p.add_argument(
         "--render",
         type=Path,
         default=None,
@@ -147,6 +154,9 @@ def main(argv: list[str]) -> int:
     nofile = _raise_nofile(65536)
     workdir = Path(tempfile.mkdtemp(prefix="muxbench-"))
     bench = Bench(sizes, workdir, verify=verify, out=out)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        bench.profile_dir = args.profile.resolve()
     command = "muxtunnel bench " + shlex.join(argv)
     started = time.monotonic()
     s = sizes

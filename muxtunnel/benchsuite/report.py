@@ -222,7 +222,7 @@ def checks(out: Outcome) -> list[Check]:
 
 
 def fmt_ratio(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+    return "-" if v is None else f"{v:.3g}x"
 
 
 def checks_table(out: Outcome) -> str:
@@ -320,10 +320,10 @@ def write_json(path: Path, out: Outcome, meta: dict[str, Any]) -> None:
 def write_png(path: Path, out: Outcome) -> str | None:
     """Bar charts, one panel per table row; returns a note instead when matplotlib is absent."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return "no PNG: matplotlib is not installed (pip install 'muxtunnel[bench]')"
     rows = rows_present(out)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from muxtunnel.benchsuite.procs import BenchError, Child, python
 from muxtunnel.benchsuite.targets import Layout, Target, make_target
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -114,6 +116,8 @@ class Bench:
         self.out = out
         self.t0 = time.monotonic()
         self._seq = itertools.count()
+        #: With a directory, py-spy records the muxtunnel relay and client during each run.
+        self.profile_dir: Path | None = None
 
     # -- output ---------------------------------------------------------------------------
     def progress(self, text: str) -> None:
@@ -346,6 +350,11 @@ class Bench:
         }
         if ev.get("time_limited"):
             run["note"] = f"stopped opening after {limit:g} s: {opened} open"
+        if not r["failures"] and r["alive_checked"] < r["alive_sampled"]:
+            run["error"] = (
+                f"only {r['alive_checked']} of {r['alive_sampled']} sampled idle streams "
+                "still echoed after the RSS reading"
+            )
         if r["failures"]:
             run["error"] = f"{r['failures']} streams failed: {r['first_failure']}"
         return run
@@ -377,12 +386,15 @@ class Bench:
             self.out.fail(sid, t.key, f"{t.label} is no longer running")
             self.progress(f"{label:<34} {t.label:<20} SKIPPED (target died)")
             return
+        spies = self._start_profilers(sid, t, label)
         try:
             run: Run = fn(t, *args)
         except (BenchError, OSError) as exc:
             self.out.fail(sid, t.key, str(exc))
             self.progress(f"{label:<34} {t.label:<20} FAILED: {exc}")
             return
+        finally:
+            self._stop_profilers(spies)
         if run.get("error"):
             self.out.fail(sid, t.key, str(run.pop("error")))
         if run.get("note"):
@@ -394,6 +406,47 @@ class Bench:
             if k not in ("error",) and not k.endswith(("_before", "_after"))
         )
         self.progress(f"{label:<34} {t.label:<20} {shown}")
+
+    def _start_profilers(self, sid: str, t: Target, label: str) -> list[Child]:
+        if self.profile_dir is None or t.key != "muxtunnel" or len(t.children) < 2:
+            return []
+        spy = shutil.which("py-spy") or str(Path(python()).with_name("py-spy"))
+        if not Path(spy).exists():
+            return []
+        run_no = label.split()[2].split("/")[0] if len(label.split()) > 2 else "1"
+        spies = []
+        for role, child in (("relay", t.children[0]), ("client", t.children[1])):
+            out = self.profile_dir / f"s{sid}-run{run_no}-{t.key}-{role}.txt"
+            spies.append(
+                Child(
+                    f"py-spy-{sid}-{role}-{next(self._seq)}",
+                    [
+                        spy,
+                        "record",
+                        "--nonblocking",
+                        "-r",
+                        "100",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(out),
+                        "-p",
+                        str(child.pid),
+                    ],
+                    self.workdir,
+                )
+            )
+        return spies
+
+    @staticmethod
+    def _stop_profilers(spies: list[Child]) -> None:
+        for spy in spies:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spy.pid, signal.SIGINT)  # py-spy writes its file on SIGINT
+        for spy in spies:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.proc.wait(10)
+            spy.stop()
 
     def scenario(
         self, sid: str, title: str, targets: list[Target], fn: Any, *args: Any, runs: int
