@@ -187,6 +187,7 @@ class _Client:
                         o.tunnel_id
                         for o in outcomes
                         if not o.ok
+                        and o.requested != 0
                         and self.specs[o.tunnel_id].remote_port == 0
                         and o.status in (ResultStatus.ADDRESS_IN_USE, ResultStatus.OUT_OF_RANGE)
                     ]
@@ -321,6 +322,7 @@ class _Client:
             except RuntimeError:
                 pass
             return
+        logger.debug("stream %d opened: visitor %s -> %s", mux.stream_id, mux.info.origin, target)
         try:
             mux.accept()
         except trio.BrokenResourceError:

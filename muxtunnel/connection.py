@@ -22,9 +22,10 @@ caller owns (``await nursery.start(conn.run)``):
   flow, another PING each :data:`RTT_SAMPLE_INTERVAL` keeps the RTT estimate (which drives
   window auto-tuning) current.
 
-The writer asks for batches of at most :data:`WRITE_BATCH` (64 KiB), so an interactive frame
-waits behind at most one such batch plus the kernel's 16 KiB ``TCP_NOTSENT_LOWAT`` (set by trio),
-and the session's DRR quantum is :data:`SCHEDULER_QUANTUM`.
+While several streams send, the writer asks for batches of at most :data:`WRITE_BATCH` (64 KiB),
+so an interactive frame waits behind at most one such batch plus the kernel's 16 KiB
+``TCP_NOTSENT_LOWAT`` (set by trio); a lone bulk stream gets :data:`BULK_WRITE_BATCH`. The
+session's DRR quantum is :data:`SCHEDULER_QUANTUM`.
 
 A :class:`MuxStream` is a ``trio.abc.HalfCloseableStream``. ``send_all`` cuts the data into
 chunks of at most :data:`SEND_CHUNK` bytes and, before each chunk, waits while the session still
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from muxtunnel.protocol.frames import Address
 
 __all__ = [
+    "BULK_WRITE_BATCH",
     "FAST_TLS",
     "RECEIVE_SIZE",
     "SCHEDULER_QUANTUM",
@@ -110,8 +112,9 @@ logger = logging.getLogger(__name__)
 #: 64 KiB is one maximum DATA frame: enough to keep the writer's batches full, small enough that
 #: 1,000 blocked streams hold at most ~128 MiB in the worst case (low water + one chunk each).
 SEND_LOW_WATER: Final = 64 * 1024
-#: Largest piece ``MuxStream.send_all`` hands to the session at once (one maximum DATA frame).
-SEND_CHUNK: Final = 64 * 1024
+#: Largest piece ``MuxStream.send_all`` hands to the session at once. With the low-water mark
+#: a blocked stream holds at most SEND_LOW_WATER + SEND_CHUNK (320 KiB) in the adapter.
+SEND_CHUNK: Final = 256 * 1024
 #: ``receive_some`` size for the transport. trio's SSLStream returns at most one TLS record
 #: (16 KiB) per call whatever we ask (and allocates ``max_bytes`` for it): 64 KiB is plenty.
 RECEIVE_SIZE: Final = 64 * 1024
@@ -122,10 +125,15 @@ FAST_TLS_RECEIVE_SIZE: Final = 256 * 1024
 #: /work/notes/perf-switch.md) instead of ``trio.SSLStream`` for the tunnel's TLS connection.
 #: ``MUXTUNNEL_FAST_TLS=0`` in the environment selects trio.SSLStream (A/B runs).
 FAST_TLS = os.environ.get("MUXTUNNEL_FAST_TLS", "1") == "1"
-#: Soft size of one writer batch (one ``transport.send_all``). PROTOCOL-NOTES P14 measured
-#: trio TLS at 418 MB/s with 64 KiB writes and 423 MB/s with 256 KiB: larger batches buy nothing
-#: but make an interactive frame wait longer behind bulk data already handed to TLS (P13).
+#: Soft size of one writer batch (one ``transport.send_all``) while several streams send.
+#: PROTOCOL-NOTES P14 measured trio TLS at 418 MB/s with 64 KiB writes and 423 MB/s with 256 KiB:
+#: larger batches buy little there but make an interactive frame wait longer behind bulk data
+#: already handed to TLS (P13).
 WRITE_BATCH: Final = 64 * 1024
+#: Batch size while at most one stream sends: nobody waits behind it, and with fewer, larger
+#: batches the relay spent about a third less CPU per byte (512 MiB put, 2.9-3.2 against
+#: 4.4-5.0 ms/MiB with 64 KiB batches and reads).
+BULK_WRITE_BATCH: Final = 256 * 1024
 #: DRR quantum, which is also the DATA frame size while several streams compete. 64 KiB
 #: rather than 16 KiB: every frame costs an event, a buffer entry and a local ``send`` on the
 #: receiving side, and with 16 KiB frames 32 bulk streams took twice the CPU per byte of one.
@@ -418,6 +426,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 session.send_data(self.stream_id, view[offset : offset + n])
                 offset += n
                 self.info.bytes_out += n
+                self._conn._senders.add(self.stream_id)
                 self._conn._wake_writer()
             if not waited:
                 # After queueing: the writer gets to run before this task goes on.
@@ -467,6 +476,19 @@ class MuxStream(trio.abc.HalfCloseableStream):
         Raises:
             The same as :meth:`receive_some`.
         """
+        return await self._receive(max_bytes, batch=False)
+
+    async def receive_batch(self, max_bytes: int) -> bytes | memoryview:
+        """Like :meth:`receive_chunk`, but joins several buffered chunks (up to ``max_bytes``).
+
+        For a copy loop: one local ``send`` and one wake-up for many DATA frames.
+
+        Raises:
+            The same as :meth:`receive_some`.
+        """
+        return await self._receive(max_bytes, batch=True)
+
+    async def _receive(self, max_bytes: int, *, batch: bool) -> bytes | memoryview:
         with self._recv_conflict:
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
@@ -481,6 +503,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     yielded = True
                     continue  # look again: another task may have closed the stream
                 if self._chunks:
+                    if batch and len(self._chunks) > 1:
+                        return self._take_many(max_bytes)
                     return self._take(max_bytes)
                 if self._recv_eof:
                     return b""
@@ -489,6 +513,27 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 ev = self._recv_waiter = trio.Event()
                 await ev.wait()
                 yielded = True
+
+    def _take_many(self, limit: int) -> bytes | memoryview:
+        chunks = self._chunks
+        if len(chunks[0]) >= limit:
+            return self._take(limit)
+        parts: list[memoryview] = []
+        n = 0
+        while chunks and n < limit:
+            chunk = chunks[0]
+            room = limit - n
+            if len(chunk) <= room:
+                chunks.popleft()
+            else:
+                chunks[0] = chunk[room:]
+                chunk = chunk[:room]
+            parts.append(chunk)
+            n += len(chunk)
+        self._buffered -= n
+        self.info.bytes_in += n
+        self._conn._acknowledge(self.stream_id, n)
+        return b"".join(parts)
 
     def _take(self, limit: int) -> memoryview:
         chunk = self._chunks[0]
@@ -591,6 +636,8 @@ class MuxConnection:
         self.token_id = token_id
         self._streams: dict[int, MuxStream] = {}
         self._blocked: set[MuxStream] = set()
+        #: Streams that queued data since the writer's last batch (sizes the next batch).
+        self._senders: set[int] = set()
         self._writer_waiter: trio.Event | None = None
         self._slot_waiter: trio.Event | None = None
         self._rx_waiter: trio.Event | None = None
@@ -861,7 +908,9 @@ class MuxConnection:
         while True:
             if self._dead is not None:
                 return
-            out = session.data_to_send(WRITE_BATCH)
+            senders = self._senders
+            out = session.data_to_send(BULK_WRITE_BATCH if len(senders) <= 1 else WRITE_BATCH)
+            senders.clear()
             if out:
                 if self._blocked:
                     self._release_blocked()
