@@ -178,10 +178,14 @@ class _Client:
                 await nursery.start(conn.run)
                 nursery.start_soon(self._watch_shutdown, conn, shutdown)
                 try:
+                    # Explicit ports first: a port the relay picks for an auto tunnel can then
+                    # never be one that a later BIND of ours asks for by number.
+                    binds = sorted(
+                        ((tid, self.remembered[tid]) for tid in self.specs),
+                        key=lambda bind: bind[1] == 0,
+                    )
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        outcomes = await client_handshake(
-                            conn, config.token, [(tid, self.remembered[tid]) for tid in self.specs]
-                        )
+                        outcomes = await client_handshake(conn, config.token, binds)
                     authenticated = True
                     retry = [
                         o.tunnel_id

@@ -26,6 +26,7 @@ from tests.conftest import (
     connect,
     dead_port,
     echo_roundtrip,
+    free_port_range,
     random_bytes,
     sha,
     start_client,
@@ -403,3 +404,21 @@ async def test_relay_control_requests(nursery: trio.Nursery, tmp_path: Path) -> 
         with socket.socket() as s:
             s.bind(("127.0.0.1", lo + 1))
         await conn.aclose()
+
+
+async def test_auto_port_never_takes_an_explicit_port_of_the_same_client(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A 3-port range: auto tunnels listed first must not grab the explicitly requested ports."""
+    echo = await start_echo(nursery)
+    lo, _hi = free_port_range(3)
+    relay = await start_relay(nursery, tmp_path, port_range=(lo, lo + 2))
+    specs = [
+        TunnelSpec(local_port=echo),
+        TunnelSpec(local_port=echo),
+        TunnelSpec(local_port=echo, remote_port=lo + 1),
+    ]
+    client = await start_client(nursery, tmp_path, relay, specs)
+    ports = [t.remote_port for t in client.info.tunnels]
+    assert ports[2] == lo + 1
+    assert sorted(ports) == [lo, lo + 1, lo + 2]
