@@ -153,37 +153,41 @@ async def _with_signals(
     shutdown = trio.Event()
     forced = False
     result: object = None
-    with trio.CancelScope() as work_scope:
+    # The receiver encloses the nursery: on any exit the watcher is cancelled first,
+    # before the receiver closes under it.
+    with (
+        trio.CancelScope() as work_scope,
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+    ):
         async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
-                async def watch() -> None:
-                    nonlocal forced
-                    first: tuple[int, float] | None = None
-                    async for signum in signals:
-                        name = signal.Signals(signum).name
-                        now = trio.current_time()
-                        state.received = True
-                        if first is None:
-                            first = (signum, now)
-                            if drain:
-                                logger.info(
-                                    "received %s: shutting down (send it again to stop at once)",
-                                    name,
-                                )
-                            shutdown.set()
-                            if not drain:
-                                work_scope.cancel()
-                        elif signum == first[0] and now - first[1] < SIGNAL_REPEAT_WINDOW:
-                            logger.debug("received %s again at once: same request", name)
-                        else:
-                            forced = True
-                            logger.warning("received %s again: stopping without draining", name)
+            async def watch() -> None:
+                nonlocal forced
+                first: tuple[int, float] | None = None
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    now = trio.current_time()
+                    state.received = True
+                    if first is None:
+                        first = (signum, now)
+                        if drain:
+                            logger.info(
+                                "received %s: shutting down (send it again to stop at once)",
+                                name,
+                            )
+                        shutdown.set()
+                        if not drain:
                             work_scope.cancel()
+                    elif signum == first[0] and now - first[1] < SIGNAL_REPEAT_WINDOW:
+                        logger.debug("received %s again at once: same request", name)
+                    else:
+                        forced = True
+                        logger.warning("received %s again: stopping without draining", name)
+                        work_scope.cancel()
 
-                nursery.start_soon(watch)
-                result = await start(shutdown)
-                nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            result = await start(shutdown)
+            nursery.cancel_scope.cancel()
     if forced:
         raise _ForcedStop("stopped by a second signal without draining open streams")
     return result
