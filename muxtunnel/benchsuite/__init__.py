@@ -193,8 +193,8 @@ def main(argv: list[str]) -> int:
         5: f"new tunnelled connections per second (connect, 1-byte echo, the service closes first, the visitor sees EOF and closes) for "
         f"{s.connrate_seconds:g} s, {s.connrate_procs} generator process(es) x "
         f"{s.connrate_workers} threads",
-        6: f"relay and client RSS (VmRSS of the process tree) before and after opening "
-        f"{s.idle_streams} idle streams, each proven by a 1-byte echo",
+        6: "relay and client RSS (VmRSS of the process tree, targets freshly restarted) before "
+        f"and after opening {s.idle_streams} idle streams, each proven by a 1-byte echo",
         7: f"50 ms RTT path (two namespaces, userspace delay line 25 ms each way): one stream "
         f"{size_text(s.wan_one_stream)} up and down, {s.wan_multi_streams} streams x "
         f"{size_text(s.wan_multi_bytes)} up",
@@ -214,6 +214,12 @@ def main(argv: list[str]) -> int:
             targets = bench.start_targets(keys, Layout(), sport, "loopback")
             by = {t.key: t for t in targets}
             for sc in local:
+                if sc == 6 and len(local) > 1:
+                    # Fresh relay/client/sshd/ssh, so buffers kept from the bulk scenarios do not
+                    # distort the before/after RSS.
+                    stop_targets(targets)
+                    targets = bench.start_targets(keys, Layout(), sport, "loopback, fresh for 6")
+                    by = {t.key: t for t in targets}
                 ts = [t for t in targets if not (sc == 6 and t.key == "direct")]
                 if sc == 1:
                     bench.scenario(
