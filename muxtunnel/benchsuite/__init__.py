@@ -89,6 +89,20 @@ def _parser() -> argparse.ArgumentParser:
         help="py-spy the muxtunnel relay and client during every run (raw stacks into DIR)",
     )
     p.add_argument(
+        "--streams",
+        type=int,
+        default=None,
+        metavar="N",
+        help="scenario 2 with N concurrent streams instead of 100 (--quick: 8)",
+    )
+    p.add_argument(
+        "--stream-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="scenario 2: bytes per stream (default 10 MiB; --quick 1 MiB)",
+    )
+    p.add_argument(
         "--render",
         type=Path,
         default=None,
@@ -145,6 +159,14 @@ def main(argv: list[str]) -> int:
         if args.runs < 1:
             raise SystemExit("muxtunnel bench: --runs must be >= 1")
         sizes = dataclasses.replace(sizes, runs=args.runs)
+    if args.streams is not None:
+        if args.streams < 1:
+            raise SystemExit("muxtunnel bench: --streams must be >= 1")
+        sizes = dataclasses.replace(sizes, multi_streams=args.streams)
+    if args.stream_bytes is not None:
+        if args.stream_bytes < 1:
+            raise SystemExit("muxtunnel bench: --stream-bytes must be >= 1")
+        sizes = dataclasses.replace(sizes, multi_bytes=args.stream_bytes)
     default_sc = "1,2,3,4,5,6" if quick else ",".join(map(str, ALL_SCENARIOS))
     scenarios = _parse_list(args.scenarios or default_sc, ALL_SCENARIOS, int)
     keys = _parse_list(args.targets, ALL_TARGETS, str)
