@@ -129,6 +129,25 @@ async def _run_cancellable(
             done.set()
 
 
+async def _start_entry_point(
+    nursery: trio.Nursery, entry: Callable[..., Awaitable[None]], config: object
+) -> tuple[object, trio.Event, trio.CancelScope, trio.Event, list[str]]:
+    """Start ``entry(config, shutdown=..., report=...)`` in ``nursery``; wait for its start value."""
+    shutdown = trio.Event()
+    done = trio.Event()
+    lines: list[str] = []
+    holder: dict[str, object] = {}
+    info = await nursery.start(
+        _run_cancellable,
+        partial(entry, config, shutdown=shutdown, report=lines.append),
+        holder,
+        done,
+    )
+    scope = holder["scope"]
+    assert isinstance(scope, trio.CancelScope)
+    return info, shutdown, scope, done, lines
+
+
 async def start_relay(
     nursery: trio.Nursery, tmp_path: Path, name: str = "relay", **overrides: object
 ) -> Relay:
@@ -147,19 +166,8 @@ async def start_relay(
         handshake_timeout=5.0,
     )
     config = replace(config, **overrides)  # type: ignore[arg-type]
-    shutdown = trio.Event()
-    done = trio.Event()
-    lines: list[str] = []
-    holder: dict[str, object] = {}
-    info = await nursery.start(
-        _run_cancellable,
-        partial(serve, config, shutdown=shutdown, report=lines.append),
-        holder,
-        done,
-    )
+    info, shutdown, scope, done, lines = await _start_entry_point(nursery, serve, config)
     assert isinstance(info, ServerInfo)
-    scope = holder["scope"]
-    assert isinstance(scope, trio.CancelScope)
     return Relay(info, config, shutdown, scope, done, lines)
 
 
@@ -185,19 +193,8 @@ async def start_client(
         backoff_cap=1.0,
     )
     config = replace(config, **overrides)  # type: ignore[arg-type]
-    shutdown = trio.Event()
-    done = trio.Event()
-    lines: list[str] = []
-    holder: dict[str, object] = {}
-    info = await nursery.start(
-        _run_cancellable,
-        partial(run_client, config, shutdown=shutdown, report=lines.append),
-        holder,
-        done,
-    )
+    info, shutdown, scope, done, lines = await _start_entry_point(nursery, run_client, config)
     assert isinstance(info, ClientInfo)
-    scope = holder["scope"]
-    assert isinstance(scope, trio.CancelScope)
     return Client(info, config, shutdown, scope, done, lines)
 
 
