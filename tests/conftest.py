@@ -214,19 +214,30 @@ async def _echo_handler(stream: trio.SocketStream) -> None:
         pass
 
 
-async def _serve_echo(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_tcp(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         task_status.started(port)
-        await trio.serve_listeners(_echo_handler, listeners, handler_nursery=nursery)
+        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+
+
+async def start_service(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> int:
+    """A TCP server on 127.0.0.1 running ``handler`` for each connection; returns its port."""
+    port = await nursery.start(_serve_tcp, handler)
+    assert isinstance(port, int)
+    return port
 
 
 async def start_echo(nursery: trio.Nursery) -> int:
     """An echo server on 127.0.0.1 (echoes until EOF, then half-closes); returns its port."""
-    port = await nursery.start(_serve_echo)
-    assert isinstance(port, int)
-    return port
+    return await start_service(nursery, _echo_handler)
 
 
 def dead_port() -> int:

@@ -32,6 +32,7 @@ from tests.conftest import (
     start_client,
     start_echo,
     start_relay,
+    start_service,
 )
 
 if TYPE_CHECKING:
@@ -78,26 +79,17 @@ async def test_many_concurrent_streams_both_directions(
     assert all(results.values()), [i for i, ok in results.items() if not ok]
 
 
-async def _request_response_server(
-    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-) -> None:
+async def _request_response_handler(stream: trio.SocketStream) -> None:
     """Reads the whole request until EOF, then answers with its sha256 and a tail, then FIN."""
-
-    async def handler(stream: trio.SocketStream) -> None:
-        data = bytearray()
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-        await stream.send_all(sha(bytes(data)).encode() + b"\nbye\n")
-        await stream.send_eof()
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    await stream.send_all(sha(bytes(data)).encode() + b"\nbye\n")
+    await stream.send_eof()
 
 
 async def test_half_close_request_response(nursery: trio.Nursery, tmp_path: Path) -> None:
-    local = await nursery.start(_request_response_server)
+    local = await start_service(nursery, _request_response_handler)
     relay = await start_relay(nursery, tmp_path)
     client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=local)])
     request = random_bytes(3 * 1024 * 1024 + 17, 5)
@@ -156,9 +148,7 @@ async def test_reset_maps_to_rst(nursery: trio.Nursery, tmp_path: Path) -> None:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await trio.aclose_forcefully(stream)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    local = listeners[0].socket.getsockname()[1]
-    nursery.start_soon(trio.serve_listeners, aborting, listeners)
+    local = await start_service(nursery, aborting)
     relay = await start_relay(nursery, tmp_path)
     client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=local)])
     with trio.fail_after(10):

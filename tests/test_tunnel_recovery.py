@@ -15,9 +15,11 @@ from tests.conftest import (
     start_client,
     start_echo,
     start_relay,
+    start_service,
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
 
@@ -80,12 +82,9 @@ async def test_killed_client_new_client_gets_same_ports_at_once(
             assert await echo_roundtrip(port, b"mine now") == b"mine now"
 
 
-async def _frozen_proxy(
-    target_port: int,
-    frozen: trio.Event,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
+def _frozen_proxy(
+    target_port: int, frozen: trio.Event
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
     """A TCP forwarder that, once ``frozen`` is set, stops moving bytes but keeps sockets open."""
 
     async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
@@ -100,10 +99,7 @@ async def _frozen_proxy(
             n.start_soon(pump, down, up)
             n.start_soon(pump, up, down)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+    return handler
 
 
 async def test_half_open_session_is_taken_over(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -111,7 +107,7 @@ async def test_half_open_session_is_taken_over(nursery: trio.Nursery, tmp_path: 
     echo = await start_echo(nursery)
     relay = await start_relay(nursery, tmp_path)
     frozen = trio.Event()
-    proxy_port = await nursery.start(_frozen_proxy, relay.info.port, frozen)
+    proxy_port = await start_service(nursery, _frozen_proxy(relay.info.port, frozen))
     specs = [TunnelSpec(local_port=echo)]
     old = await start_client(nursery, tmp_path, relay, specs, name="old", server_port=proxy_port)
     port = old.port()
@@ -171,27 +167,20 @@ async def test_lease_keeps_port_then_expires(nursery: trio.Nursery, tmp_path: Pa
         raise AssertionError("port still bound after the lease expired")
 
 
-async def _slow_service(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def _slow_service(stream: trio.SocketStream) -> None:
     """Reads until EOF; answers after 0.5 s ("slow") or never ("hang")."""
-
-    async def handler(stream: trio.SocketStream) -> None:
-        data = bytearray()
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-        if data.startswith(b"hang"):
-            await trio.sleep_forever()
-        await trio.sleep(0.5)
-        await stream.send_all(b"done:" + bytes(data))
-        await stream.send_eof()
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with trio.open_nursery() as nursery:
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+    data = bytearray()
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    if data.startswith(b"hang"):
+        await trio.sleep_forever()
+    await trio.sleep(0.5)
+    await stream.send_all(b"done:" + bytes(data))
+    await stream.send_eof()
 
 
 async def test_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_path: Path) -> None:
-    local = await nursery.start(_slow_service)
+    local = await start_service(nursery, _slow_service)
     relay = await start_relay(nursery, tmp_path, drain_timeout=3.0)
     client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=local)])
     port = client.port()
@@ -235,7 +224,7 @@ async def test_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_path: Pat
 
 
 async def test_client_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_path: Path) -> None:
-    local = await nursery.start(_slow_service)
+    local = await start_service(nursery, _slow_service)
     relay = await start_relay(nursery, tmp_path)
     client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=local)])
     with trio.fail_after(10):
