@@ -1,6 +1,6 @@
 """``muxtunnel bench``: muxtunnel side by side with direct TCP and OpenSSH ``ssh -N -R``.
 
-Scenarios (issue 4 §1): 1 one-stream bulk up/down, 2 many concurrent streams, 3 idle 64-byte
+Scenarios: 1 one-stream bulk up/down, 2 many concurrent streams, 3 idle 64-byte
 round trips, 4 round trips while bulk streams saturate the tunnel, 5 new connections per second,
 6 RSS with many idle streams, 7 the same bulk transfers over a 50 ms RTT path (two network
 namespaces and a userspace delay line), also with 1% loss.
@@ -40,7 +40,7 @@ STRICT_TARGETS = ("direct", "muxtunnel")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="muxtunnel bench",
-        description="Benchmark muxtunnel against direct TCP and ssh -R (issue 4 scenarios 1-7).",
+        description="Benchmark muxtunnel against direct TCP and ssh -R (scenarios 1-7).",
     )
     p.add_argument(
         "--quick",

@@ -23,12 +23,11 @@ EDGE_ADDR = "198.18.0.2"
 
 
 def netdelay_source() -> Path | None:
-    """Find netdelay.c: $MUXTUNNEL_NETDELAY_SRC, the repo's benchmarks/tools, or shared/tools."""
+    """Find netdelay.c: $MUXTUNNEL_NETDELAY_SRC or the repository's benchmarks/tools."""
     here = Path(__file__).resolve().parent
     candidates = [
         os.environ.get("MUXTUNNEL_NETDELAY_SRC", ""),
         str(here.parent.parent / "benchmarks" / "tools" / "netdelay.c"),
-        "/work/shared/tools/netdelay.c",
     ]
     for c in candidates:
         if c and Path(c).is_file():

@@ -226,7 +226,7 @@ def fmt_ratio(v: float | None) -> str:
 
 
 def checks_table(out: Outcome) -> str:
-    lines = ["| target (issue 4 §2) | measured | verdict |", "|---|---|---|"]
+    lines = ["| target | measured | verdict |", "|---|---|---|"]
     for c in checks(out):
         verdict = "not measured" if c.met is None else ("**met**" if c.met else "**missed**")
         lines.append(f"| {c.goal} | {c.measured} | {verdict} |")
@@ -409,7 +409,7 @@ def results_md(out: Outcome, meta: dict[str, Any], analysis: str = "") -> str:
         f"- load average at start {m['loadavg_at_start']}; taken {m['date']}; "
         f"wall time {meta['wall_seconds']:.0f} s",
         "",
-        "## Targets (issue 4 §2)",
+        "## Targets",
         "",
         checks_table(out),
         "",
@@ -418,7 +418,7 @@ def results_md(out: Outcome, meta: dict[str, Any], analysis: str = "") -> str:
         analysis
         or (
             f"{ANALYSIS_BEGIN}\n(Not written yet: profile evidence goes here; "
-            f"see /work/notes/bench-findings.md.)\n{ANALYSIS_END}"
+            f"see benchmarks/FINDINGS.md.)\n{ANALYSIS_END}"
         ),
         "",
         REFERENCE,

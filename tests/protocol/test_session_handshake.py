@@ -1,4 +1,4 @@
-"""Session handshake, authentication and control requests (PROTOCOL-NOTES §4 cases 1-13)."""
+"""Session handshake, authentication and control requests (protocol-spec.md §3, §7)."""
 
 from __future__ import annotations
 

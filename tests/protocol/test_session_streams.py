@@ -1,4 +1,4 @@
-"""Streams, flow control, reset and shutdown (PROTOCOL-NOTES §4 cases 15-27, 37)."""
+"""Streams, flow control, reset and shutdown (protocol-spec.md §8-§10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Process-level behaviour of ``python -m muxtunnel server`` / ``client`` (issue 3, "Tests").
+"""Process-level behaviour of ``python -m muxtunnel server`` / ``client``.
 
 Real processes, real sockets on 127.0.0.1, signals sent to the PIDs the tests started.
 The local service behind the tunnel is a threaded echo server in this process.
