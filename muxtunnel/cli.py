@@ -28,7 +28,7 @@ from muxtunnel.config import build_client_config, build_server_config, default_s
 from muxtunnel.errors import ConfigError, ExitCode, MuxtunnelError
 from muxtunnel.logsetup import configure_logging
 from muxtunnel.tls import CERT_FILE_NAME, fingerprint_of_file, load_or_create_identity
-from muxtunnel.tokens import TOKEN_FILE_NAME, load_or_create_token
+from muxtunnel.tokens import TOKEN_FILE_NAME, check_private_file, load_or_create_token
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -117,6 +117,24 @@ def _root(
     debug: DebugOpt = False,
 ) -> None:
     """Self-hosted raw TCP tunnel: many TCP streams multiplexed over one TLS connection."""
+
+
+def _warn_exposed_token(
+    on_command_line: bool, config: Path | None, file_values: dict[str, object]
+) -> None:
+    """Warn (once the configuration is valid) about a token other local users can read.
+
+    ``--token`` is in the process's arguments, which every local user can read; a config file
+    holding a token must be private like a token file.
+    """
+    if on_command_line:
+        logger.warning(
+            "--token on the command line is visible to other local users (ps, "
+            "/proc/PID/cmdline); use --token-file FILE (mode 600) or the MUXTUNNEL_TOKEN "
+            "environment variable instead"
+        )
+    if config is not None and "token" in file_values:
+        check_private_file(config, "config file", " and holds a token")
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +287,60 @@ def server(
             metavar="SECONDS", help="Time a client gets for TLS and authentication (default: 10)."
         ),
     ] = None,
+    max_startups: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Connections in TLS+auth at once, total (default: 256)."),
+    ] = None,
+    max_startups_per_source: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", help="Connections in TLS+auth at once per source address (default: 10)."
+        ),
+    ] = None,
+    auth_failures: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", help="Failed logins per source in 60 s before a ban (default: 5)."
+        ),
+    ] = None,
+    auth_ban: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="First ban; doubles on repeat, up to 3600 (default: 60)."
+        ),
+    ] = None,
+    max_sessions_per_token: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Sessions one token may have at once (default: 8)."),
+    ] = None,
+    max_tunnels_per_token: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", help="Tunnels one token may hold, all sessions and leases (default: 64)."
+        ),
+    ] = None,
+    max_streams_per_token: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Open visitor streams per token (default: 1024)."),
+    ] = None,
+    max_visitors_per_tunnel: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Visitors one tunnel may have at once (default: 256)."),
+    ] = None,
+    open_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Time a client gets to answer a new stream (default: 30)."
+        ),
+    ] = None,
+    stall_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Reset a stream whose data waits this long unread when memory is short "
+            "(default: 30).",
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     debug: DebugOpt = False,
@@ -290,8 +362,19 @@ def server(
         "drain-timeout": drain_timeout,
         "max-tunnels-per-client": max_tunnels_per_client,
         "handshake-timeout": handshake_timeout,
+        "max-startups": max_startups,
+        "max-startups-per-source": max_startups_per_source,
+        "auth-failures": auth_failures,
+        "auth-ban": auth_ban,
+        "max-sessions-per-token": max_sessions_per_token,
+        "max-tunnels-per-token": max_tunnels_per_token,
+        "max-streams-per-token": max_streams_per_token,
+        "max-visitors-per-tunnel": max_visitors_per_tunnel,
+        "open-timeout": open_timeout,
+        "stall-timeout": stall_timeout,
     }
     cfg = build_server_config(file_values, flags, config_path=config)
+    _warn_exposed_token(bool(token), config, file_values)
     identity = load_or_create_identity(cfg.state_dir, cfg.cert_file, cfg.key_file)
     out(f"fingerprint: {identity.fingerprint}")
     if not cfg.tokens:
@@ -300,7 +383,7 @@ def server(
         if created:
             out(f"token: {generated}")
             out(
-                f"hint: clients need this token (--token or MUXTUNNEL_TOKEN); it is stored in {path} "
+                f"hint: clients need this token (MUXTUNNEL_TOKEN or --token-file); it is stored in {path} "
                 "and will not be shown again"
             )
         else:
@@ -359,6 +442,30 @@ def client(
         float | None,
         typer.Option(metavar="SECONDS", help="Longest wait between reconnects (default: 30)."),
     ] = None,
+    max_streams_per_tunnel: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Most local connections per tunnel at once (default: 256)."),
+    ] = None,
+    max_streams: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Most local connections at once, total (default: 512)."),
+    ] = None,
+    max_open_rate: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Most new streams the relay may open per second; more are refused "
+            "(default: 5000).",
+        ),
+    ] = None,
+    stall_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Reset a stream whose data waits this long unread when memory is short "
+            "(default: 30).",
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     debug: DebugOpt = False,
@@ -381,8 +488,13 @@ def client(
         "keepalive-timeout": keepalive_timeout,
         "connect-timeout": connect_timeout,
         "backoff-cap": backoff_cap,
+        "max-streams-per-tunnel": max_streams_per_tunnel,
+        "max-streams": max_streams,
+        "max-open-rate": max_open_rate,
+        "stall-timeout": stall_timeout,
     }
     cfg = build_client_config(file_values, flags, config_path=config)
+    _warn_exposed_token(token is not None, config, file_values)
 
     from muxtunnel.client import run_client
 

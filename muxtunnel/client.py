@@ -5,9 +5,21 @@ AUTH with pipelined BINDs, one ``forwarding tcp://RELAY:PORT -> LOCAL:PORT`` lin
 then one task per stream the relay opens: dial the local target (bounded by
 ``connect_timeout``), accept or reject with a reason, and splice.
 
+Every frame of the relay is treated as hostile (protocol-spec.md §16.7): a stream is only
+dialed for a tunnel whose BIND the relay accepted in the current session, and only to the
+local address the client's own tunnel spec names (OPEN's target is ignored); any other
+tunnel id gets OPEN_FAIL(UNKNOWN_TUNNEL). Local connections (dialing or spliced) are bounded
+per tunnel (``max_streams_per_tunnel``) and in total (``max_streams``); an OPEN beyond
+either bound gets OPEN_FAIL(RESOURCE_SHORTAGE) before any descriptor is spent. One stream's
+unexpected error ends that stream only. Text from the relay is logged through
+:func:`muxtunnel.logsafe.peer_text`, and repeated refusals are logged once per session
+with a count at its end.
+
 When a session ends for any reason but a refused token or a wrong relay identity, the client
 reconnects with exponential backoff and jitter (capped at ``backoff_cap``) and asks for the same
-public ports again, including the ones the relay picked the first time.
+public ports again, including the ones the relay picked the first time. A session that ends
+within ``STABLE_SESSION`` of coming up counts like a failed attempt for the backoff, so a relay
+that drops every session cannot make the client reconnect in a tight loop.
 """
 
 from __future__ import annotations
@@ -43,11 +55,13 @@ from muxtunnel.errors import (
     TunnelError,
 )
 from muxtunnel.handshake import BindOutcome, client_handshake
+from muxtunnel.logsafe import peer_text
 from muxtunnel.policy import DEFAULT_POLICY, StreamPolicy
 from muxtunnel.protocol.constants import OpenFailReason, ResultStatus, Role
 from muxtunnel.protocol.events import GoAwayReceived, ResultReceived, UnbindReceived
 from muxtunnel.protocol.frames import Address
 from muxtunnel.splice import splice
+from muxtunnel.tokens import check_private_dir
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -64,6 +78,8 @@ BACKOFF_BASE = 0.5
 HANDSHAKE_TIMEOUT = 15.0
 #: On shutdown, how long open streams may take to finish before the session is closed.
 DRAIN_TIMEOUT = 10.0
+#: A session that ends sooner than this after coming up counts towards the reconnect backoff.
+STABLE_SESSION = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +137,7 @@ class _Client:
         self.policy = policy
         self.ssl_context = tls.client_ssl_context(config.ca_file)
         self.known_hosts = tls.KnownHosts(config.state_dir / tls.KNOWN_HOSTS_FILE_NAME)
+        check_private_dir(config.state_dir)  # it holds the pinned relay fingerprints
         # tunnel id (1-based index) -> spec, and the port the relay gave it last time.
         self.specs: dict[int, TunnelSpec] = {i + 1: spec for i, spec in enumerate(config.tunnels)}
         self.remembered: dict[int, int] = {
@@ -131,6 +148,15 @@ class _Client:
         self.active_streams = 0
         self._idle = trio.Event()
         self._idle.set()
+        # Tunnels the relay accepted (RESULT OK for our BIND) in the current session: the only
+        # ones a stream may be dialed for.
+        self.up: dict[int, TunnelSpec] = {}
+        # Local connections (dialing or spliced) per tunnel id, and their total.
+        self.local: dict[int, int] = {}
+        self.local_total = 0
+        # Streams refused in the current session, per kind: the first is logged, the rest
+        # counted and summarized when the session ends.
+        self.refused: dict[str, int] = {}
 
     async def connect(self) -> tuple[trio.SSLStream[trio.SocketStream] | TLSStream, str]:
         config = self.config
@@ -168,9 +194,18 @@ class _Client:
         config = self.config
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream, fingerprint = await self.connect()
-        session = make_session(Role.CLIENT, idle_timeout=config.keepalive_timeout)
-        conn = MuxConnection(stream, session, name=f"relay {config.server_key}")
+        session = make_session(
+            Role.CLIENT, idle_timeout=config.keepalive_timeout, open_rate=config.max_open_rate
+        )
+        conn = MuxConnection(
+            stream,
+            session,
+            name=f"relay {config.server_key}",
+            stall_timeout=config.stall_timeout,
+        )
         self.conn = conn
+        self.up = {}
+        self.refused = {}
         authenticated = False
         body_error: Exception | None = None
         try:
@@ -199,13 +234,14 @@ class _Client:
                         # The port the relay picked last time is gone: let it pick again.
                         for tid in retry:
                             self.remembered[tid] = 0
-                        outcomes = [
-                            o for o in outcomes if o.tunnel_id not in retry
-                        ] + await self._rebind(conn, retry)
+                        with trio.fail_after(HANDSHAKE_TIMEOUT):
+                            rebound = await self._rebind(conn, retry)
+                        outcomes = [o for o in outcomes if o.tunnel_id not in retry] + rebound
                     bound: list[BoundTunnel] = []
                     for outcome in sorted(outcomes, key=lambda o: o.tunnel_id):
                         spec = self.specs[outcome.tunnel_id]
                         if outcome.ok and outcome.bound is not None:
+                            self.up[outcome.tunnel_id] = spec
                             self.remembered[outcome.tunnel_id] = outcome.bound.port
                             bound.append(BoundTunnel(spec, outcome.tunnel_id, outcome.bound.port))
                             self.report(
@@ -218,7 +254,7 @@ class _Client:
                                 spec,
                                 outcome.requested,
                                 outcome.status_name,
-                                outcome.message,
+                                peer_text(outcome.message),
                             )
                     if not bound and not self.ever_up:
                         raise TunnelError(
@@ -235,7 +271,7 @@ class _Client:
                     nursery.start_soon(self._control_loop, conn)
                     while True:
                         mux = await conn.accept_stream()
-                        nursery.start_soon(self._handle_stream, mux)
+                        nursery.start_soon(self._serve_stream, mux)
                 except MuxSessionClosedError:
                     pass
                 except Exception as exc:  # re-raised below, outside the nursery (no ExceptionGroup)
@@ -248,6 +284,8 @@ class _Client:
                     nursery.cancel_scope.cancel()
         finally:
             self.conn = None
+            self.up = {}
+            self._summarize_refusals(conn)
         if body_error is not None:
             raise body_error
         if not authenticated:
@@ -257,7 +295,9 @@ class _Client:
         if shutdown.is_set():
             logger.info("disconnected from relay %s", config.server_key)
         else:
-            logger.warning("session with relay %s ended: %s", config.server_key, conn.close_reason)
+            logger.warning(
+                "session with relay %s ended: %s", config.server_key, _inert(conn.close_reason)
+            )
         return True
 
     async def _rebind(self, conn: MuxConnection, tunnel_ids: list[int]) -> list[BindOutcome]:
@@ -287,24 +327,112 @@ class _Client:
         conn.close(ErrorCode.NO_ERROR, "client shutting down")
 
     async def _control_loop(self, conn: MuxConnection) -> None:
+        """Log what the relay announces; anything unexpected (a RESULT nobody asked for, a
+        second CHALLENGE ...) is ignored."""
         while True:
             try:
                 event = await conn.next_control_event()
             except MuxSessionClosedError:
                 return
             if isinstance(event, UnbindReceived):
-                spec = self.specs.get(event.tunnel_id)
-                logger.warning("the relay revoked tunnel %s (%s)", spec, event.error_code.name)
+                spec = self.up.pop(event.tunnel_id, None)
+                if spec is not None:
+                    logger.warning(
+                        "the relay revoked tunnel %s (%s)", spec, peer_text(event.error_code.name)
+                    )
             elif isinstance(event, GoAwayReceived):
-                logger.info("relay is going away (%s): %s", event.error_code.name, event.message)
+                logger.info(
+                    "relay is going away (%s): %s",
+                    peer_text(event.error_code.name),
+                    peer_text(event.message),
+                )
+
+    def _refuse(self, mux: MuxStream, reason: OpenFailReason, detail: str, first: str) -> None:
+        """Answer ``mux`` with OPEN_FAIL; log ``first`` only for the first refusal of its kind
+        in this session (the rest are counted and summarized when the session ends)."""
+        count = self.refused.get(reason.name, 0) + 1
+        self.refused[reason.name] = count
+        if count == 1:
+            logger.warning("%s (further ones in this session are only counted)", first)
+        _reject(mux, reason, detail)
+
+    def _summarize_refusals(self, conn: MuxConnection) -> None:
+        for name, count in self.refused.items():
+            if count > 1:
+                logger.warning("refused %d streams with %s in this session", count, name)
+        self.refused = {}
+        # OPENs the session itself refused (tunnel not bound, open rate exceeded): no stream
+        # was created for them, so they are only counted.
+        early = conn.statistics().get("opens_refused", 0)
+        if early:
+            logger.warning(
+                "the relay opened %d streams that were refused on arrival in this session "
+                "(tunnel not bound, or too many new streams per second)",
+                early,
+            )
+
+    async def _serve_stream(self, mux: MuxStream) -> None:
+        """Run one stream; an unexpected error ends that stream only, never the session."""
+        try:
+            await self._handle_stream(mux)
+        except Exception as exc:
+            logger.error(
+                "stream %d: internal error, stream aborted: %s",
+                mux.stream_id,
+                _inert(_error_text(exc)),
+            )
+            logger.debug("stream %d: traceback", mux.stream_id, exc_info=True)
+            _abort(mux)
 
     async def _handle_stream(self, mux: MuxStream) -> None:
-        spec = self.specs.get(mux.info.tunnel_id)
+        if mux.failure is not None:
+            return  # reset by the relay (or the session ended) before we got to it: no dial
+        tunnel_id = mux.info.tunnel_id
+        spec = self.up.get(tunnel_id)
         if spec is None:
-            mux.reject(OpenFailReason.UNKNOWN_TUNNEL, f"no tunnel {mux.info.tunnel_id}")
+            self._refuse(
+                mux,
+                OpenFailReason.UNKNOWN_TUNNEL,
+                "no such tunnel",
+                f"the relay opened a stream for tunnel {tunnel_id}, which it did not accept "
+                "in this session: refused",
+            )
             return
+        config = self.config
+        if self.local_total >= config.max_streams:
+            self._refuse(
+                mux,
+                OpenFailReason.RESOURCE_SHORTAGE,
+                "too many streams",
+                f"{self.local_total} local connections open (max-streams {config.max_streams}): "
+                "refusing new streams",
+            )
+            return
+        if self.local.get(tunnel_id, 0) >= config.max_streams_per_tunnel:
+            self._refuse(
+                mux,
+                OpenFailReason.RESOURCE_SHORTAGE,
+                "too many streams for this tunnel",
+                f"tunnel {spec}: {config.max_streams_per_tunnel} local connections open "
+                "(max-streams-per-tunnel): refusing new streams",
+            )
+            return
+        self.local[tunnel_id] = self.local.get(tunnel_id, 0) + 1
+        self.local_total += 1
+        try:
+            await self._dial_and_splice(mux, spec)
+        finally:
+            self.local_total -= 1
+            left = self.local[tunnel_id] - 1
+            if left:
+                self.local[tunnel_id] = left
+            else:
+                del self.local[tunnel_id]
+
+    async def _dial_and_splice(self, mux: MuxStream, spec: TunnelSpec) -> None:
         target = format_host_port(spec.local_host, spec.local_port)
         mux.info.labels["local"] = target
+        origin = peer_text(mux.info.origin)
         tcp: trio.SocketStream | None = None
         reason: OpenFailReason | None = None
         detail = ""
@@ -320,16 +448,14 @@ class _Client:
             )
         if tcp is None:
             assert reason is not None
-            logger.warning("stream from %s: %s", mux.info.origin, detail)
-            try:
-                mux.reject(reason, detail)
-            except RuntimeError:
-                pass
+            if mux.failure is None:  # not reset by the relay while we dialed
+                logger.warning("stream from %s: %s", origin, detail)
+            _reject(mux, reason, detail)
             return
-        logger.debug("stream %d opened: visitor %s -> %s", mux.stream_id, mux.info.origin, target)
+        logger.debug("stream %d opened: visitor %s -> %s", mux.stream_id, origin, target)
         try:
             mux.accept()
-        except trio.BrokenResourceError:
+        except trio.BrokenResourceError:  # reset by the relay (or the session ended) meanwhile
             await trio.aclose_forcefully(tcp)
             return
         self.active_streams += 1
@@ -342,7 +468,30 @@ class _Client:
             if not self.active_streams:
                 self._idle.set()
         if result.error is not None:
-            logger.info("stream from %s to %s failed: %s", mux.info.origin, target, result.error)
+            logger.info("stream from %s to %s failed: %s", origin, target, _inert(result.error))
+
+
+def _error_text(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, or of the errors inside an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_error_text(sub) for sub in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _reject(mux: MuxStream, reason: OpenFailReason, detail: str) -> None:
+    """OPEN_FAIL for ``mux``, unless it already failed (reset by the relay, session ended)."""
+    if mux.failure is None:
+        mux.reject(reason, detail)
+
+
+def _abort(mux: MuxStream) -> None:
+    """End ``mux`` after an internal error: OPEN_FAIL if still unanswered, else RESET."""
+    if mux.failure is not None:
+        return
+    try:
+        mux.reject(OpenFailReason.REFUSED, "internal error")
+    except RuntimeError:  # already accepted
+        mux.reset(ErrorCode.INTERNAL_ERROR, "internal error")
 
 
 async def run_client(
@@ -366,16 +515,22 @@ async def run_client(
     client = _Client(config, report, policy)
     started = False
     failures = 0
+    # Sessions in a row that ended within STABLE_SESSION of coming up: a relay that accepts
+    # and then drops us at once gets the same growing backoff as one that refuses us.
+    flaps = 0
+    up_at: list[float] = []  # when the current attempt's session came up (set by on_up)
 
     def on_up(info: ClientInfo) -> None:
         nonlocal started, failures
         failures = 0
+        up_at[:] = [trio.current_time()]
         if not started:
             started = True
             task_status.started(info)
 
     while not shutdown.is_set():
         error: BaseException | None = None
+        up_at.clear()
         try:
             await client.run_session(shutdown, on_up)
         except (AuthError, IdentityMismatchError, ConfigError, TunnelError):
@@ -385,13 +540,15 @@ async def run_client(
             logger.warning("relay %s: %s", config.server_key, _describe(exc))
         if shutdown.is_set():
             break
+        if up_at:
+            flaps = flaps + 1 if trio.current_time() - up_at[0] < STABLE_SESSION else 0
         failures += 1
         if config.max_retries is not None and failures > config.max_retries:
             raise SessionClosedError(
                 f"giving up on relay {config.server_key} after {failures} failed attempts"
                 + (f": {_describe(error)}" if error is not None else "")
             )
-        delay = min(config.backoff_cap, BACKOFF_BASE * 2 ** (failures - 1))
+        delay = min(config.backoff_cap, BACKOFF_BASE * 2 ** (max(failures, flaps) - 1))
         delay *= random.uniform(0.5, 1.0)
         logger.info("reconnecting to %s in %.1f s", config.server_key, delay)
         with trio.move_on_after(delay):
@@ -399,8 +556,19 @@ async def run_client(
 
 
 def _describe(exc: BaseException) -> str:
+    """One line for ``exc``; it may quote the relay (CLOSE or RESULT text)."""
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+        return _inert(exc.strerror)
+    return _inert(str(exc) or type(exc).__name__)
+
+
+def _inert(text: str | None, limit: int = 400) -> str:
+    """``text`` (our message, possibly quoting the relay) made safe for one log line.
+
+    Text that is printable and short is kept as it is, so a message whose peer part was
+    escaped already is not escaped twice; anything else goes through ``peer_text``.
+    """
+    text = str(text)
+    return text if text.isprintable() and len(text) <= limit else peer_text(text, limit)

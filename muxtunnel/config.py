@@ -229,6 +229,24 @@ class ServerConfig:
     drain_timeout: float = 10.0
     max_tunnels_per_client: int = 64
     handshake_timeout: float = 10.0
+    #: Connections in TLS + authentication at once, in total and per source address.
+    max_startups: int = 256
+    max_startups_per_source: int = 10
+    #: Failed authentications per source within a minute before the source is banned.
+    auth_failures: int = 5
+    #: First ban in seconds; doubles for a source banned again (at most an hour).
+    auth_ban: float = 60.0
+    #: Per-token limits across all sessions of the token (detached leases count as tunnels).
+    max_sessions_per_token: int = 8
+    max_tunnels_per_token: int = 64
+    max_streams_per_token: int = 1024
+    #: Visitors connected to one tunnel at once; more are reset at once.
+    max_visitors_per_tunnel: int = 256
+    #: Seconds the client gets to answer an OPEN before the stream is reset (spec §9.2).
+    open_timeout: float = 30.0
+    #: Seconds a stream's received data may wait unconsumed, while the session's receive
+    #: budget is full, before the stream is reset (spec §8.7).
+    stall_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -249,6 +267,16 @@ class ClientConfig:
     #: Timeout for dialing the local target of a stream.
     connect_timeout: float = 10.0
     backoff_cap: float = 30.0
+    #: Local connections (dialing or open) per tunnel and in total; the relay's OPENs beyond
+    #: either bound are refused with RESOURCE_SHORTAGE.
+    max_streams_per_tunnel: int = 256
+    max_streams: int = 512
+    #: Relay OPENs taken per second (burst: twice as many); the excess is refused with
+    #: RESOURCE_SHORTAGE (spec §9.2 item 3.6).
+    max_open_rate: float = 5000.0
+    #: Seconds a stream's received data may wait unconsumed, while the session's receive
+    #: budget is full, before the stream is reset (spec §8.7).
+    stall_timeout: float = 30.0
 
     @property
     def server_key(self) -> str:
@@ -277,6 +305,16 @@ _SERVER_KEYS = frozenset(
         "drain-timeout",
         "max-tunnels-per-client",
         "handshake-timeout",
+        "max-startups",
+        "max-startups-per-source",
+        "auth-failures",
+        "auth-ban",
+        "max-sessions-per-token",
+        "max-tunnels-per-token",
+        "max-streams-per-token",
+        "max-visitors-per-tunnel",
+        "open-timeout",
+        "stall-timeout",
     }
 )
 _CLIENT_KEYS = frozenset(
@@ -292,6 +330,10 @@ _CLIENT_KEYS = frozenset(
         "max-retries",
         "connect-timeout",
         "backoff-cap",
+        "max-streams-per-tunnel",
+        "max-streams",
+        "max-open-rate",
+        "stall-timeout",
     }
 )
 _SECTIONS = {"server": _SERVER_KEYS, "client": _CLIENT_KEYS}
@@ -509,6 +551,16 @@ def build_server_config(
         drain_timeout=_get(src, "drain-timeout", 10.0, _as_seconds),
         max_tunnels_per_client=_get(src, "max-tunnels-per-client", 64, _as_positive),
         handshake_timeout=_get(src, "handshake-timeout", 10.0, _as_seconds),
+        max_startups=_get(src, "max-startups", 256, _as_positive),
+        max_startups_per_source=_get(src, "max-startups-per-source", 10, _as_positive),
+        auth_failures=_get(src, "auth-failures", 5, _as_positive),
+        auth_ban=_get(src, "auth-ban", 60.0, _as_seconds),
+        max_sessions_per_token=_get(src, "max-sessions-per-token", 8, _as_positive),
+        max_tunnels_per_token=_get(src, "max-tunnels-per-token", 64, _as_positive),
+        max_streams_per_token=_get(src, "max-streams-per-token", 1024, _as_positive),
+        max_visitors_per_tunnel=_get(src, "max-visitors-per-tunnel", 256, _as_positive),
+        open_timeout=_get(src, "open-timeout", 30.0, _as_seconds),
+        stall_timeout=_get(src, "stall-timeout", 30.0, _as_seconds),
     )
 
 
@@ -627,4 +679,8 @@ def build_client_config(
         max_retries=max_retries,
         connect_timeout=_get(src, "connect-timeout", 10.0, _as_seconds),
         backoff_cap=_get(src, "backoff-cap", 30.0, _as_seconds),
+        max_streams_per_tunnel=_get(src, "max-streams-per-tunnel", 256, _as_positive),
+        max_streams=_get(src, "max-streams", 512, _as_positive),
+        max_open_rate=float(_get(src, "max-open-rate", 5000, _as_positive)),
+        stall_timeout=_get(src, "stall-timeout", 30.0, _as_seconds),
     )

@@ -27,14 +27,26 @@ so an interactive frame waits behind at most one such batch plus the kernel's 16
 ``TCP_NOTSENT_LOWAT`` (set by trio); a lone bulk stream gets :data:`BULK_WRITE_BATCH`. The
 session's DRR quantum is :data:`SCHEDULER_QUANTUM`.
 
-A :class:`MuxStream` is a ``trio.abc.HalfCloseableStream``. ``send_all`` cuts the data into
-chunks of at most :data:`SEND_CHUNK` bytes and, before each chunk, waits while the session still
-holds more than :data:`SEND_LOW_WATER` unframed bytes for the stream: a stream buffers at most
-``SEND_LOW_WATER + SEND_CHUNK`` bytes in the adapter, and everything beyond waits for window
-credit from the peer. ``receive_some`` hands out buffered chunks and acknowledges them to the
-session, which returns window credit only for bytes the application consumed (P3). ``send_eof``
-queues FIN behind the stream's data (P8); the peer's RESET raises :class:`MuxStreamResetError`
-(a ``StreamResetError`` that is also a ``trio.BrokenResourceError``), never a clean EOF (P9).
+A :class:`MuxStream` is a ``trio.abc.HalfCloseableStream``. The session holds a stream's
+unframed bytes until the peer's windows allow them. ``send_all`` hands them over piece by piece
+and waits while the stream's *send room* is used up: a stream may have at most
+:data:`SEND_LOW_WATER` bytes queued beyond its send credit, and :data:`SEND_HIGH_WATER` in all
+(:meth:`MuxStream.send_room`). A blocked stream therefore holds at most 256 KiB in our memory;
+a copy loop (``muxtunnel.splice``) asks for the room before it reads its socket, so the rest
+waits in the kernel. ``receive_some`` hands out buffered chunks and acknowledges them to the
+session (stream credit returns on consumption, spec §8.5); a copy loop may acknowledge only
+once the bytes are written (``receive_batch(acknowledge=False)`` + :meth:`MuxStream.acknowledge`).
+A small DATA payload is copied out of the large decrypted read it arrived in, so held bytes
+never pin more than :data:`PIN_FACTOR` times their size. ``send_eof`` queues FIN behind the
+stream's data (P8); the peer's RESET raises :class:`MuxStreamResetError` (a
+``StreamResetError`` that is also a ``trio.BrokenResourceError``), never a clean EOF (P9).
+
+The **timer** task enforces two local bounds (both off when None): ``open_timeout`` resets a
+stream we opened with RESET(CANCEL) when the peer has not answered its OPEN in time (spec §9.2
+item 6), which frees its pending-open slot; ``stall_timeout`` applies the stall policy of spec
+§8.7: while the bytes held unconsumed exceed the session's receive budget, the stream whose
+data has waited longest without being consumed is reset with CANCEL once it has waited that
+long.
 
 ``aclose`` behaves like ``close()`` on a TCP socket: with unread received data it resets the
 stream; otherwise it sends FIN, and data that arrives later resets the stream (the peer's
@@ -46,6 +58,7 @@ stream that is not finished fails with :class:`MuxSessionClosedError` and both c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import operator
@@ -91,10 +104,13 @@ if TYPE_CHECKING:
 __all__ = [
     "BULK_WRITE_BATCH",
     "FAST_TLS",
+    "PIN_FACTOR",
     "RECEIVE_SIZE",
     "SCHEDULER_QUANTUM",
     "SEND_CHUNK",
+    "SEND_HIGH_WATER",
     "SEND_LOW_WATER",
+    "SEND_MIN_ROOM",
     "WRITE_BATCH",
     "MuxConnection",
     "MuxSessionClosedError",
@@ -108,13 +124,33 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: A stream's sender waits while the session holds more than this many unframed bytes for it.
-#: 64 KiB is one maximum DATA frame: enough to keep the writer's batches full, small enough that
-#: 1,000 blocked streams hold at most ~128 MiB in the worst case (low water + one chunk each).
-SEND_LOW_WATER: Final = 64 * 1024
-#: Largest piece ``MuxStream.send_all`` hands to the session at once. With the low-water mark
-#: a blocked stream holds at most SEND_LOW_WATER + SEND_CHUNK (320 KiB) in the adapter.
-SEND_CHUNK: Final = 256 * 1024
+#: Unframed bytes a stream may queue beyond its send credit: what a stream the peer does not
+#: read holds in our memory (1,000 blocked streams: at most 250 MiB; the rest waits in the
+#: kernel). Less costs bulk throughput: with 64 KiB a single stream moved 10-20% less, since
+#: less is ready to go out the moment credit returns.
+SEND_LOW_WATER: Final = 256 * 1024
+#: Unframed bytes a stream may queue in all, however much credit it has: enough to keep the
+#: writer's batches full.
+SEND_HIGH_WATER: Final = 512 * 1024
+#: ``send_all`` waits until at least this much room is free (or the queue is empty), so that
+#: credit returning in small steps does not turn into many small reads and pieces.
+SEND_MIN_ROOM: Final = 64 * 1024
+#: Largest piece ``MuxStream.send_all`` hands to the session at once.
+SEND_CHUNK: Final = SEND_HIGH_WATER
+#: A received DATA payload whose buffer is more than this many times its size is copied out,
+#: so bytes held for a slow reader never keep a large decrypted read alive (spec §8.3).
+PIN_FACTOR: Final = 4
+#: How often (at most) the timer task looks for a stalled stream, in seconds.
+STALL_CHECK_INTERVAL: Final = 1.0
+#: The relay's connection receive window maximum and receive budget (spec §8.5, §8.6): a
+#: session holds at most RELAY_RECEIVE_BUDGET + RELAY_MAX_CONN_WINDOW (96 MiB) unconsumed.
+#: 64 MiB covers the initial windows of 256 stalled streams (one tunnel's visitor limit)
+#: before anything waits for the stall policy.
+RELAY_MAX_CONN_WINDOW: Final = 32 * 1024 * 1024
+RELAY_RECEIVE_BUDGET: Final = 64 * 1024 * 1024
+#: The client's receive budget: its connection window maximum is the core default, 64 MiB, so
+#: a client session holds at most 128 MiB unconsumed.
+CLIENT_RECEIVE_BUDGET: Final = 64 * 1024 * 1024
 #: ``receive_some`` size for the transport. trio's SSLStream returns at most one TLS record
 #: (16 KiB) per call whatever we ask (and allocates ``max_bytes`` for it): 64 KiB is plenty.
 RECEIVE_SIZE: Final = 64 * 1024
@@ -186,6 +222,14 @@ class _ConflictDetector:
         self._held = False
 
 
+def _unpinned(view: memoryview) -> memoryview:
+    """``view``, or a copy of it if it is small next to the buffer it keeps alive."""
+    base = view.obj
+    if isinstance(base, bytes | bytearray) and len(view) * PIN_FACTOR < len(base):
+        return memoryview(view.tobytes())
+    return view
+
+
 def _effective_idle(local_ms: int, peer_ms: int | None) -> float | None:
     """Return the idle timeout in seconds: the minimum of the non-zero values, None if off."""
     values = [v for v in (local_ms, peer_ms or 0) if v > 0]
@@ -217,6 +261,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._pending = True
         self._chunks: deque[memoryview] = deque()
         self._buffered = 0
+        self._unacked = 0  # taken by receive_batch(acknowledge=False), not acknowledged yet
         self._recv_eof = False  # peer FIN received
         self._eof_sent = False  # our FIN queued
         self._closed = False  # aclose()/reset() called
@@ -248,6 +293,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """True once the peer's FIN has arrived."""
         return self._recv_eof
 
+    @property
+    def pending(self) -> bool:
+        """True until the open is answered (OPEN_ACK/OPEN_FAIL) or the stream fails."""
+        return self._pending
+
     def _make_error(self) -> trio.BrokenResourceError:
         assert self._failure is not None
         kind, code, message, reason = self._failure
@@ -266,9 +316,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def _drop_buffer(self) -> None:
         """Discard unread bytes, acknowledging them so the connection window is not lost (P6)."""
-        if self._buffered:
-            self._conn._acknowledge(self.stream_id, self._buffered)
-            self._buffered = 0
+        n = self._buffered + self._unacked
+        if n:
+            self._conn._acknowledge(self.stream_id, n)
+            self._buffered = self._unacked = 0
             self._chunks.clear()
 
     def _fail(self, kind: str, code: ErrorCode, message: str, reason: int = 0) -> None:
@@ -297,7 +348,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if self._failure is None:
                 self._conn._reset(self, ErrorCode.CANCEL, "data after close")
             return
-        self._chunks.append(data if isinstance(data, memoryview) else memoryview(data))
+        # A small payload is copied rather than keeping the whole decrypted read alive.
+        self._chunks.append(_unpinned(data) if isinstance(data, memoryview) else memoryview(data))
         self._buffered += n
         ev = self._recv_waiter
         if ev is not None:
@@ -344,7 +396,12 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._conn._wake_writer()
 
     def reject(self, reason: OpenFailReason, message: str = "") -> None:
-        """Refuse a stream the peer opened (queue OPEN_FAIL); the stream is closed after it."""
+        """Refuse a stream the peer opened (queue OPEN_FAIL); the stream is closed after it.
+
+        A no-op for a stream that already failed (reset by the peer, session ended).
+        """
+        if self.incoming and not self._pending and self._failure is not None:
+            return
         if not self.incoming or not self._pending:
             raise RuntimeError("reject() is only for streams the peer opened and not yet accepted")
         self._pending = False
@@ -380,18 +437,50 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     # -- trio.abc.SendStream -------------------------------------------------------------
 
-    async def _wait_writable(self) -> bool:
-        """Wait while the session holds too much unsent data; True if it had to wait."""
+    def _room(self) -> int:
+        """Bytes the session may take for this stream now; < SEND_MIN_ROOM means wait."""
         session = self._conn._session
+        sid = self.stream_id
+        pending = session.pending_bytes(sid)
+        credit = session.send_credit(sid)
+        room = min(SEND_HIGH_WATER, SEND_LOW_WATER + credit) - pending
+        if pending and room < SEND_MIN_ROOM:
+            return 0
+        return room
+
+    @property
+    def send_blocked(self) -> bool:
+        """True if :meth:`send_room` would wait (the peer has not made room for more)."""
+        return self._failure is None and self._conn.usable and self._room() <= 0
+
+    async def _wait_writable(self) -> tuple[int, bool]:
+        """Wait until the stream has send room; return (room, whether it had to wait)."""
         waited = False
         while True:
             self._check_send()
-            if session.pending_bytes(self.stream_id) <= SEND_LOW_WATER:
-                return waited
+            room = self._room()
+            if room > 0:
+                return room, waited
             ev = self._send_waiter = trio.Event()
             self._conn._blocked.add(self)
             await ev.wait()
             waited = True
+
+    async def send_room(self) -> int:
+        """Wait until ``send_all`` can take bytes without waiting; return how many (> 0).
+
+        A copy loop reads at most this much before its next ``send_all``, so that a stream
+        whose peer does not read holds at most :data:`SEND_LOW_WATER` bytes in our memory.
+
+        Raises:
+            The same as :meth:`send_all`.
+        """
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            room, waited = await self._wait_writable()
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return room
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` on the stream; waits while too much of it is still unsent.
@@ -418,9 +507,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
             waited = False
             session = self._conn._session
             while offset < total:
-                if await self._wait_writable():
-                    waited = True
-                n = min(total - offset, SEND_CHUNK)
+                room, did_wait = await self._wait_writable()
+                waited |= did_wait
+                n = min(total - offset, room)
                 if self.incoming and self._pending:
                     self.accept()
                 session.send_data(self.stream_id, view[offset : offset + n])
@@ -441,7 +530,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """
         with self._send_conflict:
             await trio.lowlevel.checkpoint_if_cancelled()
-            if not await self._wait_writable():
+            if not (await self._wait_writable())[1]:
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_eof(self) -> None:
@@ -478,17 +567,34 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """
         return await self._receive(max_bytes, batch=False)
 
-    async def receive_batch(self, max_bytes: int) -> bytes | memoryview:
+    async def receive_batch(
+        self, max_bytes: int, *, acknowledge: bool = True
+    ) -> bytes | memoryview:
         """Like :meth:`receive_chunk`, but joins several buffered chunks (up to ``max_bytes``).
 
-        For a copy loop: one local ``send`` and one wake-up for many DATA frames.
+        For a copy loop: one local ``send`` and one wake-up for many DATA frames. With
+        ``acknowledge=False`` the bytes still count against the stream's window until
+        :meth:`acknowledge` is called for them (after they were written on), so what the copy
+        loop holds is flow controlled too and a stalled writer shows as a stalled stream.
 
         Raises:
             The same as :meth:`receive_some`.
         """
-        return await self._receive(max_bytes, batch=True)
+        return await self._receive(max_bytes, batch=True, ack=acknowledge)
 
-    async def _receive(self, max_bytes: int, *, batch: bool) -> bytes | memoryview:
+    def acknowledge(self, n: int) -> None:
+        """Return credit for ``n`` bytes taken with ``receive_batch(acknowledge=False)``.
+
+        Bytes of a stream that was reset or closed meanwhile were credited already: ignored.
+        """
+        n = min(n, self._unacked)
+        if n > 0:
+            self._unacked -= n
+            self._conn._acknowledge(self.stream_id, n)
+
+    async def _receive(
+        self, max_bytes: int, *, batch: bool, ack: bool = True
+    ) -> bytes | memoryview:
         with self._recv_conflict:
             if max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
@@ -504,8 +610,8 @@ class MuxStream(trio.abc.HalfCloseableStream):
                     continue  # look again: another task may have closed the stream
                 if self._chunks:
                     if batch and len(self._chunks) > 1:
-                        return self._take_many(max_bytes)
-                    return self._take(max_bytes)
+                        return self._take_many(max_bytes, ack)
+                    return self._take(max_bytes, ack)
                 if self._recv_eof:
                     return b""
                 if self._failure is not None:
@@ -514,10 +620,18 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 await ev.wait()
                 yielded = True
 
-    def _take_many(self, limit: int) -> bytes | memoryview:
+    def _taken(self, n: int, ack: bool) -> None:
+        self._buffered -= n
+        self.info.bytes_in += n
+        if ack:
+            self._conn._acknowledge(self.stream_id, n)
+        else:
+            self._unacked += n
+
+    def _take_many(self, limit: int, ack: bool) -> bytes | memoryview:
         chunks = self._chunks
         if len(chunks[0]) >= limit:
-            return self._take(limit)
+            return self._take(limit, ack)
         parts: list[memoryview] = []
         n = 0
         while chunks and n < limit:
@@ -526,27 +640,22 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if len(chunk) <= room:
                 chunks.popleft()
             else:
-                chunks[0] = chunk[room:]
+                chunks[0] = _unpinned(chunk[room:])
                 chunk = chunk[:room]
             parts.append(chunk)
             n += len(chunk)
-        self._buffered -= n
-        self.info.bytes_in += n
-        self._conn._acknowledge(self.stream_id, n)
+        self._taken(n, ack)
         return b"".join(parts)
 
-    def _take(self, limit: int) -> memoryview:
+    def _take(self, limit: int, ack: bool) -> memoryview:
         chunk = self._chunks[0]
         if len(chunk) <= limit:
             self._chunks.popleft()
             out = chunk
         else:
             out = chunk[:limit]
-            self._chunks[0] = chunk[limit:]
-        n = len(out)
-        self._buffered -= n
-        self.info.bytes_in += n
-        self._conn._acknowledge(self.stream_id, n)
+            self._chunks[0] = _unpinned(chunk[limit:])
+        self._taken(len(out), ack)
         return out
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -617,6 +726,11 @@ class MuxConnection:
         session: A fresh ``Session`` (its MAGIC and HELLO are already queued).
         name: Used in log lines (e.g. the peer address).
         token_id: Stored in every stream's :class:`StreamInfo`.
+        open_timeout: Seconds the peer gets to answer our OPEN before the stream is reset
+            with CANCEL (spec §9.2 item 6); None: no bound.
+        stall_timeout: Seconds a stream's received data may wait unconsumed, while the
+            receive budget is exceeded, before the stream is reset with CANCEL (spec §8.7);
+            None: never.
     """
 
     def __init__(
@@ -627,8 +741,19 @@ class MuxConnection:
         name: str = "",
         token_id: str | None = None,
         receive_size: int | None = None,
+        open_timeout: float | None = None,
+        stall_timeout: float | None = None,
     ) -> None:
         self.transport = transport
+        #: See the class docstring.
+        self.open_timeout = open_timeout
+        self.stall_timeout = stall_timeout
+        #: (deadline, stream id) of our OPENs, in order (one timeout: deadlines ascend).
+        self._open_deadlines: deque[tuple[float, int]] = deque()
+        self._timer_waiter: trio.Event | None = None
+        #: Streams reset by the open timeout and by the stall policy.
+        self.open_timeouts = 0
+        self.stall_resets = 0
         #: Bytes asked of the transport per read.
         self.receive_size = receive_size or _receive_size_for(transport)
         self._session = session
@@ -735,6 +860,12 @@ class MuxConnection:
         )
         stream = MuxStream(self, sid, info, incoming=False)
         self._streams[sid] = stream
+        if self.open_timeout is not None:
+            self._open_deadlines.append((info.started + self.open_timeout, sid))
+            ev = self._timer_waiter
+            if ev is not None and len(self._open_deadlines) == 1:
+                self._timer_waiter = None
+                ev.set()
         self._wake_writer()
         return stream
 
@@ -830,6 +961,8 @@ class MuxConnection:
         stats.update(
             adapter_streams=len(self._streams),
             adapter_blocked_senders=len(self._blocked),
+            open_timeouts=self.open_timeouts,
+            stall_resets=self.stall_resets,
             transport_bytes_received=self.bytes_received,
             transport_bytes_sent=self.bytes_sent,
         )
@@ -848,6 +981,8 @@ class MuxConnection:
                 nursery.start_soon(self._reader_loop)
                 nursery.start_soon(self._keepalive_loop)
                 nursery.start_soon(self._rtt_sampler)
+                if self.open_timeout is not None or self.stall_timeout is not None:
+                    nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._close_watchdog, nursery.cancel_scope)
                 task_status.started(self)
                 await self._writer_loop()
@@ -935,8 +1070,7 @@ class MuxConnection:
             await ev.wait()
 
     def _release_blocked(self) -> None:
-        pending = self._session.pending_bytes
-        ready = [s for s in self._blocked if pending(s.stream_id) <= SEND_LOW_WATER]
+        ready = [s for s in self._blocked if s._room() > 0]
         for stream in ready:
             self._blocked.discard(stream)
             stream._writable()
@@ -1026,6 +1160,59 @@ class MuxConnection:
                     self._last_ping = now
                     self._wake_writer()
 
+    async def _timer_loop(self) -> None:
+        """Enforce ``open_timeout`` and ``stall_timeout`` (see the class docstring)."""
+        stall = self.stall_timeout
+        interval = None if stall is None else min(STALL_CHECK_INTERVAL, max(stall / 4, 0.01))
+        next_stall = math.inf if interval is None else trio.current_time() + interval
+        deadlines = self._open_deadlines
+        while not self.closed:
+            now = trio.current_time()
+            while deadlines and deadlines[0][0] <= now:
+                _, sid = deadlines.popleft()
+                stream = self._streams.get(sid)
+                if stream is not None and stream._pending and stream._failure is None:
+                    self.open_timeouts += 1
+                    logger.info(
+                        "%s: stream %d: no answer to OPEN within %.0f s; reset",
+                        self.name,
+                        sid,
+                        self.open_timeout,
+                    )
+                    stream.reset(ErrorCode.CANCEL, "no answer to OPEN in time")
+            if stall is not None and now >= next_stall:
+                next_stall = now + (interval or 0.0)
+                self._reset_stalled(now, stall)
+            wake = min(next_stall, deadlines[0][0] if deadlines else math.inf)
+            ev = self._timer_waiter = trio.Event()
+            with trio.move_on_at(wake):
+                await ev.wait()
+            self._timer_waiter = None
+
+    def _reset_stalled(self, now: float, timeout: float) -> None:
+        """Reset stalled streams while the receive budget is exceeded (spec §8.7)."""
+        session = self._session
+        for _ in range(1024):  # a bounded amount of work per check
+            if not self.usable:
+                return
+            sid = session.stalled_stream(now, timeout)
+            if sid is None:
+                return
+            self.stall_resets += 1
+            logger.info(
+                "%s: stream %d: received data not consumed for %.0f s while the receive "
+                "budget is full; reset",
+                self.name,
+                sid,
+                timeout,
+            )
+            stream = self._streams.get(sid)
+            if stream is not None:
+                stream.reset(ErrorCode.CANCEL, "stalled: received data not consumed")
+            if session.stream_is_open(sid):
+                session.reset_stream(sid, ErrorCode.CANCEL)
+                self._wake_writer()
+
     async def _close_watchdog(self, scope: trio.CancelScope) -> None:
         await self._closing.wait()
         await trio.sleep(CLOSE_GRACE)
@@ -1041,9 +1228,9 @@ class MuxConnection:
         self._fail_streams()
         self._wake_writer()
         self._wake_slot()
-        ev = self._keepalive_waiter
-        if ev is not None:
-            ev.set()
+        for ev in (self._keepalive_waiter, self._timer_waiter):
+            if ev is not None:
+                ev.set()
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead is None:
@@ -1184,13 +1371,20 @@ def make_session(
     *,
     idle_timeout: float | None = None,
     settings_overrides: dict[str, int] | None = None,
+    receive_budget: int | None = None,
+    open_rate: float | None = None,
 ) -> Session:
     """Build a ``Session`` with the role's default settings, optionally changed.
+
+    The relay's session uses :data:`RELAY_MAX_CONN_WINDOW` and :data:`RELAY_RECEIVE_BUDGET`,
+    the client's the core's 64 MiB window maximum and :data:`CLIENT_RECEIVE_BUDGET`.
 
     Args:
         role: CLIENT or SERVER.
         idle_timeout: Receive-silence limit in seconds (0 or None: the default).
         settings_overrides: ``Settings`` field names mapped to values (tests use small windows).
+        receive_budget: Overrides the receive budget (bytes; see ``SessionConfig``).
+        open_rate: Inbound OPENs taken per second (burst: twice as many); None: the default.
     """
     from muxtunnel.protocol.frames import Settings
 
@@ -1199,7 +1393,20 @@ def make_session(
         # The wire allows 5 s .. 1 h (protocol-spec §5.3); clamp rather than fail.
         values["idle_timeout_ms"] = min(max(round(idle_timeout * 1000), 5_000), 3_600_000)
     values.update(settings_overrides or {})
-    return Session(role, SessionConfig(settings=Settings(**values), quantum=SCHEDULER_QUANTUM))
+    config = SessionConfig(settings=Settings(**values), quantum=SCHEDULER_QUANTUM)
+    if role == Role.SERVER:
+        config = dataclasses.replace(config, max_conn_window=RELAY_MAX_CONN_WINDOW)
+        default_budget = RELAY_RECEIVE_BUDGET
+    else:
+        default_budget = CLIENT_RECEIVE_BUDGET
+    config = dataclasses.replace(
+        config, receive_budget=default_budget if receive_budget is None else receive_budget
+    )
+    if open_rate is not None:
+        config = dataclasses.replace(
+            config, open_rate=open_rate, open_burst=max(1, round(2 * open_rate))
+        )
+    return Session(role, config)
 
 
 @asynccontextmanager

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from muxtunnel.connection import MuxConnection, MuxSessionClosedError
 from muxtunnel.errors import AuthError, ErrorCode, HandshakeError
+from muxtunnel.logsafe import peer_text
 from muxtunnel.protocol.constants import AUTH_CONTEXT, AUTH_NONCE_SIZE, AuthMethod, ResultStatus
 from muxtunnel.protocol.events import (
     AuthRequested,
@@ -87,7 +88,8 @@ async def authenticate_client(conn: MuxConnection, tokens: Sequence[str]) -> str
     On failure RESULT(AUTH_FAILED or UNSUPPORTED_METHOD) and CLOSE(AUTH_FAILED) are queued.
 
     Raises:
-        AuthError: Wrong token or unsupported method.
+        AuthError: Wrong token or unsupported method; the message is the bare reason
+            (``wrong token``) for the relay's ``authentication failed from ...`` line.
         HandshakeError: The connection ended before AUTH.
     """
     nonce = secrets.token_bytes(AUTH_NONCE_SIZE)
@@ -115,7 +117,7 @@ async def authenticate_client(conn: MuxConnection, tokens: Sequence[str]) -> str
     if token is None:
         session.send_result(event.req_id, ResultStatus.AUTH_FAILED, "authentication failed")
         conn.close(ErrorCode.AUTH_FAILED, "authentication failed")
-        raise AuthError("authentication failed: wrong token")
+        raise AuthError("wrong token")
     session.send_result(event.req_id, ResultStatus.OK, "")
     # The session held the frames pipelined after AUTH (BINDs ...): process them now.
     conn.process_held()
@@ -169,7 +171,7 @@ async def client_handshake(
             break
         if isinstance(event, ConnectionClosed):
             raise HandshakeError(
-                f"relay closed the connection ({event.error_code.name}: {event.message})"
+                f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
     session.send_auth(AUTH_REQ_ID, AuthMethod.HMAC_SHA256, make_credential(token, event.nonce))
     requests: dict[int, tuple[int, int]] = {}
@@ -194,17 +196,17 @@ async def client_handshake(
         if isinstance(event, ConnectionClosed):
             if event.error_code == ErrorCode.AUTH_FAILED:
                 raise AuthError(
-                    f"authentication failed: the relay refused the token ({event.message})"
+                    f"authentication failed: the relay refused the token ({peer_text(event.message)})"
                 )
             raise HandshakeError(
-                f"relay closed the connection ({event.error_code.name}: {event.message})"
+                f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
         if not isinstance(event, ResultReceived):
             continue
         if event.req_id == AUTH_REQ_ID:
             if event.status != ResultStatus.OK:
                 raise AuthError(
-                    f"authentication failed: the relay refused the token ({event.message or event.status})"
+                    f"authentication failed: the relay refused the token ({peer_text(event.message or event.status)})"
                 )
             authenticated = True
         elif event.req_id in requests:

@@ -2,7 +2,8 @@
 
 Library modules only call ``logging.getLogger(__name__)``; the CLI calls
 :func:`configure_logging` once. stdout stays reserved for the lines users and scripts read
-(fingerprint, token, ``forwarding ...``).
+(fingerprint, token, ``forwarding ...``). Every line goes through a
+:class:`~muxtunnel.logsafe.RateLimitFilter`, so a remote party cannot flood the log.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from typing import TextIO
 
 from muxtunnel.errors import ConfigError
+from muxtunnel.logsafe import RateLimitFilter
 
 __all__ = ["LEVELS", "JsonFormatter", "configure_logging"]
 
@@ -68,6 +70,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     if fmt not in _FORMATS:
         raise ConfigError(f"--log-format: unknown format {fmt!r} (choose from text, json)")
     handler = _StderrHandler()
+    handler.addFilter(RateLimitFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

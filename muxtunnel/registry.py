@@ -11,7 +11,14 @@ drop or a ``kill -9``.
 If a BIND asks for a port still held by *another live-looking session of the same token*, the
 old session is probed (PING, wait for any byte); if it stays silent it is stale (half-open TCP,
 killed client): it is closed and the new session takes the port over. If it answers, both
-clients are alive and the new one gets ADDRESS_IN_USE (taking it would make the two flap).
+clients are alive and the new one gets ADDRESS_IN_USE for that port, or a fresh port when it
+asked for port 0 (taking it would make the two flap). Probes are coalesced per session: all
+BINDs of a burst share one PING, and a session that answered is taken as alive for
+:data:`PROBE_CACHE_SECONDS` (so clients sharing a token never PING-flood each other).
+
+A token holds at most ``max_per_token`` leases, attached and detached alike; a BIND beyond that
+is refused (LIMIT_REACHED) before any port is searched. A new listener also needs room in the
+relay's :class:`~muxtunnel.limits.DescriptorBudget`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,12 +37,16 @@ from muxtunnel.protocol.constants import ResultStatus
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from muxtunnel.limits import DescriptorBudget
+
 __all__ = ["BindError", "PortLease", "PortRegistry"]
 
 logger = logging.getLogger(__name__)
 
 #: How long a live-looking session of the same token gets to show it is alive (seconds).
 TAKEOVER_PROBE_TIMEOUT = 1.5
+#: How long a session that answered a probe is taken as alive without another PING (seconds).
+PROBE_CACHE_SECONDS = 1.0
 #: Random ports tried before a linear scan of the range when the relay picks a port.
 _RANDOM_TRIES = 32
 
@@ -70,11 +82,26 @@ class PortLease:
     accept_scope: trio.CancelScope | None = None
     #: Set whenever the owner changes; accept loops watch it.
     changed: trio.Event = field(default_factory=trio.Event)
+    #: Visitors connected through this port now (bounded by max-visitors-per-tunnel).
+    visitors: int = 0
 
     def close(self) -> None:
         """Close the listening sockets (synchronous: trio socket close needs no await)."""
         for listener in self.listeners:
             listener.socket.close()
+
+
+@dataclass(eq=False, slots=True)
+class _Probe:
+    """The liveness probe of one session: in flight (``result`` None) or its answer."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    result: bool | None = None
+    at: float = 0.0
+
+    def answer(self) -> bool | None:
+        """The result (None while in flight or after a cancelled probe)."""
+        return self.result
 
 
 class BindError(Exception):
@@ -94,13 +121,57 @@ class PortRegistry:
         bind_host: str,
         lease_seconds: float,
         *,
+        max_per_token: int | None = None,
+        descriptors: DescriptorBudget | None = None,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.port_range = port_range
         self.bind_host = bind_host
         self.lease_seconds = lease_seconds
+        self.max_per_token = max_per_token
+        self.descriptors = descriptors
         self._clock = clock
         self.leases: dict[int, PortLease] = {}
+        #: The same leases by token (port -> lease), attached and detached.
+        self._by_token: dict[str, dict[int, PortLease]] = {}
+        self._probes: weakref.WeakKeyDictionary[LeaseOwner, _Probe] = weakref.WeakKeyDictionary()
+
+    def held_by(self, token_id: str) -> int:
+        """How many ports ``token_id`` holds (bound or kept for a gone session)."""
+        return len(self._by_token.get(token_id, ()))
+
+    # -- liveness ------------------------------------------------------------------------
+
+    async def is_alive(self, owner: LeaseOwner) -> bool:
+        """True if ``owner`` answers a probe; one probe in flight per owner, answers cached."""
+        while True:
+            if not owner.alive:
+                await trio.lowlevel.checkpoint()
+                return False
+            probe = self._probes.get(owner)
+            if probe is not None and probe.result is None:
+                await probe.done.wait()
+                answer = probe.answer()
+                if answer is None:
+                    continue  # the prober was cancelled: probe again
+                return answer and owner.alive
+            if (
+                probe is not None
+                and probe.result
+                and self._clock() - probe.at < PROBE_CACHE_SECONDS
+            ):
+                await trio.lowlevel.checkpoint()
+                return True
+            probe = _Probe()
+            self._probes[owner] = probe
+            try:
+                probe.result = await owner.probe(TAKEOVER_PROBE_TIMEOUT)
+                probe.at = self._clock()
+            finally:
+                if probe.result is None and self._probes.get(owner) is probe:
+                    del self._probes[owner]
+                probe.done.set()
+            return probe.result and owner.alive
 
     # -- acquiring -----------------------------------------------------------------------
 
@@ -108,7 +179,7 @@ class PortRegistry:
         """Give ``owner`` a public port for ``tunnel_id``: ``port``, or any in range if 0.
 
         Raises:
-            BindError: OUT_OF_RANGE, ADDRESS_IN_USE, DENIED or INTERNAL.
+            BindError: OUT_OF_RANGE, ADDRESS_IN_USE, LIMIT_REACHED, DENIED or INTERNAL.
         """
         lo, hi = self.port_range
         if port:
@@ -123,17 +194,40 @@ class PortRegistry:
                 raise BindError(
                     ResultStatus.ADDRESS_IN_USE, f"port {port} is in use by another client"
                 )
+            self._check_new(owner)
             return self._attach(await self._bind_new(port, owner, tunnel_id), owner, tunnel_id)
-        # Port 0: the same tunnel of the same token gets its old port back.
-        for lease in list(self.leases.values()):
+        # Port 0: the same tunnel of the same token gets its old port back, unless a live
+        # session of the token holds it (then this session gets a fresh port).
+        mine = self._by_token.get(owner.token_id, {})
+        for lease in list(mine.values()):
             if (
-                lease.token_id == owner.token_id
-                and lease.tunnel_id == tunnel_id
+                lease.tunnel_id == tunnel_id
                 and lease.owner is not owner
+                and self.leases.get(lease.port) is lease
                 and await self._can_take(lease, owner)
             ):
                 return self._attach(lease, owner, tunnel_id)
+        self._check_new(owner)
         return self._attach(await self._bind_any(owner, tunnel_id), owner, tunnel_id)
+
+    def _check_token_limit(self, owner: LeaseOwner) -> None:
+        limit = self.max_per_token
+        if limit is not None and self.held_by(owner.token_id) >= limit:
+            raise BindError(
+                ResultStatus.LIMIT_REACHED,
+                f"this token already holds {limit} tunnels, the relay's limit per token "
+                "(ports of a disconnected client stay reserved for its lease time)",
+            )
+
+    def _check_new(self, owner: LeaseOwner) -> None:
+        """Refuse a new listener beyond the token's limit or the descriptor budget (O(1))."""
+        self._check_token_limit(owner)
+        first = self.held_by(owner.token_id) == 0
+        if self.descriptors is not None and not self.descriptors.room(2, priority=first):
+            raise BindError(
+                ResultStatus.LIMIT_REACHED,
+                "the relay is short of file descriptors; try again later",
+            )
 
     async def _can_take(self, lease: PortLease, owner: LeaseOwner) -> bool:
         if lease.token_id != owner.token_id:
@@ -144,14 +238,17 @@ class PortRegistry:
         if current is owner:
             return False
         # Another session of the same token holds it: stale (half-open, killed) or a twin?
-        if await current.probe(TAKEOVER_PROBE_TIMEOUT):
+        if await self.is_alive(current):
             return False
-        logger.info(
-            "session holding port %d is unresponsive; closing it and handing the port over",
-            lease.port,
-        )
-        current.replaced("replaced by a new session of the same token")
-        return True
+        if current.alive:
+            logger.info(
+                "session holding port %d is unresponsive; closing it and handing the port over",
+                lease.port,
+            )
+            current.replaced("replaced by a new session of the same token")
+        if self.leases.get(lease.port) is not lease:
+            return False  # released meanwhile
+        return lease.owner is current or lease.owner is None
 
     def _attach(self, lease: PortLease, owner: LeaseOwner, tunnel_id: int) -> PortLease:
         if lease.accept_scope is not None:
@@ -178,13 +275,25 @@ class PortRegistry:
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise BindError(ResultStatus.DENIED, f"port {port}: permission denied") from None
             raise BindError(ResultStatus.INTERNAL, f"port {port}: {exc.strerror or exc}") from None
+        if self.descriptors is not None:
+            self.descriptors.opened(len(listeners))
+        try:
+            # Checked again: another session of the token may have bound meanwhile.
+            self._check_token_limit(owner)
+        except BindError:
+            for listener in listeners:
+                listener.socket.close()
+            raise
         lease = PortLease(port, owner.token_id, tunnel_id, listeners)
         self.leases[port] = lease
+        self._by_token.setdefault(owner.token_id, {})[port] = lease
         return lease
 
     async def _bind_any(self, owner: LeaseOwner, tunnel_id: int) -> PortLease:
         lo, hi = self.port_range
         size = hi - lo + 1
+        if len(self.leases) >= size:
+            raise BindError(ResultStatus.ADDRESS_IN_USE, f"no free port left in {lo}-{hi}")
         tries = [random.randint(lo, hi) for _ in range(min(_RANDOM_TRIES, size))]
         start = random.randint(0, size - 1)
         tries += [lo + (start + i) % size for i in range(size)]
@@ -222,6 +331,11 @@ class PortRegistry:
             lease.accept_scope = None
         if self.leases.get(lease.port) is lease:
             del self.leases[lease.port]
+            mine = self._by_token.get(lease.token_id)
+            if mine is not None and mine.get(lease.port) is lease:
+                del mine[lease.port]
+                if not mine:
+                    del self._by_token[lease.token_id]
         lease.owner = None
         lease.close()
         lease.changed.set()

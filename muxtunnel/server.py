@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import socket
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
+import muxtunnel.connection
 from muxtunnel import tls
+from muxtunnel.admission import Admission, Ticket, Verdict, source_of
 from muxtunnel.config import ServerConfig, format_host_port
 from muxtunnel.connection import (
     MuxConnection,
@@ -35,12 +40,21 @@ from muxtunnel.connection import (
 )
 from muxtunnel.errors import AuthError, ConfigError, ErrorCode, HandshakeError
 from muxtunnel.handshake import authenticate_client, token_id
+from muxtunnel.limits import (
+    DescriptorBudget,
+    OpenShares,
+    RefusalSummary,
+    raise_descriptor_limit,
+    reset_connection,
+)
+from muxtunnel.logsafe import peer_text
 from muxtunnel.policy import DEFAULT_POLICY, StreamInfo, StreamPolicy
 from muxtunnel.protocol.constants import ALPN, ResultStatus, Role, TunnelProto
 from muxtunnel.protocol.events import BindRequested, UnbindReceived
 from muxtunnel.protocol.frames import Address
 from muxtunnel.registry import BindError, PortLease, PortRegistry
-from muxtunnel.splice import abort_tcp, splice
+from muxtunnel.splice import splice
+from muxtunnel.tlsstream import RECEIVE_SIZE as TLS_RECEIVE_SIZE, TLSStream
 
 if TYPE_CHECKING:
     import ssl
@@ -50,9 +64,13 @@ __all__ = ["RelaySession", "ServerInfo", "serve"]
 
 logger = logging.getLogger(__name__)
 
-#: Connections allowed in the TLS + AUTH phase at once; more are reset at once (a flood of
-#: idle TLS connections would otherwise cost a task and buffers each for handshake_timeout).
-MAX_UNAUTHENTICATED = 256
+#: Bytes read per call until the client is authenticated: a pending handshake holds small
+#: buffers only (the full read size is restored once the client is authenticated).
+PREAUTH_RECEIVE_SIZE = 16384
+#: While connections are refused or handshakes fail, one summary line per this many seconds.
+PREAUTH_SUMMARY_INTERVAL = 10.0
+#: Sources counted by name in one summary period (more are counted, not named).
+_SUMMARY_SOURCES = 256
 #: Pause after a failed ``accept`` (EMFILE ...) so a full fd table does not spin the CPU.
 ACCEPT_ERROR_PAUSE = 0.1
 
@@ -72,6 +90,18 @@ def _sock_address(sockaddr: object) -> Address:
     return Address(None, 0)
 
 
+@dataclass(eq=False, slots=True)
+class _TokenUsage:
+    """What one token holds across its sessions (the per-token limits)."""
+
+    sessions: set[RelaySession] = field(default_factory=set)
+    #: Visitor streams of all its sessions.
+    streams: int = 0
+
+    def live_sessions(self) -> int:
+        return sum(1 for rs in self.sessions if rs.alive)
+
+
 class RelaySession:
     """One authenticated client session on the relay."""
 
@@ -83,6 +113,10 @@ class RelaySession:
         self.tunnels: dict[int, PortLease] = {}
         self.active_streams = 0
         self.draining = False
+        #: Fair share of the client's pending-open slots between the tunnels.
+        self.shares = OpenShares(conn)
+        #: One log line per interval for visitors refused by a limit.
+        self.refusals = RefusalSummary(logger)
         self._idle = trio.Event()
         self._idle.set()
         #: Set when the session's handler has finished.
@@ -180,13 +214,16 @@ class RelaySession:
                 self.relay.registry.detach(lease, self)
             return
         if lease is None:
-            logger.warning(
+            # Rate-limited per token (muxtunnel.logsafe); a refusal costs no port search.
+            logger.log(
+                logging.INFO if status == ResultStatus.LIMIT_REACHED else logging.WARNING,
                 "client %s: tunnel %d (port %d) refused: %s: %s",
                 self.peer,
                 event.tunnel_id,
                 event.bind.port,
                 status.name,
                 message,
+                extra={"ratelimit_key": self.token_id},
             )
             session.send_result(event.req_id, status, message)
             self.conn.wake_writer()
@@ -238,12 +275,16 @@ class RelaySession:
         self, listener: trio.SocketListener, lease: PortLease, nursery: trio.Nursery
     ) -> None:
         conn = self.conn
-        policy = self.relay.policy
+        relay = self.relay
+        policy = relay.policy
+        config = relay.config
+        usage = relay.usage_of(self.token_id)
+        tunnel_id = lease.tunnel_id
         while True:
             try:
-                # Back-pressure: no accept while the client's pending-open limit is reached.
-                if not conn.open_slot_available():
-                    await conn.wait_open_slot()
+                # Back-pressure: no accept while this tunnel holds its share of the client's
+                # pending opens (visitors wait in the listen backlog, costing no descriptor).
+                await self.shares.wait_turn(tunnel_id)
             except MuxSessionClosedError:
                 return
             try:
@@ -254,15 +295,34 @@ class RelaySession:
                 logger.warning("port %d: accept failed: %s", lease.port, exc)
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
+            relay.descriptors.opened()
+            refusal: str | None = None
+            if lease.visitors >= config.max_visitors_per_tunnel:
+                refusal = (
+                    f"port {lease.port}: {config.max_visitors_per_tunnel} visitors connected, "
+                    "the relay's limit per tunnel"
+                )
+            elif usage.streams >= config.max_streams_per_token:
+                refusal = (
+                    f"port {lease.port}: token {self.token_id} has "
+                    f"{config.max_streams_per_token} streams open, the relay's limit per token"
+                )
+            elif not relay.descriptors.room(priority=True):
+                refusal = f"port {lease.port}: the relay is short of file descriptors"
+            if refusal is not None:
+                reset_connection(tcp)
+                logger.debug("visitor refused: %s", refusal)
+                self.refusals.note(refusal)
+                continue
             try:
                 origin = _sock_address(tcp.socket.getpeername())
                 target = _sock_address(tcp.socket.getsockname())
             except OSError:
-                nursery.start_soon(abort_tcp, tcp)
+                reset_connection(tcp)
                 continue
             info = StreamInfo(
                 stream_id=0,
-                tunnel_id=lease.tunnel_id,
+                tunnel_id=tunnel_id,
                 origin=origin,
                 target=target,
                 started=trio.current_time(),
@@ -273,30 +333,40 @@ class RelaySession:
                 logger.info(
                     "visitor %s on port %d refused by policy: %s", origin, lease.port, refused.name
                 )
-                nursery.start_soon(abort_tcp, tcp)
+                reset_connection(tcp)
                 continue
             try:
-                if not conn.open_slot_available():
-                    await conn.wait_open_slot()
+                await self.shares.wait_turn(tunnel_id)
             except MuxSessionClosedError:
-                nursery.start_soon(abort_tcp, tcp)
+                reset_connection(tcp)
                 return
-            mux = conn.open_stream(lease.tunnel_id, origin, target)
+            mux = conn.open_stream(tunnel_id, origin, target)
             logger.debug(
                 "stream %d opened: visitor %s on port %d", mux.stream_id, origin, lease.port
             )
-            nursery.start_soon(self._visitor, tcp, mux, lease)
+            # Counted before the task starts: the limits above see it at once.
+            self.shares.opened(tunnel_id, mux)
+            lease.visitors += 1
+            usage.streams += 1
+            nursery.start_soon(self._visitor, tcp, mux, lease, usage)
 
-    async def _visitor(self, tcp: trio.SocketStream, mux: MuxStream, lease: PortLease) -> None:
-        self.active_streams += 1
-        if self.active_streams == 1:
-            self._idle = trio.Event()
+    async def _visitor(
+        self, tcp: trio.SocketStream, mux: MuxStream, lease: PortLease, usage: _TokenUsage
+    ) -> None:
         try:
-            result = await splice(tcp, mux, policy=self.relay.policy)
+            self.active_streams += 1
+            if self.active_streams == 1:
+                self._idle = trio.Event()
+            try:
+                result = await splice(tcp, mux, policy=self.relay.policy)
+            finally:
+                self.active_streams -= 1
+                if not self.active_streams:
+                    self._idle.set()
         finally:
-            self.active_streams -= 1
-            if not self.active_streams:
-                self._idle.set()
+            self.shares.finished(mux.info.tunnel_id, mux)
+            lease.visitors -= 1
+            usage.streams -= 1
         origin = mux.info.origin
         if result.rejected:
             logger.info(
@@ -311,6 +381,87 @@ class RelaySession:
             )
 
 
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+
+def _drop(tcp: trio.SocketStream) -> None:
+    """Close a just-accepted connection at once with an RST: no task, no TLS, no waiting."""
+    try:
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    tcp.socket.close()
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """A client connection between TCP accept and authentication."""
+
+    peer: Address
+    ticket: Ticket
+    #: Cancelled when the handshake is evicted or its source banned.
+    scope: trio.CancelScope
+    #: ``trio.current_time()`` by which the client must be authenticated.
+    deadline: float
+    #: The connection's read size once authenticated.
+    receive_size: int = 0
+
+
+class _PreauthReport:
+    """Log trouble before authentication without a line per connection.
+
+    The first event after a quiet period is logged as it happens; the following ones at DEBUG
+    only, counted into one summary line per :data:`PREAUTH_SUMMARY_INTERVAL` (WARNING if
+    connections were refused or evicted) until a period passes without any.
+    """
+
+    def __init__(self, relay: _Relay) -> None:
+        self._relay = relay
+        self._counts: Counter[str] = Counter()
+        self._sources: Counter[str] = Counter()
+        self._warn = False
+        self._active = False
+
+    def note(self, kind: str, source: str, level: int, msg: str, *args: object) -> None:
+        """Record one event of ``kind`` from ``source``; ``msg % args`` describes it."""
+        nursery = self._relay._clients
+        if not self._active and nursery is not None:
+            self._active = True
+            logger.log(level, msg, *args)
+            nursery.start_soon(self._summarize)
+            return
+        logger.debug(msg, *args)
+        self._counts[kind] += 1
+        self._warn |= level >= logging.WARNING
+        if source in self._sources or len(self._sources) < _SUMMARY_SOURCES:
+            self._sources[source] += 1
+
+    async def _summarize(self) -> None:
+        try:
+            while True:
+                await trio.sleep(PREAUTH_SUMMARY_INTERVAL)
+                if not self._counts:
+                    return
+                parts = "; ".join(f"{n} {kind}" for kind, n in self._counts.most_common())
+                top, top_n = self._sources.most_common(1)[0]
+                logger.log(
+                    logging.WARNING if self._warn else logging.INFO,
+                    "before authentication, last %g s: %s; most from %s (%d)",
+                    PREAUTH_SUMMARY_INTERVAL,
+                    parts,
+                    top,
+                    top_n,
+                )
+                self._counts.clear()
+                self._sources.clear()
+                self._warn = False
+        finally:
+            self._active = False
+            self._counts.clear()
+            self._sources.clear()
+            self._warn = False
+
+
 class _Relay:
     def __init__(
         self, config: ServerConfig, ssl_context: ssl.SSLContext, policy: StreamPolicy
@@ -318,12 +469,82 @@ class _Relay:
         self.config = config
         self.ssl_context = ssl_context
         self.policy = policy
-        self.registry = PortRegistry(config.port_range, config.bind_host, config.lease_seconds)
+        #: Descriptors left for tunnels and visitors (the rest is kept for new sessions).
+        self.descriptors = DescriptorBudget(raise_descriptor_limit())
+        self.registry = PortRegistry(
+            config.port_range,
+            config.bind_host,
+            config.lease_seconds,
+            max_per_token=config.max_tunnels_per_token,
+            descriptors=self.descriptors,
+        )
         self.sessions: set[RelaySession] = set()
+        #: Sessions and streams per token (entries go when a token has neither).
+        self.usage: dict[str, _TokenUsage] = {}
         self.shutting_down = False
-        #: Connections still in the TLS/AUTH handshake (bounded by MAX_UNAUTHENTICATED).
-        self.unauthenticated = 0
-        self._pending_auth: set[trio.abc.Stream] = set()
+        #: Pre-authentication limits and bans (max-startups, auth-failures ...).
+        self.admission = Admission(
+            max_startups=config.max_startups,
+            per_source=config.max_startups_per_source,
+            auth_failures=config.auth_failures,
+            ban=config.auth_ban,
+        )
+        #: Cancels a pending handshake when it is evicted or its source is banned.
+        self._preauth_scopes: dict[Ticket, trio.CancelScope] = {}
+        self._clients: trio.Nursery | None = None
+        self._report = _PreauthReport(self)
+
+    def usage_of(self, tid: str) -> _TokenUsage:
+        """The usage record of token ``tid`` (created on first use)."""
+        usage = self.usage.get(tid)
+        if usage is None:
+            usage = self.usage[tid] = _TokenUsage()
+        return usage
+
+    async def _admit_session(self, tid: str, peer: str, conn: MuxConnection) -> RelaySession | None:
+        """Register a new session of ``tid``, or refuse it when the token has too many.
+
+        At the limit, the token's sessions are probed (coalesced, see the registry): stale
+        ones (silent) are closed and make room; live ones are never evicted by a newcomer.
+        """
+        limit = self.config.max_sessions_per_token
+        usage = self.usage_of(tid)
+        if usage.live_sessions() >= limit:
+            live = [rs for rs in usage.sessions if rs.alive]
+
+            async def check(rs: RelaySession) -> None:
+                if not await self.registry.is_alive(rs) and rs.alive:
+                    rs.replaced("silent; replaced by a new session of the same token")
+
+            async with trio.open_nursery() as nursery:
+                for rs in live:
+                    nursery.start_soon(check, rs)
+        # No checkpoint between this check and registering the session.
+        if usage.live_sessions() >= limit or conn.closed:
+            if not usage.sessions and not usage.streams:
+                self.usage.pop(tid, None)
+            logger.info(
+                "client %s refused: token %s already has %d sessions, the relay's limit",
+                peer,
+                tid,
+                limit,
+                extra={"ratelimit_key": tid},
+            )
+            conn.close(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"too many sessions for this token (the relay allows {limit} at once)",
+            )
+            return None
+        rs = RelaySession(self, conn, tid, peer)
+        usage.sessions.add(rs)
+        return rs
+
+    def _session_gone(self, rs: RelaySession) -> None:
+        usage = self.usage.get(rs.token_id)
+        if usage is not None:
+            usage.sessions.discard(rs)
+            if not usage.sessions and not usage.streams:
+                del self.usage[rs.token_id]
 
     async def reap_leases(self) -> None:
         while True:
@@ -332,6 +553,7 @@ class _Relay:
             await trio.sleep(delay)
 
     async def accept_clients(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        self._clients = nursery
         while True:
             try:
                 tcp = await listener.accept()
@@ -341,84 +563,190 @@ class _Relay:
                 logger.warning("control listener: accept failed: %s", exc)
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
-            nursery.start_soon(self.handle_client, tcp)
+            self._admit(tcp, nursery)
 
-    async def handle_client(self, tcp: trio.SocketStream) -> None:
+    def _admit(self, tcp: trio.SocketStream, nursery: trio.Nursery) -> None:
+        """Admission right after accept: a refused connection costs accept + close only."""
         try:
-            peer = str(_sock_address(tcp.socket.getpeername()))
+            peer = _sock_address(tcp.socket.getpeername())
         except OSError:
-            peer = "?"
-        if self.unauthenticated >= MAX_UNAUTHENTICATED:
-            logger.warning("client %s: too many connections in the handshake; refused", peer)
-            await abort_tcp(tcp)
+            _drop(tcp)
             return
+        now = trio.current_time()
+        source = source_of(peer.host or "")
+        decision = self.admission.admit(source, now)
+        ticket = decision.ticket
+        if ticket is None:
+            _drop(tcp)
+            self._report.note(
+                f"refused: {decision.verdict.value}",
+                source,
+                logging.WARNING,
+                "client %s refused: %s",
+                peer,
+                decision.verdict.value,
+            )
+            return
+        if decision.evicted is not None:
+            scope = self._preauth_scopes.pop(decision.evicted, None)
+            if scope is not None:
+                scope.cancel()
+            self._report.note(
+                f"evicted: {Verdict.FULL.value}",
+                decision.evicted.source,
+                logging.WARNING,
+                "pending handshake from %s evicted for %s: %s",
+                decision.evicted.source,
+                peer,
+                Verdict.FULL.value,
+            )
+        scope = trio.CancelScope()
+        self._preauth_scopes[ticket] = scope
+        pending = _Pending(peer, ticket, scope, now + self.config.handshake_timeout)
+        nursery.start_soon(self.handle_client, tcp, pending)
+
+    async def handle_client(self, tcp: trio.SocketStream, pending: _Pending) -> None:
+        """Serve one admitted client connection (cancelled if evicted before authentication)."""
         try:
-            await self._handle_client(tcp, peer)
+            with pending.scope:
+                await self._handle_client(tcp, pending)
         except Exception:
             # A bug in one session must not take the relay down.
-            logger.exception("client %s: internal error", peer)
+            logger.exception("client %s: internal error", pending.peer)
+        finally:
+            self._leave_preauth(pending.ticket)
 
-    async def _handle_client(self, tcp: trio.SocketStream, peer: str) -> None:
+    async def _handle_client(self, tcp: trio.SocketStream, pending: _Pending) -> None:
         config = self.config
-        stream = wrap_tls(tcp, self.ssl_context, server_side=True)
-        self.unauthenticated += 1
-        self._pending_auth.add(stream)
+        peer = pending.peer
+        # Small buffers until authenticated (protocol-spec §5.3 bounds pre-AUTH input too).
+        if muxtunnel.connection.FAST_TLS:
+            stream: trio.SSLStream[trio.SocketStream] | TLSStream = TLSStream(
+                tcp, self.ssl_context, server_side=True, receive_size=PREAUTH_RECEIVE_SIZE
+            )
+        else:
+            stream = wrap_tls(tcp, self.ssl_context, server_side=True)
         try:
-            with trio.move_on_after(config.handshake_timeout) as tls_scope:
+            # One deadline from TCP accept to authenticated, for TLS and AUTH together.
+            with trio.move_on_at(pending.deadline) as tls_scope:
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
-                    logger.info("client %s: TLS handshake failed: %s", peer, exc.__cause__ or exc)
+                    self._preauth_failed(pending, "TLS handshake failed", exc.__cause__ or exc)
                     return
             if tls_scope.cancelled_caught:
-                logger.info("client %s: TLS handshake timed out", peer)
+                self._preauth_failed(pending, "TLS handshake timed out")
                 return
             if stream.selected_alpn_protocol() != ALPN:
-                logger.info("client %s: did not negotiate ALPN %s; closing", peer, ALPN)
+                self._preauth_failed(pending, f"ALPN {ALPN} not negotiated")
                 return
             session = make_session(Role.SERVER, idle_timeout=config.keepalive_timeout)
-            conn = MuxConnection(stream, session, name=peer)
+            conn = MuxConnection(
+                stream,
+                session,
+                name=str(peer),
+                open_timeout=config.open_timeout,
+                stall_timeout=config.stall_timeout,
+            )
+            pending.receive_size = conn.receive_size
+            conn.receive_size = PREAUTH_RECEIVE_SIZE
             async with trio.open_nursery() as nursery:
                 await nursery.start(conn.run)
                 try:
-                    await self._run_session(conn, peer)
+                    await self._run_session(conn, str(peer), pending)
                 finally:
                     conn.close()
                     with trio.move_on_after(3):
                         await conn.wait_closed()
                     nursery.cancel_scope.cancel()
         finally:
-            self._authenticated(stream)
             await trio.aclose_forcefully(stream)
 
-    def _authenticated(self, stream: trio.abc.Stream) -> None:
+    def _leave_preauth(self, ticket: Ticket) -> None:
         """The connection left the handshake phase (authenticated, failed or gone)."""
-        if stream in self._pending_auth:
-            self._pending_auth.discard(stream)
-            self.unauthenticated -= 1
+        self.admission.release(ticket)
+        self._preauth_scopes.pop(ticket, None)
 
-    async def _run_session(self, conn: MuxConnection, peer: str) -> None:
+    def _preauth_failed(
+        self, pending: _Pending, what: str, detail: BaseException | None = None
+    ) -> None:
+        """A handshake that failed or timed out (logged through the summary, not per connection)."""
+        self._report.note(
+            what,
+            pending.ticket.source,
+            logging.INFO,
+            "client %s: %s%s",
+            pending.peer,
+            what,
+            "" if detail is None else f": {peer_text(detail)}",
+        )
+
+    def _auth_failed(self, pending: _Pending, reason: str) -> None:
+        """Log a failed authentication (one line per failure, none once banned); maybe ban."""
+        self._leave_preauth(pending.ticket)
+        now = trio.current_time()
+        source = pending.ticket.source
+        host, port = pending.peer.host, pending.peer.port
+        if self.admission.banned_for(source, now):
+            logger.debug("authentication failed from %s port %d (banned source)", host, port)
+            return
+        logger.warning(
+            "authentication failed from %s port %d: %s",
+            host,
+            port,
+            peer_text(reason),
+            extra={"ratelimit_key": source},
+        )
+        ban = self.admission.auth_failed(source, now)
+        if ban is None:
+            return
+        logger.warning(
+            "source %s banned for %s s after %d authentication failures",
+            source,
+            f"{ban.seconds:g}",
+            ban.failures,
+            extra={"ratelimit_key": source},
+        )
+        for ticket in ban.evicted:
+            scope = self._preauth_scopes.pop(ticket, None)
+            if scope is not None and ticket is not pending.ticket:
+                scope.cancel()
+
+    async def _authenticate(self, conn: MuxConnection, pending: _Pending) -> str | None:
+        """Run the AUTH exchange within the connection's deadline; the token, or None."""
         config = self.config
-        logger.info("client %s connected", peer)
-        with trio.move_on_after(config.handshake_timeout) as scope:
+        logger.debug("client %s: TLS established", pending.peer)
+        with trio.move_on_at(pending.deadline) as scope:
             try:
                 token = await authenticate_client(conn, config.tokens)
             except AuthError as exc:
-                logger.warning("client %s: %s", peer, exc)
-                return
+                self._auth_failed(pending, str(exc))
+                return None
             except HandshakeError as exc:
-                logger.info("client %s: handshake failed: %s", peer, exc)
-                return
+                self._preauth_failed(pending, "handshake failed", exc)
+                return None
         if scope.cancelled_caught:
-            logger.info(
-                "client %s: handshake timed out after %.1f s", peer, config.handshake_timeout
+            self._preauth_failed(
+                pending, f"not authenticated within {config.handshake_timeout:g} s"
             )
             conn.close(ErrorCode.TIMEOUT, "handshake timeout")
+            return None
+        self._leave_preauth(pending.ticket)
+        if isinstance(conn.transport, TLSStream):
+            conn.transport.receive_size = TLS_RECEIVE_SIZE
+        conn.receive_size = pending.receive_size
+        return token
+
+    async def _run_session(self, conn: MuxConnection, peer: str, pending: _Pending) -> None:
+        token = await self._authenticate(conn, pending)
+        if token is None:
             return
-        self._authenticated(conn.transport)
         tid = token_id(token)
         conn.token_id = tid
-        rs = RelaySession(self, conn, tid, peer)
+        admitted = await self._admit_session(tid, peer, conn)
+        if admitted is None:
+            return
+        rs = admitted
         logger.info("client %s authenticated (token %s)", peer, tid)
         self.sessions.add(rs)
         if self.shutting_down:
@@ -427,8 +755,9 @@ class _Relay:
             await rs.run()
         finally:
             self.sessions.discard(rs)
+            self._session_gone(rs)
             rs.done.set()
-            logger.info("client %s gone (%s)", peer, conn.close_reason or "closed")
+            logger.info("client %s gone (%s)", peer, peer_text(conn.close_reason or "closed"))
 
     async def drain(self) -> None:
         """GOAWAY every session, wait for streams (bounded), then CLOSE them all."""

@@ -7,10 +7,15 @@ aborts both sides: the mux stream gets RESET(CONNECT_ERROR) (or the peer's reset
 TCP socket is closed with ``SO_LINGER`` = (1, 0) so its peer sees an RST instead of a clean EOF
 (RFC 9113 §8.5; P9).
 
-Buffers: the mux→TCP direction hands the stream's received chunks (read-only views of the
-decrypted record) straight to ``send_all`` without copying. The TCP→mux direction reads with
-``receive_some`` (trio's stream API has no ``recv_into``); the fresh ``bytes`` it returns is
-passed to the session without another copy.
+Buffers and memory: the mux→TCP direction hands the stream's received chunks (read-only views
+of the decrypted record) straight to ``send_all`` without copying, and acknowledges them only
+once they are written: until then they count against the stream's receive window, so a local
+application that does not read holds the stream at its window (and shows as stalled, spec §8.7)
+instead of making us hold a further chunk outside flow control. The TCP→mux direction asks the
+stream for its send room first and reads at most that much with ``receive_some`` (trio's stream
+API has no ``recv_into``): a stream whose peer does not read keeps at most
+``muxtunnel.connection.SEND_LOW_WATER`` bytes in our memory, and the rest waits in the kernel.
+The fresh ``bytes`` read is passed to the session without another copy.
 """
 
 from __future__ import annotations
@@ -30,10 +35,19 @@ __all__ = ["COPY_CHUNK", "SpliceResult", "abort_tcp", "splice"]
 
 logger = logging.getLogger(__name__)
 
-#: Bytes read from the local socket per ``receive_some``. 256 KiB (four DATA frames): fewer,
-#: larger reads and hand-offs cost less CPU per byte; flow control still bounds what is queued.
+#: Most bytes read from the local socket per ``receive_some`` (when the stream has the room).
+#: 256 KiB (four DATA frames): fewer, larger reads and hand-offs cost less CPU per byte.
 COPY_CHUNK = 256 * 1024
+#: The mux->TCP direction writes a batch in pieces of this size and returns each piece's credit
+#: once it is written.
+ACK_PIECE = 64 * 1024
 _LINGER_RST = struct.pack("ii", 1, 0)
+#: While a stream is blocked on its peer's window, how often (seconds) a readable local socket
+#: is checked for a reset.
+RESET_POLL = 0.5
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
+#: ``tcpi_state`` of a connection that was reset or fully closed (Linux ``TCP_CLOSE``).
+_TCP_STATE_CLOSE = 7
 
 
 @dataclass(slots=True)
@@ -65,6 +79,7 @@ class _Splice:
         self.policy = policy
         self.result = SpliceResult()
         self.scope: trio.CancelScope | None = None
+        self.sock = tcp.socket if isinstance(tcp, trio.SocketStream) else None
 
     def _fail(self, error: str, *, mux_code: ErrorCode | None) -> None:
         if self.result.error is None:
@@ -78,7 +93,19 @@ class _Splice:
         tcp, mux, policy, info = self.tcp, self.mux, self.policy, self.mux.info
         while True:
             try:
-                data = await tcp.receive_some(COPY_CHUNK)
+                if mux.send_blocked and self.sock is not None:
+                    room = await self._send_room_watching_reset(self.sock)
+                else:
+                    room = await mux.send_room()
+            except OpenRejectedError as exc:
+                self.result.rejected = True
+                self._fail(str(exc), mux_code=None)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(f"mux stream failed: {exc}", mux_code=None)
+                return
+            try:
+                data = await tcp.receive_some(min(room, COPY_CHUNK))
             except (trio.BrokenResourceError, OSError) as exc:
                 self._fail(f"local read failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
                 return
@@ -99,6 +126,27 @@ class _Splice:
                 return
             await policy.throttle(info, Direction.OUT, len(data))
 
+    async def _send_room_watching_reset(self, sock: trio.socket.SocketType) -> int:
+        """``mux.send_room()``, while watching the local socket for a reset.
+
+        A stream blocked on its peer's window reads nothing from its socket, so without this
+        a local peer that resets (or vanishes) would keep its socket, descriptor and stream
+        until the window opened: a tunnel full of blocked, dead connections admits nobody.
+        """
+        # Most waits are short (a window update is on its way): no watcher for those.
+        with trio.move_on_after(RESET_POLL):
+            return await self.mux.send_room()
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await _wait_reset(sock)
+                self._fail("local connection reset", mux_code=ErrorCode.CONNECT_ERROR)
+
+            nursery.start_soon(watch)
+            room = await self.mux.send_room()
+            nursery.cancel_scope.cancel()
+        return room
+
     async def mux_to_tcp(self) -> None:
         tcp, mux, policy, info = self.tcp, self.mux, self.policy, self.mux.info
         prologue = policy.prologue(info)
@@ -110,7 +158,7 @@ class _Splice:
             return
         while True:
             try:
-                chunk = await mux.receive_batch(COPY_CHUNK)
+                chunk = await mux.receive_batch(COPY_CHUNK, acknowledge=False)
             except OpenRejectedError as exc:
                 self.result.rejected = True
                 self._fail(str(exc), mux_code=None)
@@ -122,7 +170,13 @@ class _Splice:
                 if not chunk:
                     await tcp.send_eof()
                     return
-                await tcp.send_all(chunk)
+                # Credit returns piece by piece as the bytes are written, so the peer can send
+                # the next ones while a large batch is still going out.
+                view = memoryview(chunk)
+                for start in range(0, len(view), ACK_PIECE):
+                    piece = view[start : start + ACK_PIECE]
+                    await tcp.send_all(piece)
+                    mux.acknowledge(len(piece))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._fail(f"local write failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
                 return
@@ -161,6 +215,29 @@ async def splice(
             await abort_tcp(tcp)
         policy.finished(mux.info, trio.current_time(), state.result.error)
     return state.result
+
+
+async def _wait_reset(sock: trio.socket.SocketType) -> None:
+    """Return once the TCP connection of ``sock`` is reset or gone (state CLOSE).
+
+    Waits for readability first (data, FIN or an error), then looks at the TCP state every
+    :data:`RESET_POLL` seconds: pending data or a FIN (a legitimate half-close) keep the socket
+    readable, so readiness alone cannot tell a reset apart.
+    """
+    await trio.lowlevel.wait_readable(sock)
+    while True:
+        if _tcp_closed(sock):
+            return
+        await trio.sleep(RESET_POLL)
+
+
+def _tcp_closed(sock: trio.socket.SocketType) -> bool:
+    try:
+        if _TCP_INFO is not None:
+            return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_STATE_CLOSE
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+    except OSError:
+        return True
 
 
 async def _graceful_close(tcp: trio.abc.HalfCloseableStream) -> None:

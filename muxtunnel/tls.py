@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from muxtunnel.errors import ConfigError, HandshakeError, IdentityMismatchError
 from muxtunnel.protocol.constants import ALPN
-from muxtunnel.tokens import ensure_private_dir, write_private_file
+from muxtunnel.tokens import check_private_file, ensure_private_dir, write_private_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -240,6 +240,7 @@ def load_or_create_identity(
         raise ConfigError("--cert and --key must be given together")
     if cert_file is not None and key_file is not None:
         _check_pair(cert_file, key_file)
+        check_private_file(key_file, "key file")
         return ServerIdentity(cert_file, key_file, fingerprint_of_file(cert_file), False)
     ensure_private_dir(state_dir)
     cert_path, key_path = state_dir / CERT_FILE_NAME, state_dir / KEY_FILE_NAME
@@ -258,10 +259,7 @@ def load_or_create_identity(
                 f"state dir {state_dir}: {other.name} exists but {path.name} is missing; "
                 f"restore it, or delete {other} to generate a new identity (clients must then re-pin)"
             )
-    if key_path.stat().st_mode & 0o077:
-        logger.warning(
-            "key file %s is readable by other users; run: chmod 600 %s", key_path, key_path
-        )
+    check_private_file(key_path, "key file")
     _check_pair(cert_path, key_path)
     return ServerIdentity(cert_path, key_path, fingerprint_of_file(cert_path), created)
 

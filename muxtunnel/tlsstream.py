@@ -156,6 +156,21 @@ class TLSStream(trio.abc.Stream):
         return self._ssl.server_hostname
 
     @property
+    def receive_size(self) -> int:
+        """Bytes asked of the transport per read (and the size of the plaintext buffer)."""
+        return self._receive_size
+
+    @receive_size.setter
+    def receive_size(self, value: int) -> None:
+        # The relay reads small until the peer is authenticated, then big.
+        if value < _RECORD:
+            raise ValueError(f"receive_size must be at least {_RECORD}")
+        if value != len(self._rbuf):
+            self._rbuf = bytearray(value)
+            self._rview = memoryview(self._rbuf)
+        self._receive_size = value
+
+    @property
     def handshake_done(self) -> bool:
         """True once the TLS handshake has completed."""
         return self._handshake_done

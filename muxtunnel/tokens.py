@@ -3,12 +3,19 @@
 A token is a shared secret between the relay and its clients. It never crosses the wire:
 the client proves it knows the token with HMAC-SHA256 over nonces from both sides
 (protocol-spec.md, authentication).
+
+Secrets on disk are checked, never silently trusted: a token file (or a config file holding a
+token) that other users can read, and a state dir that other users can write (they could
+replace the relay's key and token or the client's pinned fingerprints), each get one warning
+naming the path and the ``chmod`` that fixes it (protocol-spec.md §16.3).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import stat
 from typing import TYPE_CHECKING
 
 from muxtunnel.errors import ConfigError
@@ -18,12 +25,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TOKEN_FILE_NAME",
+    "check_private_dir",
+    "check_private_file",
     "ensure_private_dir",
     "generate_token",
     "load_or_create_token",
     "read_token_file",
     "write_private_file",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Name of the generated token's file inside the relay's state dir.
 TOKEN_FILE_NAME = "token"
@@ -34,8 +45,70 @@ def generate_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+#: (kind, path) pairs already warned about in this process: one warning each.
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(kind: str, path: Path, message: str, *args: object) -> None:
+    key = (kind, os.path.abspath(path))
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
+
+
+def check_private_file(path: Path, what: str, note: str = "") -> bool:
+    """Warn once if ``path`` (a file holding a secret) is accessible to group or others.
+
+    ``what`` names the kind of file (``"token file"``), ``note`` is added after the mode
+    (``" and holds a token"``). Returns True if the mode is private (or cannot be read).
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return True
+    if not mode & 0o077:
+        return True
+    _warn_once(
+        "file",
+        path,
+        "%s %s is accessible to other users (mode %04o)%s; run: chmod 600 %s",
+        what,
+        path,
+        mode,
+        note,
+        path,
+    )
+    return False
+
+
+def check_private_dir(path: Path) -> bool:
+    """Warn once if the state dir ``path`` is writable by group or others.
+
+    Whoever can write there can replace the relay's key and token or the client's pinned
+    fingerprints. Returns True if the mode is safe (or the directory cannot be inspected).
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return True
+    if not mode & 0o022:
+        return True
+    _warn_once(
+        "dir",
+        path,
+        "state dir %s is writable by other users (mode %04o), who could replace its keys, "
+        "tokens or pinned fingerprints; run: chmod 700 %s",
+        path,
+        mode,
+        path,
+    )
+    return False
+
+
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` (and parents) if missing; a directory we create gets mode 0700.
+
+    An existing directory writable by group or others gets a warning (:func:`check_private_dir`).
 
     Raises:
         ConfigError: The directory cannot be created.
@@ -46,6 +119,7 @@ def ensure_private_dir(path: Path) -> None:
         raise ConfigError(f"state dir {path}: cannot create: {exc.strerror or exc}") from None
     if not path.is_dir():
         raise ConfigError(f"state dir {path}: not a directory")
+    check_private_dir(path)
 
 
 def write_private_file(path: Path, data: bytes) -> bool:
@@ -100,6 +174,8 @@ def _tokens_in(text: str) -> list[str]:
 def read_token_file(path: Path) -> tuple[str, ...]:
     """Read tokens from ``path``: one per line, blank lines and ``#`` comments ignored.
 
+    A file accessible to group or others gets a warning (:func:`check_private_file`).
+
     Raises:
         ConfigError: The file is unreadable, has a malformed line, or holds no token.
     """
@@ -114,6 +190,7 @@ def read_token_file(path: Path) -> tuple[str, ...]:
         raise ConfigError(f"token file {path}: {exc}") from None
     if not tokens:
         raise ConfigError(f"token file {path}: contains no token")
+    check_private_file(path, "token file")
     return tuple(dict.fromkeys(tokens))
 
 

@@ -18,7 +18,8 @@ from muxtunnel.client import ClientInfo, run_client
 from muxtunnel.config import ClientConfig, ServerConfig, TunnelSpec
 from muxtunnel.connection import MuxConnection, MuxStream, make_session
 from muxtunnel.handshake import authenticate_client, client_handshake
-from muxtunnel.protocol.constants import Role
+from muxtunnel.protocol.constants import ResultStatus, Role
+from muxtunnel.protocol.events import BindRequested
 from muxtunnel.protocol.frames import Address
 from muxtunnel.server import ServerInfo, serve
 
@@ -66,10 +67,30 @@ async def mux_connection_pair(
     )
     await nursery.start(server.run)
     await nursery.start(client.run)
-    async with trio.open_nursery() as n:
-        n.start_soon(authenticate_client, server, [TOKEN])
-        n.start_soon(client_handshake, client, TOKEN, [])
+    await handshake_and_bind(server, client)
     return server, client
+
+
+async def handshake_and_bind(server: MuxConnection, client: MuxConnection) -> None:
+    """Authenticate ``client`` to ``server`` and bind :data:`BOUND_TUNNELS`."""
+    async with trio.open_nursery() as n:
+        n.start_soon(_authenticate_and_bind, server)
+        n.start_soon(client_handshake, client, TOKEN, [(t, 0) for t in BOUND_TUNNELS])
+
+
+#: Tunnels that ``mux_connection_pair`` binds: the client session refuses OPENs for others.
+BOUND_TUNNELS = range(1, 9)
+
+
+async def _authenticate_and_bind(server: MuxConnection) -> None:
+    """Relay side of ``mux_connection_pair``: AUTH, then RESULT(OK) for each BIND."""
+    await authenticate_client(server, [TOKEN])
+    for _ in BOUND_TUNNELS:
+        event = await server.next_control_event()
+        assert isinstance(event, BindRequested)
+        bound = Address("127.0.0.1", 40000 + event.tunnel_id)
+        server.session.send_result(event.req_id, ResultStatus.OK, "", bound)
+        server.wake_writer()
 
 
 async def mux_stream_pair(

@@ -279,9 +279,8 @@ async def test_probe_waiters_and_dead_peer(nursery: trio.Nursery) -> None:
 
 async def test_open_mux_connection_context_manager() -> None:
     from muxtunnel.connection import make_session, open_mux_connection
-    from muxtunnel.handshake import authenticate_client, client_handshake
     from muxtunnel.protocol.constants import Role
-    from tests.conftest import TOKEN
+    from tests.conftest import handshake_and_bind
 
     a, b = trio.testing.memory_stream_pair()
     with trio.fail_after(10):
@@ -289,9 +288,7 @@ async def test_open_mux_connection_context_manager() -> None:
             open_mux_connection(a, make_session(Role.SERVER), name="s") as server,
             open_mux_connection(b, make_session(Role.CLIENT), name="c") as client,
         ):
-            async with trio.open_nursery() as n:
-                n.start_soon(authenticate_client, server, [TOKEN])
-                n.start_soon(client_handshake, client, TOKEN, [])
+            await handshake_and_bind(server, client)
             s, c = await mux_stream_pair(server, client)
             await s.send_all(b"ctx")
             assert await c.receive_some() == b"ctx"

@@ -123,6 +123,11 @@ class MuxTarget(Target):
                 str(sdir),
                 "--token",
                 token,
+                # The idle scenario holds 10,000 visitors on one tunnel: above the defaults.
+                "--max-visitors-per-tunnel",
+                "20000",
+                "--max-streams-per-token",
+                "20000",
             ],
             self.workdir,
             netns=self.layout.relay_ns,

@@ -5,9 +5,10 @@ Each direction of each stream, and of the connection, has one side of this:
 * the sender keeps a :class:`SendCredit` (``sent`` and ``limit``, the largest WINDOW offset
   received; it may send while ``sent < limit``);
 * the receiver keeps a :class:`ReceiveWindow` (``received``, ``consumed``, ``advertised``,
-  ``window``). Bytes count against ``advertised`` when they arrive and are credited back only
-  when the application *consumes* them (``consume``): a slow reader can never make us buffer
-  more than we advertised.
+  ``window``). Bytes count against ``advertised`` when they arrive and are credited back by
+  ``consume``: for a stream when the application *consumes* them, so a slow reader can never
+  make us buffer more than we advertised; for the connection the session also credits bytes
+  on receipt while the bytes held stay within its receive budget (§8.5 item 2).
 
 Update rule (§8.5; half-window, as in Chromium, h2 and OpenSSH): when ``advertised - consumed <=
 window / 2``, auto-tune, then ``advertised = consumed + window``.

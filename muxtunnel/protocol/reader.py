@@ -84,30 +84,42 @@ class FrameReader:
         if not chunk:
             return []
         if self.buffered:
-            chunk = self._complete(chunk)
-            if not chunk:
+            done = self._complete(chunk)
+            if done is None:
                 return []
+            joined, rest = done
+            frames = self._parse(joined)
+            if rest < len(chunk):
+                frames += self._parse(chunk, rest)
+            return frames
         return self._parse(chunk)
 
-    def _complete(self, chunk: bytes) -> bytes:
-        """Add ``chunk`` to a partial frame; return the joined bytes once it is complete."""
+    def _complete(self, chunk: bytes) -> tuple[bytes, int] | None:
+        """Add ``chunk`` to a partial frame.
+
+        Returns:
+            None while the frame is incomplete; then the frame's bytes (joined once, and
+            without the bytes after it, which stay views of ``chunk`` and so pin no larger
+            buffer) and the offset in ``chunk`` where the following bytes start.
+        """
+        before = self.buffered
         self._chunks.append(chunk)
         self.buffered += len(chunk)
         if not self._need and self.buffered >= HEADER_SIZE:
-            head = b"".join(self._chunks)
-            self._chunks = [head]
+            head = b"".join(self._chunks[:-1]) + chunk[: HEADER_SIZE - before]
             length, frame_type, _flags, _res, _sid = HEADER.unpack_from(head, 0)
             self._check_header(length, frame_type)
             self._need = HEADER_SIZE + length
         if not self._need or self.buffered < self._need:
-            return b""
-        joined = b"".join(self._chunks)
+            return None
+        rest = self._need - before
+        joined = b"".join([*self._chunks[:-1], memoryview(chunk)[:rest]])
         self._chunks = []
         self._need = 0
         self.buffered = 0
-        return joined
+        return joined, rest
 
-    def _parse(self, chunk: bytes) -> list[RawFrame]:
+    def _parse(self, chunk: bytes, off: int = 0) -> list[RawFrame]:
         frames: list[RawFrame] = []
         append = frames.append
         unpack_from = HEADER.unpack_from
@@ -115,7 +127,6 @@ class FrameReader:
         max_data = self._max_data
         view = memoryview(chunk)
         end = len(chunk)
-        off = 0
         while end - off >= HEADER_SIZE:
             length, frame_type, flags, _reserved, stream_id = unpack_from(chunk, off)
             if frame_type != _DATA or length > max_data:

@@ -58,15 +58,36 @@ later ``acknowledge`` still returns connection credit; a reset or refused stream
 bytes are credited at once (the application drops them).
 
 Flow control. Absolute offsets. The receiver counts DATA against the stream and connection
-windows on arrival and returns credit only on ``acknowledge`` (consumption), with the
-half-window update rule and auto-tuning toward the bandwidth-delay product; the connection
-window is kept at >= 1.5x the largest stream window. The scheduler never frames beyond the
-peer's limits.
+windows on arrival. Stream credit returns only on ``acknowledge`` (consumption). Connection
+credit returns as soon as the bytes are held in a stream buffer, while the bytes held
+unconsumed across the whole connection stay within ``receive_budget``; beyond it, on
+consumption (spec §8.5). So streams that do not read cannot use up the connection window
+until the budget is full, and ``stalled_stream`` names the one to reset then (§8.7). The
+half-window update rule and auto-tuning toward the bandwidth-delay product apply at both
+levels; the connection window is kept at >= 1.5x the largest stream window. The scheduler
+never frames beyond the peer's limits.
 
-Flood limits (ENHANCE_YOUR_CALM): inbound PINGs (token bucket, 10/s, burst 20), non-productive
-frames (ignored extensions, WINDOWs that raise nothing, stray PONGs, late non-DATA frames;
-1000/s), inbound RESETs (200/s, burst 1000) and queued control output (1 MiB / 4096 frames).
-Token buckets refill from ``now``, so the adapter must pass a real clock.
+Flood limits (ENHANCE_YOUR_CALM): inbound PINGs (token bucket, 10/s, burst 100),
+non-productive frames (1000/s, burst 1000: ignored extensions, WINDOWs that raise nothing,
+stray PONGs, late non-DATA frames, late DATA under 1 KiB beyond the 8 expected on each of the
+last 1024 streams we closed with RESET/OPEN_FAIL, GOAWAYs after the first that refuse none of
+our streams, UNBIND notices and OPENs for tunnels not bound, and the server's refused
+BIND/UNBIND answers), inbound RESETs (200/s, burst 1000), requests without RESULT (16) and
+queued control output (1 MiB / 4096 frames). Token buckets refill from ``now``, so the
+adapter must pass a real clock.
+
+Bounded work and events. Every inbound frame costs O(1), or O(streams it closes): GOAWAY pops
+our stream ids above ``last_stream_id`` from an ascending index (each id once per session), a
+repeated GOAWAY touches nothing and is not reported. Each frame yields at most one event, plus
+one StreamReset per stream it closes; control events (BindRequested, UnbindReceived,
+ResultReceived, GoAwayReceived ...) are bounded by the request limit, by our own requests and
+binds, or by the non-productive budget, so an adapter's control-event queue stays bounded.
+
+Tunnels and opens (client). The client session knows which tunnels the relay bound (an OK
+RESULT for the BIND, until UNBIND) and answers an OPEN for any other tunnel itself with
+OPEN_FAIL(UNKNOWN_TUNNEL), without an event (§9.2). On either role, OPENs beyond
+``open_rate``/``open_burst`` get OPEN_FAIL(RESOURCE_SHORTAGE) the same way. A client session
+keeps at most 16 requests on the wire and holds later ones back until RESULTs arrive.
 """
 
 from __future__ import annotations
@@ -120,7 +141,7 @@ from .events import (
     UnbindReceived,
     WindowUpdated,
 )
-from .flowcontrol import ReceiveWindow, SendCredit, WindowBudget, credit_consumed, min_conn_window
+from .flowcontrol import ReceiveWindow, SendCredit, WindowBudget, min_conn_window
 from .frames import (
     HEADER,
     MAX_WINDOW_OFFSET,
@@ -158,9 +179,10 @@ __all__ = ["Session", "SessionConfig"]
 
 _MiB = 1024 * 1024
 
-#: Inbound PINGs: sustained rate per second and burst (spec §12).
+#: Inbound PINGs: sustained rate per second and burst (spec §10.1, §12). The burst leaves room
+#: for a peer that probes liveness once per request it handles (at most 4 PINGs in flight).
 PING_RATE: Final = 10.0
-PING_BURST: Final = 20
+PING_BURST: Final = 100
 #: Non-productive frames per second (and burst).
 NONPRODUCTIVE_RATE: Final = 1000.0
 NONPRODUCTIVE_BURST: Final = 1000
@@ -172,6 +194,24 @@ MAX_CONTROL_BYTES: Final = 1 * _MiB
 MAX_CONTROL_FRAMES: Final = 4096
 #: Our own PINGs outstanding at most.
 MAX_OUTSTANDING_PINGS: Final = 4
+#: AUTH/BIND/UNBIND requests a client may have without RESULT (spec §7.5). The server treats
+#: one more as ENHANCE_YOUR_CALM; a client session holds further requests back until a
+#: RESULT arrives, so it never exceeds the limit whatever the application asks for.
+MAX_OUTSTANDING_REQUESTS: Final = 16
+#: Inbound OPENs the acceptor takes per second (and burst); more are refused with
+#: OPEN_FAIL(RESOURCE_SHORTAGE) (spec §9.2, §12). Defaults of ``SessionConfig``: far above
+#: what a legitimate burst of visitors reaches through one session (a connection pool refill,
+#: a load test), so they only cut open/reset churn; the client's ``--max-open-rate`` lowers them.
+OPEN_RATE: Final = 5000.0
+OPEN_BURST: Final = 10_000
+#: DATA for a closed stream carrying fewer bytes than this counts as non-productive (spec §9.6);
+#: larger frames (what a sender has in flight when a stream is reset) cost what any DATA costs.
+LATE_DATA_FREE_SIZE: Final = 1024
+#: Except for the first LATE_DATA_ALLOWANCE small frames after we closed the stream ourselves
+#: (RESET or OPEN_FAIL sent: the peer may have sent them before it knew), remembered for the
+#: last MAX_CLOSED_BY_US streams we closed.
+LATE_DATA_ALLOWANCE: Final = 8
+MAX_CLOSED_BY_US: Final = 1024
 #: Largest DATA frame we send, whatever the peer allows (one 64 KiB slice of a batch).
 MAX_SEND_FRAME: Final = 65_536
 _MAX_STREAM_ID: Final = (1 << 64) - 1
@@ -213,6 +253,12 @@ class SessionConfig:
             always go out whole, and a DATA frame is never cut below one quantum).
         preauth_limit: bytes the server accepts before authentication succeeds.
         window_budget: optional process-wide memory budget, asked before any window grows.
+        receive_budget: bytes held unconsumed across all streams of the connection whose
+            connection credit is returned on receipt (spec §8.5); None -> ``max_conn_window``,
+            0 -> connection credit returns only on consumption.
+        open_rate: inbound OPENs accepted per second (token bucket); more are refused with
+            OPEN_FAIL(RESOURCE_SHORTAGE) without creating the stream.
+        open_burst: the bucket's size: OPENs accepted at once after a quiet period.
     """
 
     settings: Settings | None = None
@@ -222,6 +268,9 @@ class SessionConfig:
     max_batch: int = 262_144
     preauth_limit: int = 16_384
     window_budget: WindowBudget | None = None
+    receive_budget: int | None = None
+    open_rate: float = OPEN_RATE
+    open_burst: int = OPEN_BURST
 
 
 class _Bucket:
@@ -250,7 +299,7 @@ class _Bucket:
 class _Stream(OutboundStream):
     """One stream: the scheduler's sending half plus state and the receive window."""
 
-    __slots__ = ("adv_sent", "local", "pending_open", "recv", "state")
+    __slots__ = ("adv_sent", "local", "pending_open", "recv", "since", "state")
 
     def __init__(
         self, stream_id: int, *, local: bool, send_limit: int, recv: ReceiveWindow
@@ -264,6 +313,9 @@ class _Stream(OutboundStream):
         self.recv = recv
         #: The last receive limit we told the peer (WINDOW or the HELLO default).
         self.adv_sent = recv.advertised
+        #: When the stream last made receive progress: its buffer became non-empty, or the
+        #: application consumed from it (the stall clock of spec §8.7).
+        self.since = 0.0
 
 
 class Session:
@@ -311,7 +363,6 @@ class Session:
         self._streams: dict[int, _Stream] = {}
         self._drain: dict[int, int] = {}
         self._sched = Scheduler(cfg.quantum, MAX_SEND_FRAME)
-        self._sws = min(SWS_THRESHOLD, cfg.quantum)
 
         self._max_conn_window = max(
             cfg.max_conn_window, settings.initial_conn_window, min_conn_window(16_384)
@@ -325,6 +376,10 @@ class Session:
         if self._conn_recv.ensure_window(min_conn_window(settings.initial_stream_window)):
             self._conn_dirty = True
         self._conn_adv_sent = settings.initial_conn_window
+        #: Bytes received on streams and not consumed yet (live streams and ``_drain``).
+        self._unconsumed = 0
+        budget = cfg.receive_budget
+        self._receive_budget = self._max_conn_window if budget is None else max(0, budget)
 
         self._local_parity = 1 if role == Role.CLIENT else 0
         self._next_id = 1 if role == Role.CLIENT else 2
@@ -344,7 +399,12 @@ class Session:
         self._preauth_bytes = 0
         self._requests_in: dict[int, FrameType] = {}  # server: unanswered id -> kind
         self._requests_out: dict[int, tuple[FrameType, int]] = {}  # client: id -> (kind, tunnel)
+        # client: requests held back while MAX_OUTSTANDING_REQUESTS are on the wire
+        self._requests_waiting: dict[int, tuple[FrameType, int, bytes]] = {}
+        self._bound: set[int] = set()  # client: tunnels with an OK RESULT for their BIND
         self._unbound: set[int] = set()  # client: tunnels whose UNBIND completed
+        self._local_ids: list[int] = []  # ids of our streams, ascending (closed ones linger)
+        self._closed_by_us: dict[int, int] = {}  # sid -> small late DATA frames still expected
 
         self._ping_seq = 0
         self._pings: dict[int, float] = {}
@@ -356,6 +416,7 @@ class Session:
         self._ping_bucket = _Bucket(PING_RATE, PING_BURST)
         self._idle_bucket = _Bucket(NONPRODUCTIVE_RATE, NONPRODUCTIVE_BURST)
         self._reset_bucket = _Bucket(RESET_RATE, RESET_BURST)
+        self._open_bucket = _Bucket(cfg.open_rate, cfg.open_burst)
 
         self._stats = {
             "frames_received": 0,
@@ -365,6 +426,8 @@ class Session:
             "data_bytes_sent": 0,
             "streams_opened_local": 0,
             "streams_opened_remote": 0,
+            "opens_refused": 0,
+            "goaway_stream_checks": 0,
         }
 
         self._queue(
@@ -448,8 +511,11 @@ class Session:
                         conn_total = conn.received + n
                         if total > recv.advertised or conn_total > conn.advertised:
                             self._window_exceeded(stream, n)
+                        if recv.received == recv.consumed:
+                            stream.since = now  # the buffer was empty: the stall clock starts
                         recv.received = total
                         conn.received = conn_total
+                        self._unconsumed += n
                         event = new_event(DataReceived)  # == _data_event(), inlined
                         set_sid(event, sid)
                         set_payload(event, payload)
@@ -477,6 +543,8 @@ class Session:
                     return
         finally:
             stats["data_bytes_received"] += conn.received - received_before
+            if not self.closed:
+                self._settle()
 
     # --- DATA ---------------------------------------------------------------------------
 
@@ -514,7 +582,15 @@ class Session:
         if stream is None:
             self._check_known(sid, "DATA")
             self._receive_conn(n)
-            self._discard(n)  # late DATA on a known-closed stream: discard, credit
+            self._settle()  # late DATA on a known-closed stream: discard, credit
+            if n < LATE_DATA_FREE_SIZE:  # small late frames are cheap to forge (spec §9.6)
+                expected = self._closed_by_us.get(sid, 0)
+                if expected > 1 and not fin:
+                    self._closed_by_us[sid] = expected - 1
+                elif expected:
+                    del self._closed_by_us[sid]
+                else:
+                    self._nonproductive()
             return
         state = stream.state
         if (n and (state, _I.RECV_DATA) not in TRANSITIONS) or (
@@ -526,7 +602,7 @@ class Session:
             if state is _S.REMOTE_DONE:
                 # Stream error: the peer kept sending after its FIN.
                 self._receive_conn(n)
-                self._discard(n)
+                self._settle()  # discarded: its connection credit returns
                 self._reset(stream, ErrorCode.STREAM_STATE_ERROR)
                 events.append(
                     StreamReset(
@@ -541,8 +617,11 @@ class Session:
         recv = stream.recv
         if recv.received + n > recv.advertised or not self._conn_recv.receive(n):
             self._window_exceeded(stream, n)
-        recv.received += n
         if n:
+            if recv.received == recv.consumed:
+                stream.since = self._now
+            recv.received += n
+            self._unconsumed += n
             events.append(_data_event(sid, payload))
         nxt = TRANSITIONS[state, _I.RECV_FIN]
         stream.state = nxt
@@ -558,15 +637,21 @@ class Session:
                 f"{conn.received + n} bytes exceed the connection window {conn.advertised}"
             )
 
-    def _discard(self, n: int) -> None:
-        """Credit ``n`` received bytes that nobody will consume to the connection window."""
-        if (
-            n
-            and credit_consumed(
-                None, self._conn_recv, n, self._now, self.rtt, self.config.window_budget
-            )[1]
-        ):
-            self._conn_dirty = True
+    def _settle(self) -> None:
+        """Return the connection credit that the receive budget allows (spec §8.5).
+
+        Of the bytes received on the connection, those held unconsumed beyond
+        ``receive_budget`` keep their connection credit; every other received byte (held
+        within the budget, consumed, or discarded) has it returned. Each change to the
+        received or held counts is followed by this, so the release is never negative.
+        """
+        conn = self._conn_recv
+        over = self._unconsumed - self._receive_budget
+        release = conn.received - conn.consumed - (over if over > 0 else 0)
+        if release > 0:
+            conn.consumed += release
+            if conn.maybe_update(self._now, self.rtt, self.config.window_budget):
+                self._conn_dirty = True
 
     # --- everything else ---------------------------------------------------------------
 
@@ -725,6 +810,21 @@ class Session:
             )
         if self._remote_pending >= local.max_pending_opens:
             raise StreamLimitError(f"peer exceeds MAX_PENDING_OPENS = {local.max_pending_opens}")
+        if self.role == Role.CLIENT and frame.tunnel_id not in self._bound:
+            # The relay opens streams only for tunnels it bound (§9.2): nothing to connect to.
+            self._nonproductive()
+            reason, text = OpenFailReason.UNKNOWN_TUNNEL, f"tunnel {frame.tunnel_id} is not bound"
+        elif not self._open_bucket.take(self._now):
+            reason, text = OpenFailReason.RESOURCE_SHORTAGE, "too many new streams per second"
+        else:
+            reason = None
+        if reason is not None:
+            # Refused at once, without a table entry: its later frames are late frames (§9.6).
+            self._stats["opens_refused"] += 1
+            self._queue(OpenFailFrame(stream_id=sid, reason=reason, message=text))
+            if reason == OpenFailReason.RESOURCE_SHORTAGE:
+                self._expect_late_data(sid)  # its early DATA may follow (§9.2 item 2)
+            return
         stream = self._new_stream(sid, local=False)
         stream.state = TRANSITIONS[_S.IDLE, _I.RECV_OPEN]
         self._remote_open += 1
@@ -788,6 +888,20 @@ class Session:
         if previous is not None and last > previous:
             raise ProtocolError(f"GOAWAY last_stream_id grew from {previous} to {last}")
         self._goaway_received = last
+        # Our ids ascend in _local_ids, so the streams above ``last`` are at its end: each id
+        # is popped once in the session's life, never scanned again (spec §10.2).
+        ids = self._local_ids
+        streams = self._streams
+        refused: list[_Stream] = []
+        while ids and ids[-1] > last:
+            self._stats["goaway_stream_checks"] += 1
+            stream = streams.get(ids.pop())
+            if stream is not None:
+                refused.append(stream)
+        if previous is not None and not refused:
+            self._nonproductive()  # a repeated GOAWAY that refuses nothing: not reported
+            if last == previous:
+                return
         events.append(
             GoAwayReceived(
                 last_stream_id=last,
@@ -795,8 +909,7 @@ class Session:
                 message=frame.message,
             )
         )
-        refused = [s for s in self._streams.values() if s.local and s.stream_id > last]
-        for stream in refused:
+        for stream in reversed(refused):
             stream.state = _S.CLOSED  # never processed by the peer: as if refused
             self._forget(stream, discard=True)
             events.append(
@@ -842,6 +955,11 @@ class Session:
             raise ProtocolError("request id 0 is reserved for notices")
         if req_id in self._requests_in:
             raise ProtocolError(f"request id {req_id} is already outstanding")
+        if len(self._requests_in) >= MAX_OUTSTANDING_REQUESTS:
+            raise ProtocolError(
+                f"more than {MAX_OUTSTANDING_REQUESTS} requests without RESULT",
+                ErrorCode.ENHANCE_YOUR_CALM,
+            )
         self._requests_in[req_id] = kind
 
     def _on_bind(self, frame: BindFrame, events: list[Event]) -> None:
@@ -860,6 +978,10 @@ class Session:
         else:
             if frame.req_id != 0:
                 raise ProtocolError(f"UNBIND notice with request id {frame.req_id}, not 0")
+            if frame.tunnel_id not in self._bound:
+                self._nonproductive()  # nothing of ours to revoke: ignored (§7.3)
+                return
+            self._bound.discard(frame.tunnel_id)
             self._unbound.add(frame.tunnel_id)  # revoked: no OPEN may follow for it
         events.append(
             UnbindReceived(
@@ -893,8 +1015,17 @@ class Session:
                 self.authenticated = True
             elif kind == FrameType.BIND:
                 self._unbound.discard(tunnel_id)
+                self._bound.add(tunnel_id)
             else:
+                self._bound.discard(tunnel_id)
                 self._unbound.add(tunnel_id)
+        if self._requests_waiting:
+            # One request left the wire: the oldest held-back one takes its place.
+            req_id = next(iter(self._requests_waiting))
+            kind, tunnel_id, raw = self._requests_waiting.pop(req_id)
+            self._requests_out[req_id] = (kind, tunnel_id)
+            self._control.append(raw)
+            self._control_bytes += len(raw)
         events.append(
             ResultReceived(
                 req_id=frame.req_id, status=status, message=frame.message, bound=frame.bound
@@ -988,7 +1119,10 @@ class Session:
             if out.fin_queued and not out.pending:
                 return True
         conn_available = self._conn_send.limit - self._conn_send.sent
-        sws = self._sws
+        # The same test as Scheduler.fill: a stream is blocked while its credit (or the
+        # connection's) is below both the frame it wants and SWS_THRESHOLD.
+        want = sched.quantum if len(sched.new) + len(sched.old) >= 2 else sched.single_max
+        sws = want if want < SWS_THRESHOLD else SWS_THRESHOLD
         for lst in (sched.new, sched.old):
             for out in lst:
                 pending = out.pending
@@ -1021,13 +1155,20 @@ class Session:
         self._challenge_sent = True
         self._queue(ChallengeFrame(nonce=bytes(nonce)))
 
-    def _new_request(self, req_id: int, kind: FrameType, tunnel_id: int) -> None:
+    def _new_request(self, req_id: int, kind: FrameType, tunnel_id: int, frame: Frame) -> None:
+        """Queue a client request, or hold it back while MAX_OUTSTANDING_REQUESTS are out."""
         self._check_open_session()
         if self.role != Role.CLIENT:
             raise ValueError(f"only a client sends {kind.name} requests")
-        if req_id == 0 or req_id in self._requests_out:
+        if req_id == 0 or req_id in self._requests_out or req_id in self._requests_waiting:
             raise ValueError(f"request id {req_id} is 0 or already outstanding")
+        raw = encode_frame(frame)  # validates before any state changes
+        if len(self._requests_out) >= MAX_OUTSTANDING_REQUESTS:
+            self._requests_waiting[req_id] = (kind, tunnel_id, raw)
+            return
         self._requests_out[req_id] = (kind, tunnel_id)
+        self._control.append(raw)
+        self._control_bytes += len(raw)
 
     def send_auth(self, req_id: int, method: int, credential: bytes) -> None:
         """Client: queue AUTH (normally right after ChallengeReceived).
@@ -1036,20 +1177,23 @@ class Session:
             ValueError: not a client, or ``req_id`` is outstanding.
             SessionClosedError: the session is closed.
         """
-        self._new_request(req_id, FrameType.AUTH, 0)
-        self._queue(AuthFrame(req_id=req_id, method=method, credential=bytes(credential)))
+        frame = AuthFrame(req_id=req_id, method=method, credential=bytes(credential))
+        self._new_request(req_id, FrameType.AUTH, 0, frame)
 
     def send_bind(
         self, req_id: int, tunnel_id: int, bind: Address, proto: int = TunnelProto.TCP
     ) -> None:
         """Client: queue BIND for a public listener (may be pipelined after AUTH).
 
+        While 16 requests are unanswered the BIND waits in the session and goes out when a
+        RESULT arrives (spec §7.5); the same holds for ``send_auth`` and ``send_unbind``.
+
         Raises:
             ValueError: not a client, or ``req_id`` is outstanding.
             SessionClosedError: the session is closed.
         """
-        self._new_request(req_id, FrameType.BIND, tunnel_id)
-        self._queue(BindFrame(req_id=req_id, tunnel_id=tunnel_id, proto=proto, flags=0, bind=bind))
+        frame = BindFrame(req_id=req_id, tunnel_id=tunnel_id, proto=proto, flags=0, bind=bind)
+        self._new_request(req_id, FrameType.BIND, tunnel_id, frame)
 
     def send_unbind(
         self, req_id: int, tunnel_id: int, code: ErrorCode = ErrorCode.NO_ERROR
@@ -1060,13 +1204,14 @@ class Session:
             ValueError: a client's ``req_id`` is outstanding, or a server's is not 0.
             SessionClosedError: the session is closed.
         """
+        frame = UnbindFrame(req_id=req_id, tunnel_id=tunnel_id, error_code=code)
         if self.role == Role.SERVER:
             self._check_open_session()
             if req_id != 0:
                 raise ValueError("a server's UNBIND is a notice with req_id 0")
+            self._queue(frame)
         else:
-            self._new_request(req_id, FrameType.UNBIND, tunnel_id)
-        self._queue(UnbindFrame(req_id=req_id, tunnel_id=tunnel_id, error_code=code))
+            self._new_request(req_id, FrameType.UNBIND, tunnel_id, frame)
 
     def send_result(
         self, req_id: int, status: ResultStatus, message: str = "", bound: Address | None = None
@@ -1076,13 +1221,17 @@ class Session:
         An OK answer to the AUTH marks the session authenticated; frames held behind the AUTH
         are processed by the next ``receive_data`` call (``receive_data(b"")`` will do). Any
         other answer to the AUTH also queues ``CLOSE(AUTH_FAILED)`` and closes the session.
+        A refused BIND or UNBIND counts as non-productive (spec §12): past that limit the
+        session queues ``CLOSE(ENHANCE_YOUR_CALM)`` instead and closes. A no-op once the
+        session is closed: a request that arrived just before the peer's CLOSE (or before a
+        fault) needs no answer, and the application cannot tell the two orders apart.
 
         Raises:
             ValueError: not a server, ``req_id`` is not an unanswered request, or ``bound`` is
                 missing on the OK answer to a BIND or present on any other answer.
-            SessionClosedError: the session is closed.
         """
-        self._check_open_session()
+        if self.closed:
+            return
         kind = self._requests_in.get(req_id)
         if self.role != Role.SERVER or kind is None:
             raise ValueError(f"no unanswered request {req_id}")
@@ -1096,6 +1245,11 @@ class Session:
                 self.authenticated = True
             else:
                 self.close(ErrorCode.AUTH_FAILED, "authentication failed")
+        elif status != ResultStatus.OK and not self._idle_bucket.take(self._now):
+            # A refused BIND/UNBIND did nothing: non-productive (spec §12).
+            self._control.clear()
+            self._control_bytes = 0
+            self.close(ErrorCode.ENHANCE_YOUR_CALM, "too many refused requests")
 
     # ------------------------------------------------------------------------------------
     # Streams
@@ -1120,6 +1274,10 @@ class Session:
             self._local_open -= 1
             if stream.pending_open:
                 self._local_pending -= 1
+            ids = self._local_ids
+            if len(ids) > 2 * self._local_open + 64:  # drop closed ids: amortized O(1)
+                streams = self._streams
+                self._local_ids = [s for s in ids if s in streams]
         else:
             self._remote_open -= 1
             if stream.pending_open:
@@ -1128,7 +1286,8 @@ class Session:
         buffered = stream.recv.buffered
         if buffered:
             if discard:
-                self._discard(buffered)
+                self._unconsumed -= buffered
+                self._settle()
             else:
                 self._drain[sid] = buffered
 
@@ -1187,6 +1346,7 @@ class Session:
         raw = encode_frame(frame)  # validates the addresses before any state changes
         self._next_id += 2
         self._highest_local = sid
+        self._local_ids.append(sid)
         stream = self._new_stream(sid, local=True)
         stream.state = TRANSITIONS[_S.IDLE, _I.SEND_OPEN]
         self._local_open += 1
@@ -1238,6 +1398,7 @@ class Session:
             return
         self._queue(OpenFailFrame(stream_id=stream_id, reason=reason, message=message))
         self._forget(stream, discard=True)
+        self._expect_late_data(stream_id)
 
     def send_data(
         self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False
@@ -1296,6 +1457,14 @@ class Session:
             stream.state = TRANSITIONS[stream.state, _I.SEND_RESET]
         self._queue(frame)
         self._forget(stream, discard=True)
+        self._expect_late_data(sid)
+
+    def _expect_late_data(self, sid: int) -> None:
+        """We closed ``sid``: a few small DATA frames the peer sent meanwhile are expected."""
+        expected = self._closed_by_us
+        if len(expected) >= MAX_CLOSED_BY_US:
+            del expected[next(iter(expected))]
+        expected[sid] = LATE_DATA_ALLOWANCE
 
     def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
         """Abort a stream: queue RESET (with the final offset) and drop its unsent data.
@@ -1316,6 +1485,18 @@ class Session:
         """Bytes queued on a stream and not framed yet (0 for an unknown stream)."""
         stream = self._streams.get(stream_id)
         return stream.pending if stream is not None else 0
+
+    def send_credit(self, stream_id: int) -> int:
+        """Bytes the peer's windows allow on a stream now, beyond what is already framed.
+
+        The smaller of the stream's and the connection's credit (0 for an unknown stream).
+        Queued bytes (:meth:`pending_bytes`) use it up once they are framed.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        conn = self._conn_send
+        return min(stream.limit - stream.sent, conn.limit - conn.sent)
 
     def acknowledge(self, stream_id: int, n: int, now: float = 0.0) -> None:
         """The application consumed ``n`` bytes of a stream: return them as credit.
@@ -1340,20 +1521,48 @@ class Session:
                 del self._drain[stream_id]
             else:
                 self._drain[stream_id] = remaining - n
-            self._discard(n)
+            self._unconsumed -= n
+            self._settle()
             return
         state = stream.state
-        tune = state not in _REMOTE_FINISHED
         recv = stream.recv
-        stream_update, conn_update = credit_consumed(
-            recv, self._conn_recv, n, now, self.rtt, budget, tune_stream=tune
-        )
-        if stream_update and state in SEND_WINDOW_STATES:
-            self._dirty[stream_id] = stream
-            if recv.window > self._stream_window_peak:
-                self._stream_window_peak = recv.window
-        if conn_update:
-            self._conn_dirty = True
+        recv.consume(n)
+        stream.since = now
+        self._unconsumed -= n
+        if state not in _REMOTE_FINISHED:
+            before = recv.window
+            if recv.maybe_update(now, self.rtt, budget) and state in SEND_WINDOW_STATES:
+                self._dirty[stream_id] = stream
+                if recv.window > self._stream_window_peak:
+                    self._stream_window_peak = recv.window
+            if recv.window > before and self._conn_recv.ensure_window(min_conn_window(recv.window)):
+                self._conn_dirty = True
+        self._settle()
+
+    def stalled_stream(self, now: float, timeout: float) -> int | None:
+        """The stream that the stall policy of spec §8.7 resets now, or None.
+
+        Only while the bytes held unconsumed exceed ``receive_budget`` (so held bytes pin
+        connection credit): the live stream whose unconsumed data has waited longest without
+        the application consuming any, if that is at least ``timeout`` seconds.
+        """
+        if self.closed or self._unconsumed <= self._receive_budget:
+            return None
+        oldest: _Stream | None = None
+        for stream in self._streams.values():
+            recv = stream.recv
+            if recv.received != recv.consumed and (oldest is None or stream.since < oldest.since):
+                oldest = stream
+        if oldest is None or now - oldest.since < timeout:
+            return None
+        return oldest.stream_id
+
+    def tunnel_is_bound(self, tunnel_id: int) -> bool:
+        """Client: True while the tunnel has an OK RESULT for its BIND and no UNBIND since.
+
+        The session answers OPENs for any other tunnel itself (OPEN_FAIL(UNKNOWN_TUNNEL)).
+        """
+        return tunnel_id in self._bound
 
     def stream_is_open(self, stream_id: int) -> bool:
         """True while the stream is in the table (not closed)."""
@@ -1417,7 +1626,10 @@ class Session:
         for stream in self._streams.values():
             stream.drop_pending()
         self._streams.clear()
+        self._local_ids.clear()
+        self._closed_by_us.clear()
         self._drain.clear()
+        self._unconsumed = 0
         self._dirty.clear()
         self._conn_dirty = False
         self._pong = None
@@ -1462,6 +1674,7 @@ class Session:
             stream_recv_window_peak=self._stream_window_peak,
             rtt_us=-1 if self.rtt is None else round(self.rtt * 1e6),
             conn_recv_buffered=self._conn_recv.buffered,
+            conn_recv_held=self._unconsumed,
             pings_outstanding=len(self._pings),
             closed=int(self.closed),
             authenticated=int(self.authenticated),

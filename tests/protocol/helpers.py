@@ -26,6 +26,7 @@ from muxtunnel.protocol.constants import (
 )
 from muxtunnel.protocol.events import (
     AuthRequested,
+    BindRequested,
     ChallengeReceived,
     DataReceived,
     Event,
@@ -46,6 +47,7 @@ from muxtunnel.protocol.frames import (
 from muxtunnel.protocol.session import Session, SessionConfig
 
 __all__ = [
+    "BIND_REQ_BASE",
     "CLIENT_NONCE",
     "ORIGIN",
     "SERVER_NONCE",
@@ -64,6 +66,8 @@ __all__ = [
 ]
 
 TOKEN = "s3cr3t-token"
+#: ``SessionPair.bind`` uses request id BIND_REQ_BASE + tunnel_id.
+BIND_REQ_BASE = 0x7000_0000
 SERVER_NONCE = bytes(range(32))
 CLIENT_NONCE = bytes(range(32, 64))
 ORIGIN = Address("198.51.100.23", 51514)
@@ -149,7 +153,8 @@ class SessionPair:
 
     Args:
         client_config / server_config: the sessions' configs.
-        handshake: run HELLO + CHALLENGE + AUTH at once (``authenticate``).
+        handshake: run HELLO + CHALLENGE + AUTH at once (``authenticate``), then BIND
+            ``tunnels`` (the client refuses OPENs for tunnels that are not bound).
         max_bytes: batch size passed to ``data_to_send`` while pumping (None = default).
     """
 
@@ -158,6 +163,7 @@ class SessionPair:
     handshake: bool = True
     max_bytes: int | None = None
     now: float = 0.0
+    tunnels: tuple[int, ...] = tuple(range(1, 10))
     client: Session = field(init=False)
     server: Session = field(init=False)
     #: Every event each side produced, in order.
@@ -169,6 +175,7 @@ class SessionPair:
         self.server = Session(Role.SERVER, self.server_config)
         if self.handshake:
             self.authenticate()
+            self.bind(*self.tunnels)
 
     def peer(self, session: Session) -> Session:
         """The other session."""
@@ -216,6 +223,21 @@ class SessionPair:
         assert events[0].status == ResultStatus.OK
         assert self.client.authenticated
         assert self.server.authenticated
+
+    def bind(self, *tunnel_ids: int) -> None:
+        """BIND each tunnel and answer RESULT(OK), outside the event logs."""
+        for tunnel_id in tunnel_ids:
+            req_id = BIND_REQ_BASE + tunnel_id
+            self.client.send_bind(req_id, tunnel_id, Address(None, 0))
+            events = self.server.receive_data(self.client.data_to_send(), self.now)
+            assert events == [
+                BindRequested(req_id=req_id, tunnel_id=tunnel_id, proto=1, bind=Address(None, 0))
+            ]
+            self.server.send_result(req_id, ResultStatus.OK, bound=Address("0.0.0.0", 20000))
+            events = self.client.receive_data(self.server.data_to_send(), self.now)
+            assert len(events) == 1
+            assert isinstance(events[0], ResultReceived)
+            assert events[0].status == ResultStatus.OK
 
     def open(self, opener: Session | None = None, tunnel_id: int = 1) -> int:
         """Open a stream from ``opener`` (default: the server) and have the peer accept it."""

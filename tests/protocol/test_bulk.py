@@ -17,6 +17,7 @@ from muxtunnel.protocol.events import (
     StreamOpened,
 )
 from muxtunnel.protocol.frames import HEADER
+from muxtunnel.protocol.session import SessionConfig
 
 from .helpers import ORIGIN, TARGET, SessionPair
 
@@ -110,9 +111,12 @@ class App:
                 take = n if self.rng.random() < 0.5 else self.rng.randint(1, n)
                 session.acknowledge(sid, take, now)
                 self.buffered[sid] = n - take
-        # The app never holds more than the windows allow.
+        # The app never holds more than the windows allow; connection credit is withheld
+        # exactly for the bytes held beyond the receive budget (spec §8.5).
         conn = session._conn_recv
-        assert sum(self.buffered.values()) == conn.received - conn.consumed
+        held = sum(self.buffered.values())
+        assert held == session._unconsumed
+        assert conn.received - conn.consumed == max(0, held - session._receive_budget)
         assert conn.received <= conn.advertised
         for sid, stream in session._streams.items():
             assert stream.recv.received <= stream.recv.advertised
@@ -121,7 +125,9 @@ class App:
 
 def test_bulk_100mb_over_52_streams_with_slow_consumers() -> None:
     rng = random.Random(20261125)
-    pair = SessionPair()
+    # A receive budget of 1 MiB: the slow consumers push both sides past it and back.
+    config = SessionConfig(receive_budget=1 << 20)
+    pair = SessionPair(client_config=config, server_config=config)
     server, client = pair.server, pair.client
     client.ping(0.0)
     pair.send(client)

@@ -127,7 +127,7 @@ def test_fin_frame_beyond_the_stream_window() -> None:
 
 def test_fin_frame_beyond_the_connection_window() -> None:
     settings = Settings(initial_stream_window=1 << 20, initial_conn_window=1_572_864)
-    pair = SessionPair(client_config=SessionConfig(settings=settings))
+    pair = SessionPair(client_config=SessionConfig(settings=settings, receive_budget=0))
     a, b = pair.open(), pair.open()
     pair.client.receive_data(data_frame(a, bytes(65536)) * 16 + data_frame(b, bytes(65536)) * 8)
     raw = data_frame(b, b"x", fin=True)
@@ -135,7 +135,7 @@ def test_fin_frame_beyond_the_connection_window() -> None:
 
 
 def test_late_data_beyond_the_connection_window() -> None:
-    pair = SessionPair()
+    pair = SessionPair(client_config=SessionConfig(receive_budget=0))
     sid = pair.open()
     full = [pair.open() for _ in range(8)]  # 8 x 256 KiB unconsumed = the 2 MiB window
     pair.client.reset_stream(sid)

@@ -168,10 +168,12 @@ class PairMachine(RuleBasedStateMachine):
             session = side.session
             assert not session.closed
             conn = session._conn_recv
-            # Exactly the bytes the application holds are uncredited (reset streams' bytes
-            # were credited by the session when they died).
+            # The session counts exactly the bytes the application holds (reset streams'
+            # bytes were dropped when they died); of those, the ones beyond the receive
+            # budget keep their connection credit (spec §8.5).
             live_unacked = sum(n for sid, n in side.unacked.items() if sid not in side.dead)
-            assert conn.received - conn.consumed == live_unacked
+            assert session._unconsumed == live_unacked
+            assert conn.received - conn.consumed == max(0, live_unacked - session._receive_budget)
             assert conn.received <= conn.advertised
             for stream in session._streams.values():
                 assert stream.recv.received <= stream.recv.advertised
