@@ -94,13 +94,16 @@ class Scheduler:
         single_max: the frame size while only one stream is ready.
     """
 
-    __slots__ = ("fins", "new", "old", "quantum", "single_max")
+    __slots__ = ("fins", "new", "old", "quantum", "single_max", "sws")
 
     def __init__(self, quantum: int = DEFAULT_QUANTUM, single_max: int = 65_536) -> None:
         if quantum < 1:
             raise ValueError("quantum must be positive")
         self.quantum = quantum
         self.single_max = max(single_max, 1)
+        #: A stream whose credit (or the connection's) is below both what it has pending and
+        #: this many bytes waits for more credit instead of sending a runt frame (spec §8.2).
+        self.sws = min(SWS_THRESHOLD, quantum)
         #: Streams that became ready after being idle; served first.
         self.new: deque[OutboundStream] = deque()
         #: Streams that used a quantum and still have data.
@@ -182,11 +185,11 @@ class Scheduler:
             if pending < want:
                 want = pending
             credit = stream.limit - stream.sent
-            if credit < want and credit < SWS_THRESHOLD:
+            if credit < want and credit < self.sws:
                 lst.popleft()  # blocked by its own window until a WINDOW requeues it
                 stream.scheduled = False
                 continue
-            if conn_available < want and conn_available < SWS_THRESHOLD:
+            if conn_available < want and conn_available < self.sws:
                 break  # blocked by the connection window
             n = want
             if credit < n:

@@ -165,7 +165,7 @@ from .frames import (
     encode_frame,
 )
 from .reader import FrameReader, RawFrame
-from .scheduler import SWS_THRESHOLD, OutboundStream, Scheduler
+from .scheduler import OutboundStream, Scheduler
 from .state import (
     RECV_DATA_STATES,
     SEND_DATA_STATES,
@@ -1120,9 +1120,8 @@ class Session:
                 return True
         conn_available = self._conn_send.limit - self._conn_send.sent
         # The same test as Scheduler.fill: a stream is blocked while its credit (or the
-        # connection's) is below both the frame it wants and SWS_THRESHOLD.
-        want = sched.quantum if len(sched.new) + len(sched.old) >= 2 else sched.single_max
-        sws = want if want < SWS_THRESHOLD else SWS_THRESHOLD
+        # connection's) is below both what it has pending and the scheduler's SWS threshold.
+        sws = sched.sws
         for lst in (sched.new, sched.old):
             for out in lst:
                 pending = out.pending

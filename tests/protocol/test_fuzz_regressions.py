@@ -23,6 +23,15 @@ CASES = [
         "1b0901000f010600ff0202000b000304000b0003010000000100000b010303000001007f000b",
         id="wants-write-without-output-small-quantum",
     ),
+    # The same with two scheduled streams, one of them already empty: wants_write() took the
+    # quantum as the frame size while the scheduler, after dropping the empty stream, served
+    # the other alone with a larger frame and blocked it on its 1,505 B of credit.
+    pytest.param(
+        "session-client",
+        "ab0901000b000304030100000001000600f9000b00030100a300000901000101064646464646bab9b9b9"
+        "46460bfd09010000000600474747473030304747",
+        id="wants-write-without-output-empty-stream-scheduled",
+    ),
 ]
 
 
