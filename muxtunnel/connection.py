@@ -11,14 +11,14 @@ caller owns (``await nursery.start(conn.run)``):
   ``session.receive_data`` and dispatches the events with a dict lookup. Dispatch never blocks:
   stream data goes into the stream's chunk deque (bounded by the receive window the session
   advertised), new streams and control events go into unbounded memory channels (bounded by the
-  session's pending-open and flood limits). So a slow stream can never stop the reader (P4/P5).
+  session's pending-open and flood limits). So a slow stream can never stop the reader (protocol-spec §14.1).
 * the **writer** is the only caller of ``transport.send_all``. It loops on
   ``session.data_to_send()`` (control frames first, then DATA by deficit round robin, all
   coalesced into one batch) and sleeps on an event when there is nothing to send. A failed or
   cancelled ``send_all`` leaves an unknown frame boundary on the wire, so it ends the
   connection; it is never retried.
 * the **keepalive** task sends a PING after ``idle/4`` of receive silence and declares the peer
-  dead after ``idle`` of receive silence; any inbound byte counts as life (P12). While bytes
+  dead after ``idle`` of receive silence; any inbound byte counts as life (protocol-spec §10.1). While bytes
   flow, another PING each :data:`RTT_SAMPLE_INTERVAL` keeps the RTT estimate (which drives
   window auto-tuning) current.
 
@@ -38,8 +38,8 @@ session (stream credit returns on consumption, spec §8.5); a copy loop may ackn
 once the bytes are written (``receive_batch(acknowledge=False)`` + :meth:`MuxStream.acknowledge`).
 A small DATA payload is copied out of the large decrypted read it arrived in, so held bytes
 never pin more than :data:`PIN_FACTOR` times their size. ``send_eof`` queues FIN behind the
-stream's data (P8); the peer's RESET raises :class:`MuxStreamResetError` (a
-``StreamResetError`` that is also a ``trio.BrokenResourceError``), never a clean EOF (P9).
+stream's data (protocol-spec §9.4); the peer's RESET raises :class:`MuxStreamResetError` (a
+``StreamResetError`` that is also a ``trio.BrokenResourceError``), never a clean EOF (protocol-spec §9.8).
 
 The **timer** task enforces two local bounds (both off when None): ``open_timeout`` resets a
 stream we opened with RESET(CANCEL) when the peer has not answered its OPEN in time (spec §9.2
@@ -157,14 +157,14 @@ RECEIVE_SIZE: Final = 64 * 1024
 #: The same with :class:`muxtunnel.tlsstream.TLSStream`, which decrypts every complete record
 #: of one socket read into a reused buffer: ask for many records at once.
 FAST_TLS_RECEIVE_SIZE: Final = 256 * 1024
-#: Use :class:`muxtunnel.tlsstream.TLSStream` (on by default since helper "perf"'s measurements,
-#: /work/notes/perf-switch.md) instead of ``trio.SSLStream`` for the tunnel's TLS connection.
+#: Use :class:`muxtunnel.tlsstream.TLSStream` (on by default: it moves bulk data with less CPU
+#: per byte, see its module docs) instead of ``trio.SSLStream`` for the tunnel's TLS connection.
 #: ``MUXTUNNEL_FAST_TLS=0`` in the environment selects trio.SSLStream (A/B runs).
 FAST_TLS = os.environ.get("MUXTUNNEL_FAST_TLS", "1") == "1"
 #: Soft size of one writer batch (one ``transport.send_all``) while several streams send.
-#: PROTOCOL-NOTES P14 measured trio TLS at 418 MB/s with 64 KiB writes and 423 MB/s with 256 KiB:
+#: trio TLS was measured at 418 MB/s with 64 KiB writes and 423 MB/s with 256 KiB:
 #: larger batches buy little there but make an interactive frame wait longer behind bulk data
-#: already handed to TLS (P13).
+#: already handed to TLS (protocol-spec §14).
 WRITE_BATCH: Final = 64 * 1024
 #: Batch size while at most one stream sends: nobody waits behind it, and with fewer, larger
 #: batches the relay spent about a third less CPU per byte (512 MiB put, 2.9-3.2 against
@@ -177,7 +177,7 @@ BULK_WRITE_BATCH: Final = 256 * 1024
 #: a batch is at most WRITE_BATCH.
 SCHEDULER_QUANTUM: Final = 64 * 1024
 #: While bytes keep arriving, a PING goes out this often (seconds) so the smoothed RTT that
-#: drives window auto-tuning reflects the loaded path, not only the idle one (P2).
+#: drives window auto-tuning reflects the loaded path, not only the idle one (protocol-spec §8.6).
 RTT_SAMPLE_INTERVAL: Final = 1.0
 #: How long a closing connection may take to flush its CLOSE and TLS close_notify.
 CLOSE_GRACE: Final = 2.0
@@ -315,7 +315,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._recv_waiter = self._send_waiter = self._opened_waiter = None
 
     def _drop_buffer(self) -> None:
-        """Discard unread bytes, acknowledging them so the connection window is not lost (P6)."""
+        """Discard unread bytes, acknowledging them so the connection window is not lost (protocol-spec §8.5)."""
         n = self._buffered + self._unacked
         if n:
             self._conn._acknowledge(self.stream_id, n)
@@ -1268,7 +1268,7 @@ class MuxConnection:
     def _on_data(self, event: DataReceived) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None:
-            # The stream is gone on our side: discard, but credit the connection window (P6).
+            # The stream is gone on our side: discard, but credit the connection window (protocol-spec §9.6).
             self._acknowledge(event.stream_id, len(event.data))
             return
         stream._on_data(event.data)
@@ -1327,7 +1327,7 @@ class MuxConnection:
         ev = self._keepalive_waiter
         if ev is not None:
             ev.set()
-        # An RTT sample from the start, so window auto-tuning can begin early (P2).
+        # An RTT sample from the start, so window auto-tuning can begin early (protocol-spec §8.6).
         now = trio.current_time()
         if self.usable and self._session.ping(now) is not None:
             self._last_ping = now

@@ -1,11 +1,11 @@
 """Copy bytes both ways between a local TCP stream and a mux stream.
 
 Two copy loops run side by side, one per direction, so a local application that writes without
-reading never blocks the other direction (PROTOCOL-NOTES §3.6). EOF on one side becomes
+reading never blocks the other direction. EOF on one side becomes
 ``send_eof()`` on the other (TCP half-close kept: a FIN travels as FIN). Any error or reset
 aborts both sides: the mux stream gets RESET(CONNECT_ERROR) (or the peer's reset stands), and the
 TCP socket is closed with ``SO_LINGER`` = (1, 0) so its peer sees an RST instead of a clean EOF
-(RFC 9113 §8.5; P9).
+(RFC 9113 §8.5; protocol-spec §9.8).
 
 Buffers and memory: the mux→TCP direction hands the stream's received chunks (read-only views
 of the decrypted record) straight to ``send_all`` without copying, and acknowledges them only

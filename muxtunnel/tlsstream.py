@@ -2,7 +2,7 @@
 
 :class:`TLSStream` is a drop-in replacement for ``trio.SSLStream`` on the mux connection (one
 reader task, one writer task). It is faster because it does fewer Python-level operations per
-byte (PROTOCOL-NOTES P14, issue 4 §3):
+byte (benchmarks/bench_tls.py measures both):
 
 * **receive**: one transport read of up to :data:`RECEIVE_SIZE` (256 KiB) feeds the incoming
   BIO, then one tight loop decrypts every complete record into a reused buffer and returns them

@@ -1,4 +1,4 @@
-"""Window auto-tuning over a simulated link (notes P2: the go-yamux #136 regression).
+"""Window auto-tuning over a simulated link (protocol-spec §8.6; guards against a window that never grows).
 
 A discrete-time model: 1 ms ticks, a link of fixed rate and one-way delay in each direction.
 The server streams bulk data on one stream; the client consumes everything at once. With a
