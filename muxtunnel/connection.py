@@ -894,6 +894,17 @@ class MuxConnection:
                 self._slot_waiter = trio.Event()
             await self._slot_waiter.wait()
 
+    async def wait_open_change(self) -> None:
+        """Wait until one of our opens is answered or ends, a stream closes or the connection
+        ends (whatever may free a pending-open slot or a share of them)."""
+        if self._slot_waiter is None:
+            self._slot_waiter = trio.Event()
+        await self._slot_waiter.wait()
+
+    def notify_open_change(self) -> None:
+        """Wake every :meth:`wait_open_change` and :meth:`wait_open_slot` waiter."""
+        self._wake_slot()
+
     async def accept_stream(self) -> MuxStream:
         """Return the next stream the peer opened; answer it with ``accept()``/``reject()``.
 

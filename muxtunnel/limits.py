@@ -57,8 +57,6 @@ _UNLIMITED_TARGET = 1 << 20
 
 #: The smallest share of pending opens a tunnel with demand always gets.
 MIN_OPEN_SHARE = 4
-#: How often a tunnel that waits for its share looks again (an OPEN_ACK has no event here).
-OPEN_SHARE_POLL = 0.02
 
 
 def raise_descriptor_limit() -> int | None:
@@ -209,7 +207,6 @@ class OpenShares:
         #: Relay-opened streams per tunnel that may still be waiting for OPEN_ACK/OPEN_FAIL.
         self._held: dict[int, set[MuxStream]] = {}
         self._total = 0
-        self._changed = trio.Event()
 
     def _limit(self) -> int:
         peer = self._conn.session.peer_settings
@@ -258,8 +255,8 @@ class OpenShares:
                 continue
             if not conn.usable or conn.goaway is not None:
                 await conn.wait_open_slot()  # raises MuxSessionClosedError
-            with trio.move_on_after(OPEN_SHARE_POLL):
-                await self._changed.wait()
+            # Every answer (OPEN_ACK, OPEN_FAIL, RESET) and every stream end wakes this.
+            await conn.wait_open_change()
 
     def opened(self, tunnel_id: int, stream: MuxStream) -> None:
         """``stream`` was opened for ``tunnel_id`` and waits for the client's answer."""
@@ -274,8 +271,7 @@ class OpenShares:
             self._total -= 1
             if not streams:
                 del self._held[tunnel_id]
-            self._changed.set()
-            self._changed = trio.Event()
+            self._conn.notify_open_change()
 
 
 _LINGER_RST = struct.pack("ii", 1, 0)
