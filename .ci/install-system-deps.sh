@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Install the system packages the system tests (tests/system/) need: OpenSSH server/client,
-# PostgreSQL server/client, iproute2 + nftables (network-namespace tests) and a C toolchain.
+# PostgreSQL server/client, nginx with its stream module (a real PROXY protocol consumer),
+# iproute2 + nftables (network-namespace tests), a C toolchain and systemd (only for
+# `systemd-analyze verify` of contrib/systemd/; nothing runs systemd as init) and tmux (a
+# pseudo-terminal for the client's live console test).
 # Run as root on Debian 12 after `apt-get update`. Services are NOT started or enabled here:
-# the tests start throwaway sshd / postgres instances of their own on loopback ports.
+# the tests start throwaway sshd / postgres / nginx instances of their own on loopback ports.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -31,8 +34,11 @@ trap cleanup EXIT
 apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=600 \
     openssh-server openssh-client \
     postgresql postgresql-client \
+    nginx libnginx-mod-stream \
     iproute2 nftables \
-    gcc libc6-dev
+    gcc libc6-dev \
+    systemd \
+    tmux
 
 # sshd refuses to start without its privilege-separation directory.
 mkdir -p /run/sshd

@@ -1,4 +1,4 @@
-"""The ``muxtunnel`` command: server, client, fingerprint, demo, bench.
+"""The ``muxtunnel`` command: server, client, token, fingerprint, demo, bench.
 
 This module only turns arguments into configs, sets up logging and signals, and maps errors
 to exit codes (see :class:`muxtunnel.errors.ExitCode`): 0 clean shutdown, 2 usage or
@@ -7,12 +7,14 @@ Every error reaches the user as one line ``muxtunnel: error: <message>`` on stde
 adds the traceback.
 
 stdout carries only what users and scripts read: ``fingerprint: ...``, ``token: ...``, the
-``muxtunnel relay listening on ...`` and ``forwarding tcp://...`` lines. Logs go to stderr.
+``muxtunnel relay listening on ...``, ``forwarding tcp://...``, ``private tunnel ...`` and
+``visiting private tunnel ...`` lines. Logs go to stderr.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -24,14 +26,37 @@ import trio
 import typer
 
 from muxtunnel._version import __version__
-from muxtunnel.config import build_client_config, build_server_config, default_state_dir, load_toml
+from muxtunnel.clihelp import help_on_terminal, polish
+from muxtunnel.config import (
+    build_client_config,
+    build_server_config,
+    build_visit_config,
+    default_state_dir,
+    load_toml,
+)
 from muxtunnel.errors import ConfigError, ExitCode, MuxtunnelError
 from muxtunnel.logsetup import configure_logging
 from muxtunnel.tls import CERT_FILE_NAME, fingerprint_of_file, load_or_create_identity
-from muxtunnel.tokens import TOKEN_FILE_NAME, check_private_file, load_or_create_token
+from muxtunnel.tokens import (
+    TOKEN_FILE_NAME,
+    check_private_dir,
+    check_private_file,
+    load_or_create_token,
+)
+from muxtunnel.tokenstore import (
+    TOKENS_FILE_NAME,
+    add_token,
+    list_tokens,
+    load_token_file,
+    policy_summary,
+    remove_token,
+    token_json,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
+
+    from muxtunnel.config import ServerConfig
 
 __all__ = ["app", "main", "run"]
 
@@ -41,7 +66,7 @@ app = typer.Typer(
     name="muxtunnel",
     help="Self-hosted raw TCP tunnel: many TCP streams multiplexed over one TLS connection.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -79,6 +104,25 @@ StateDirOpt = Annotated[
         "--state-dir",
         metavar="DIR",
         help="Where keys, tokens and pins live (default: $XDG_STATE_HOME/muxtunnel or ~/.local/state/muxtunnel).",
+    ),
+]
+AdminOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--admin",
+        metavar="PATH|HOST:PORT|off",
+        help="Local status endpoint read by `muxtunnel status` (default: a socket in the state "
+        "dir's admin/ directory, mode 0600; HOST:PORT only if asked).",
+        show_default=False,
+    ),
+]
+MetricsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        metavar="HOST:PORT|off",
+        help="Serve Prometheus metrics on http://HOST:PORT/metrics (default: off).",
+        show_default=False,
     ),
 ]
 
@@ -249,7 +293,13 @@ def server(
         ),
     ] = None,
     token_file: Annotated[
-        Path | None, typer.Option(metavar="FILE", help="File with accepted tokens, one per line.")
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Accepted tokens: one per line, or a TOML file of named tokens "
+            "(`muxtunnel token add`; default when no token is given: tokens.toml in the state "
+            "dir if it exists).",
+        ),
     ] = None,
     state_dir: StateDirOpt = None,
     cert: Annotated[
@@ -327,6 +377,14 @@ def server(
         int | None,
         typer.Option(metavar="N", help="Visitors one tunnel may have at once (default: 256)."),
     ] = None,
+    max_visit_streams: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Streams one client may open at once to visit private tunnels; 0: none "
+            "(default: 256).",
+        ),
+    ] = None,
     open_timeout: Annotated[
         float | None,
         typer.Option(
@@ -341,6 +399,8 @@ def server(
             "(default: 30).",
         ),
     ] = None,
+    admin: AdminOpt = None,
+    metrics: MetricsOpt = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     debug: DebugOpt = False,
@@ -370,14 +430,24 @@ def server(
         "max-tunnels-per-token": max_tunnels_per_token,
         "max-streams-per-token": max_streams_per_token,
         "max-visitors-per-tunnel": max_visitors_per_tunnel,
+        "max-visit-streams": max_visit_streams,
         "open-timeout": open_timeout,
         "stall-timeout": stall_timeout,
+        "admin": admin,
+        "metrics": metrics,
     }
     cfg = build_server_config(file_values, flags, config_path=config)
     _warn_exposed_token(bool(token), config, file_values)
+    check_private_dir(cfg.state_dir)  # only a warning, about an existing dir
+    _check_listeners(cfg)  # a taken port is reported before any certificate or token exists
+    if cfg.metrics is not None:  # like --listen: a taken port is reported before any token
+        from muxtunnel.preflight import check_listen
+
+        check_listen(*cfg.metrics, "--metrics")
     identity = load_or_create_identity(cfg.state_dir, cfg.cert_file, cfg.key_file)
     out(f"fingerprint: {identity.fingerprint}")
-    if not cfg.tokens:
+    cfg = _state_dir_tokens(cfg)
+    if not cfg.tokens and not cfg.token_entries:
         generated, created = load_or_create_token(cfg.state_dir)
         path = cfg.state_dir / TOKEN_FILE_NAME
         if created:
@@ -392,7 +462,43 @@ def server(
 
     from muxtunnel.server import serve  # lazy: keeps `muxtunnel --version` fast
 
-    _run_async(lambda shutdown: serve(cfg, shutdown=shutdown, report=out))
+    def reload_config() -> ServerConfig:
+        """SIGHUP: the same flags over a fresh read of --config and the token files."""
+        values = load_toml(config, "server") if config is not None else {}
+        fresh = _state_dir_tokens(build_server_config(values, flags, config_path=config))
+        if not fresh.tokens and not fresh.token_entries:
+            stored = fresh.state_dir / TOKEN_FILE_NAME
+            if not stored.exists():
+                raise ConfigError("no token configured")
+            fresh = dataclasses.replace(fresh, tokens=(load_or_create_token(fresh.state_dir)[0],))
+        _setup_logging(values, log_level, log_format)
+        return fresh
+
+    _run_async(
+        lambda shutdown: serve(cfg, shutdown=shutdown, report=out, reload_config=reload_config)
+    )
+
+
+def _check_listeners(cfg: ServerConfig) -> None:
+    """Fail before anything is generated or printed if --listen (or --admin) cannot be bound."""
+    from muxtunnel.admin import resolve_admin
+    from muxtunnel.preflight import check_listen
+
+    check_listen(cfg.listen_host, cfg.listen_port, "--listen")
+    admin = resolve_admin(cfg.admin, cfg.state_dir, "relay")
+    if admin is not None and admin.path is None:
+        check_listen(admin.host, admin.port, "--admin")
+
+
+def _state_dir_tokens(cfg: ServerConfig) -> ServerConfig:
+    """Without configured tokens, the state dir's ``tokens.toml`` if it exists."""
+    named = cfg.state_dir / TOKENS_FILE_NAME
+    if not cfg.tokens and not cfg.token_entries and named.exists():
+        # Tokens managed with `muxtunnel token add` take the place of the generated one.
+        tokens, entries = load_token_file(named)
+        logger.info("using the tokens in %s", named)
+        cfg = dataclasses.replace(cfg, tokens=tokens, token_entries=entries)
+    return cfg
 
 
 @app.command()
@@ -424,6 +530,42 @@ def client(
     ] = None,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="CIDR",
+            help="Only visitors from this network reach the SPECs (repeatable; IPv4 or IPv6; "
+            "the relay resets the others).",
+            show_default=False,
+        ),
+    ] = None,
+    deny: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--deny",
+            metavar="CIDR",
+            help="Visitors from this network are reset by the relay (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    proxy_protocol: Annotated[
+        str | None,
+        typer.Option(
+            "--proxy-protocol",
+            metavar="v1|v2",
+            help="Send a PROXY protocol header with the visitor's address to the local service.",
+        ),
+    ] = None,
+    private: Annotated[
+        str | None,
+        typer.Option(
+            "--private",
+            metavar="NAME",
+            help="Publish the one SPEC ([LOCAL_HOST:]LOCAL_PORT) as private tunnel NAME: no "
+            "public port; reached with `muxtunnel visit NAME`.",
+        ),
+    ] = None,
     max_retries: Annotated[
         int | None,
         typer.Option(metavar="N", help="Give up after N failed reconnects (default: never)."),
@@ -466,6 +608,17 @@ def client(
             "(default: 30).",
         ),
     ] = None,
+    admin: AdminOpt = None,
+    metrics: MetricsOpt = None,
+    console: Annotated[
+        bool | None,
+        typer.Option(
+            "--console/--no-console",
+            help="Live view of the session and tunnels on stdout (default: on if stdout is a "
+            "terminal).",
+            show_default=False,
+        ),
+    ] = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
     debug: DebugOpt = False,
@@ -484,6 +637,10 @@ def client(
         "ca": ca,
         "state-dir": state_dir,
         "tunnel": specs,
+        "allow": allow,
+        "deny": deny,
+        "proxy-protocol": proxy_protocol,
+        "private": private,
         "max-retries": max_retries,
         "keepalive-timeout": keepalive_timeout,
         "connect-timeout": connect_timeout,
@@ -492,13 +649,156 @@ def client(
         "max-streams": max_streams,
         "max-open-rate": max_open_rate,
         "stall-timeout": stall_timeout,
+        "admin": admin,
+        "metrics": metrics,
     }
     cfg = build_client_config(file_values, flags, config_path=config)
     _warn_exposed_token(token is not None, config, file_values)
 
     from muxtunnel.client import run_client
+    from muxtunnel.console import run_client_with_console, want_console
 
-    _run_async(lambda shutdown: run_client(cfg, shutdown=shutdown, report=out))
+    start = run_client_with_console if want_console(console) else run_client
+    _run_async(lambda shutdown: start(cfg, shutdown=shutdown, report=out, handle_signals=True))
+
+
+@app.command()
+def visit(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="NAME",
+            help="The private tunnel (published with `muxtunnel client --private NAME`).",
+            show_default=False,
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[LOCAL_HOST:]LOCAL_PORT",
+            help="Where to accept connections (host default: 127.0.0.1).",
+            show_default=False,
+        ),
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option("--server", metavar="HOST[:PORT]", help="The relay (port default: 7835)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(metavar="TOKEN", help="The relay's token (default: $MUXTUNNEL_TOKEN)."),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Read the token from this file.")
+    ] = None,
+    fingerprint: Annotated[
+        str | None, typer.Option(metavar="FP", help="Pin the relay's certificate (sha256:...).")
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Verify the relay against this CA instead.")
+    ] = None,
+    state_dir: StateDirOpt = None,
+    config: ConfigOpt = None,
+    max_retries: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Give up after N failed reconnects (default: never)."),
+    ] = None,
+    keepalive_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Declare a silent relay dead after this (default: 30)."
+        ),
+    ] = None,
+    backoff_cap: Annotated[
+        float | None,
+        typer.Option(metavar="SECONDS", help="Longest wait between reconnects (default: 30)."),
+    ] = None,
+    open_timeout: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Time the relay gets to answer a new connection (default: 45).",
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="Local connections carried at once (default: 256)."),
+    ] = None,
+    log_level: LogLevelOpt = None,
+    log_format: LogFormatOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Reach a private tunnel: every connection to the local port is carried to it.
+
+    Nothing listens for it on the relay's public side. The token must be the publisher's, or one the relay's policy lets visit NAME.
+    """
+    file_values = load_toml(config, "visit") if config is not None else {}
+    _setup_logging(file_values, log_level, log_format)
+    flags: dict[str, object] = {
+        "name": name,
+        "listen": listen,
+        "server": server,
+        "token": [token] if token is not None else None,
+        "token-file": token_file,
+        "fingerprint": fingerprint,
+        "ca": ca,
+        "state-dir": state_dir,
+        "max-retries": max_retries,
+        "keepalive-timeout": keepalive_timeout,
+        "backoff-cap": backoff_cap,
+        "open-timeout": open_timeout,
+        "max-connections": max_connections,
+    }
+    cfg = build_visit_config(file_values, flags, config_path=config)
+    _warn_exposed_token(token is not None, config, file_values)
+
+    from muxtunnel.visitor import run_visitor
+
+    _run_async(lambda shutdown: run_visitor(cfg, shutdown=shutdown, report=out))
+
+
+@app.command()
+def status(
+    state_dir: StateDirOpt = None,
+    admin: Annotated[
+        str | None,
+        typer.Option(
+            "--admin",
+            metavar="PATH|HOST:PORT",
+            help="Query only this endpoint (the --admin of a relay or client).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the snapshots as one JSON array.")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the sessions and tunnels of the running relay and clients of a state dir."""
+    from muxtunnel import admin as admin_mod
+
+    if state_dir is not None and admin is not None:
+        raise ConfigError("use either --state-dir or --admin, not both")
+    directory = state_dir if state_dir is not None else default_state_dir()
+    if admin is not None:
+        addresses = [admin_mod.parse_admin(admin)]
+    else:
+        addresses = admin_mod.discover(directory)
+    snapshots, errors = trio.run(admin_mod.query_all, addresses)
+    for error in errors:
+        # Sockets nobody listens on (a process killed hard) are skipped in a state dir.
+        if snapshots and not isinstance(error, admin_mod.StaleEndpointError):
+            _err(f"muxtunnel status: {error}")
+    if not snapshots:
+        if admin is not None:
+            raise errors[0]
+        raise admin_mod.StatusError(
+            f"no muxtunnel relay or client found in {directory} (is it running? --admin off?)"
+        )
+    if as_json:
+        out(json.dumps(snapshots, indent=2))
+    else:
+        admin_mod.print_status(snapshots)
 
 
 @app.command("fingerprint")
@@ -553,19 +853,317 @@ def demo(
         raise MuxtunnelError("the demo's self-check failed")
 
 
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
-def bench(ctx: typer.Context) -> None:
-    """Run the benchmark suite (arguments go to it; try `muxtunnel bench --help`)."""
+#: The bench targets (muxtunnel.benchsuite.targets.ALL_TARGETS; not imported for --help).
+BENCH_TARGETS = "direct,muxtunnel,ssh,ssh-aes128"
+
+
+@app.command()
+def bench(
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick", help="Small smoke run (< 60 s, no network namespaces); fails on wrong bytes."
+        ),
+    ] = False,
+    scenarios: Annotated[
+        str | None,
+        typer.Option(
+            metavar="LIST",
+            help="Comma-separated scenario numbers, e.g. 1,3,5 (default: all; --quick: 1-6).",
+            show_default=False,
+        ),
+    ] = None,
+    targets: Annotated[
+        str,
+        typer.Option(
+            metavar="LIST",
+            help=f"Comma-separated subset of {BENCH_TARGETS} (default: all).",
+            show_default=False,
+        ),
+    ] = BENCH_TARGETS,
+    runs: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            min=1,
+            help="Runs per loopback scenario, medians reported (default: 3; --quick: 1).",
+        ),
+    ] = None,
+    verify: Annotated[
+        bool | None,
+        typer.Option(
+            "--verify/--no-verify",
+            help="CRC-check every byte (default: on with --quick, off otherwise).",
+            show_default=False,
+        ),
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="Write all results as JSON.")
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="Write a chart (needs matplotlib).")
+    ] = None,
+    write_results: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE", help="Write the markdown results file (benchmarks/RESULTS.md)."
+        ),
+    ] = None,
+    keep_logs: Annotated[
+        bool, typer.Option("--keep-logs", help="Keep the temporary directory.")
+    ] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="py-spy the muxtunnel relay and client during every run (raw stacks into DIR).",
+        ),
+    ] = None,
+    streams: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            min=1,
+            help="Scenario 2 with N concurrent streams instead of 100 (--quick: 8).",
+        ),
+    ] = None,
+    stream_bytes: Annotated[
+        int | None,
+        typer.Option(
+            metavar="BYTES",
+            min=1,
+            help="Scenario 2: bytes per stream (default: 10 MiB; --quick: 1 MiB).",
+        ),
+    ] = None,
+    render: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="JSON",
+            help="Measure nothing: print and write the outputs of an earlier --json file.",
+        ),
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Benchmark muxtunnel against direct TCP and ssh -R (scenarios 1-7)."""
     try:
         from muxtunnel.benchsuite import main as bench_main
     except ImportError as exc:
         raise MuxtunnelError(
             f"the benchmark suite is not available in this installation ({exc})"
         ) from None
-    raise typer.Exit(bench_main(list(ctx.args)))
+    argv = [*(["--quick"] if quick else []), *(["--keep-logs"] if keep_logs else [])]
+    if verify is not None:
+        argv.append("--verify" if verify else "--no-verify")
+    if targets != BENCH_TARGETS:
+        argv += ["--targets", targets]
+    values: dict[str, object] = {
+        "--scenarios": scenarios,
+        "--runs": runs,
+        "--json": json_file,
+        "--png": png,
+        "--write-results": write_results,
+        "--profile": profile,
+        "--streams": streams,
+        "--stream-bytes": stream_bytes,
+        "--render": render,
+    }
+    for flag, value in values.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    raise typer.Exit(bench_main(argv))
+
+
+# --------------------------------------------------------------------------------------------
+# Token management (the relay's named token file)
+
+token_app = typer.Typer(
+    name="token",
+    help="Manage the relay's named tokens (a TOML file holding hashes, not the tokens). "
+    "A running relay picks up changes when it is restarted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(token_app)
+
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--file",
+        metavar="FILE",
+        help="The token file (default: tokens.toml in the state dir, which the relay uses when "
+        "no token is configured).",
+    ),
+]
+
+
+def _token_file(file: Path | None, state_dir: Path | None) -> Path:
+    if file is not None and state_dir is not None:
+        raise ConfigError("use either --file or --state-dir, not both")
+    if file is not None:
+        return file
+    return (state_dir if state_dir is not None else default_state_dir()) / TOKENS_FILE_NAME
+
+
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@token_app.command("add")
+def token_add(
+    name: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME",
+            help="Unique name (letters, digits . _ -), shown in the relay's logs.",
+            show_default=False,
+        ),
+    ],
+    file: TokenFileOpt = None,
+    state_dir: StateDirOpt = None,
+    ports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ports",
+            metavar="PORTS",
+            help="Ports or ranges it may bind, e.g. 2200-2299,5432 (repeatable; default: the "
+            "relay's range).",
+            show_default=False,
+        ),
+    ] = None,
+    max_tunnels: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Tunnels over all its sessions.")
+    ] = None,
+    max_streams: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Visitor streams open at once.")
+    ] = None,
+    max_sessions: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Client sessions at once.")
+    ] = None,
+    max_visitors: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="Visitors per tunnel at once.")
+    ] = None,
+    bandwidth: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RATE",
+            help="Bytes per second over all its streams, each direction: 10M, 512K, 1G "
+            "(1000-based) or an integer.",
+        ),
+    ] = None,
+    tunnel_bandwidth: Annotated[
+        str | None, typer.Option(metavar="RATE", help="Bytes per second per tunnel, each way.")
+    ] = None,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="CIDR",
+            help="Only visitors from this network reach its tunnels (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    deny: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--deny",
+            metavar="CIDR",
+            help="Visitors from this network are refused (repeatable).",
+            show_default=False,
+        ),
+    ] = None,
+    publish: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--publish",
+            metavar="PATTERN",
+            help="Private tunnel names it may publish, e.g. 'ssh-*' (repeatable; default: any).",
+            show_default=False,
+        ),
+    ] = None,
+    visit: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--visit",
+            metavar="PATTERN",
+            help="Other tokens' private tunnels it may visit (repeatable; default: none).",
+            show_default=False,
+        ),
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Create a token: store its hash under NAME and print the token once on stdout.
+
+    A running relay accepts the new token after a reload (SIGHUP) or a restart.
+    """
+    configure_logging("info", "text")
+    path = _token_file(file, state_dir)
+    token = add_token(
+        path,
+        name,
+        ports=ports,
+        max_tunnels=max_tunnels,
+        max_streams=max_streams,
+        max_sessions=max_sessions,
+        max_visitors=max_visitors,
+        bandwidth=bandwidth,
+        tunnel_bandwidth=tunnel_bandwidth,
+        allow=allow or (),
+        deny=deny or (),
+        publish=publish,
+        visit=visit or (),
+    )
+    out(token)
+    _err(
+        f"token {name!r} added to {path}; it is shown only this once. Clients use it with "
+        "MUXTUNNEL_TOKEN=<token> muxtunnel client --server HOST ... (or --token-file FILE, "
+        "mode 600). A running relay accepts it after a reload (SIGHUP) or a restart."
+    )
+
+
+@token_app.command("list")
+def token_list(
+    file: TokenFileOpt = None,
+    state_dir: StateDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array on stdout.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the tokens of a token file: name, creation time and policy (never a secret)."""
+    configure_logging("info", "text")
+    stored = list_tokens(_token_file(file, state_dir))
+    if as_json:
+        out(json.dumps([token_json(s) for s in stored], indent=2))
+        return
+    rows = [
+        (
+            s.entry.name,
+            s.created or "-",
+            policy_summary(s.entry.policy) + (" (token in clear)" if s.entry.secret else ""),
+        )
+        for s in stored
+    ]
+    header = ("NAME", "CREATED", "POLICY")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
+    for row in [header, *rows]:
+        out(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}")
+
+
+@token_app.command("remove")
+def token_remove(
+    name: Annotated[str, typer.Argument(metavar="NAME", show_default=False)],
+    file: TokenFileOpt = None,
+    state_dir: StateDirOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Remove the token NAME; a running relay refuses it after a reload (SIGHUP) or restart."""
+    configure_logging("info", "text")
+    path = _token_file(file, state_dir)
+    remove_token(path, name)
+    _err(
+        f"token {name!r} removed from {path}; a running relay refuses it after a reload "
+        "(SIGHUP) or a restart."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,6 +1197,9 @@ def _describe(exc: BaseException) -> tuple[str, int]:
         return str(exc) or type(exc).__name__, int(exc.exit_code)
     if isinstance(exc, typer.TyperException):
         message = exc.format_message()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help goes to stdout
+            out(message.rstrip("\n"))
+            message = ""
         usage_ctx = getattr(exc, "ctx", None)
         path = getattr(usage_ctx, "command_path", "muxtunnel")
         if not message:
@@ -619,7 +1220,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
-    command = typer.main.get_command(app)
+    command = polish(typer.main.get_command(app), rich=help_on_terminal())
     try:
         result = command.main(args=args, prog_name="muxtunnel", standalone_mode=False)
     except KeyboardInterrupt:

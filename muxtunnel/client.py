@@ -20,6 +20,13 @@ reconnects with exponential backoff and jitter (capped at ``backoff_cap``) and a
 public ports again, including the ones the relay picked the first time. A session that ends
 within ``STABLE_SESSION`` of coming up counts like a failed attempt for the backoff, so a relay
 that drops every session cannot make the client reconnect in a tight loop.
+
+A tunnel the relay refuses for a reason that can pass (:data:`RETRYABLE`: the port is held by
+another client, by a live session of the same token or by another program) is "pending": it
+is asked for again on the live session with backoff (:data:`RETRY_BASE` doubling to
+:data:`RETRY_CAP`, jittered) and prints its ``forwarding`` line once it is up. The answers
+reach it through the one reader of control events, matched by request id. Other refusals leave
+the tunnel down; a client whose every tunnel is refused for such reasons stops (TunnelError).
 """
 
 from __future__ import annotations
@@ -30,11 +37,14 @@ import logging
 import random
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import trio
 
 from muxtunnel import tls
+from muxtunnel.accesslog import log_splice, log_unopened
+from muxtunnel.admin import ADMIN_AUTO, resolve_admin, serve_admin
 from muxtunnel.config import ClientConfig, TunnelSpec, format_host_port
 from muxtunnel.connection import (
     CLOSE_GRACE,
@@ -51,26 +61,35 @@ from muxtunnel.errors import (
     HandshakeError,
     IdentityMismatchError,
     MuxtunnelError,
+    NotARelayError,
     SessionClosedError,
     TunnelError,
 )
 from muxtunnel.handshake import BindOutcome, client_handshake
 from muxtunnel.logsafe import peer_text
-from muxtunnel.policy import DEFAULT_POLICY, StreamPolicy
+from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamInfo, StreamPolicy
 from muxtunnel.protocol.constants import OpenFailReason, ResultStatus, Role
 from muxtunnel.protocol.events import GoAwayReceived, ResultReceived, UnbindReceived
-from muxtunnel.protocol.frames import Address
-from muxtunnel.splice import splice
+from muxtunnel.protocol.frames import Address, BindOptions
+from muxtunnel.proxyproto import encode as encode_proxy_header
+from muxtunnel.reload import client_signals
+from muxtunnel.sdnotify import Notifier
+from muxtunnel.splice import SpliceResult, splice
+from muxtunnel.stats import Stats, outcome_of
 from muxtunnel.tokens import check_private_dir
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    import ssl
+    from collections.abc import Awaitable, Callable, Iterable
+    from pathlib import Path
 
     from muxtunnel.tlsstream import TLSStream
 
-__all__ = ["BoundTunnel", "ClientInfo", "run_client"]
+__all__ = ["BoundTunnel", "ClientInfo", "RelayAddress", "connect_relay", "reconnect", "run_client"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: First reconnect delay (seconds); doubles per failed attempt up to ``backoff_cap``.
 BACKOFF_BASE = 0.5
@@ -80,6 +99,17 @@ HANDSHAKE_TIMEOUT = 15.0
 DRAIN_TIMEOUT = 10.0
 #: A session that ends sooner than this after coming up counts towards the reconnect backoff.
 STABLE_SESSION = 10.0
+#: A tunnel the relay refused for a reason that can pass is asked for again in the background,
+#: first after RETRY_BASE seconds, doubling (with jitter) up to RETRY_CAP: ADDRESS_IN_USE (the
+#: port or name is held by another client, by a live session of the same token or by another
+#: program, until it leaves or its lease expires). Other refusals stay down until the next
+#: session: DENIED, OUT_OF_RANGE, MALFORMED, UNSUPPORTED_PROTO are configuration errors, and
+#: LIMIT_REACHED is the operator's limit (tunnels per client or per token).
+RETRYABLE = frozenset({ResultStatus.ADDRESS_IN_USE})
+RETRY_BASE = 1.0
+RETRY_CAP = 60.0
+#: Request ids of background BINDs start here (the handshake's are small numbers).
+RETRY_REQ_BASE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +148,99 @@ async def _dial(host: str, port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+class RelayAddress(Protocol):
+    """Where the relay is and how its identity is checked (client and visitor configs)."""
+
+    @property
+    def server_host(self) -> str: ...
+    @property
+    def server_port(self) -> int: ...
+    @property
+    def server_key(self) -> str: ...
+    @property
+    def fingerprint(self) -> str | None: ...
+    @property
+    def ca_file(self) -> Path | None: ...
+
+
+async def connect_relay(
+    config: RelayAddress,
+    ssl_context: ssl.SSLContext,
+    known_hosts: tls.KnownHosts,
+    report: Callable[[str], None],
+) -> tuple[trio.SSLStream[trio.SocketStream] | TLSStream, str]:
+    """TCP connect, TLS handshake and relay identity check (pin, trust on first use or CA).
+
+    Returns the TLS stream and the relay's fingerprint.
+
+    Raises:
+        IdentityMismatchError: The relay's certificate does not match.
+        HandshakeError: The TLS handshake failed.
+        OSError: The TCP connection failed.
+    """
+    try:
+        tcp = await trio.open_tcp_stream(config.server_host, config.server_port)
+    except OSError as exc:
+        raise _connect_error(exc, config.server_key) from None
+    stream = wrap_tls(tcp, ssl_context, server_hostname=config.server_host)
+    try:
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            mismatch = tls.identity_error_from_exception(exc, config.server_key, config.ca_file)
+            if mismatch is not None:
+                raise mismatch from None
+            if getattr(exc.__cause__, "reason", None) in _NOT_TLS_REASONS:
+                raise NotARelayError(
+                    f"{config.server_key} does not speak TLS — not a muxtunnel relay? (the "
+                    f"TLS handshake got: {exc.__cause__.reason.lower().replace('_', ' ')}; "  # type: ignore[union-attr]
+                    "check the port: a relay listens on 7835 unless its --listen says otherwise)"
+                ) from None
+            raise HandshakeError(
+                f"TLS handshake with {config.server_key} failed: {exc.__cause__ or exc}"
+            ) from None
+        fingerprint = tls.verify_server(
+            stream,
+            config.server_key,
+            config.fingerprint,
+            config.ca_file,
+            known_hosts,
+            report,
+        )
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream, fingerprint
+
+
+#: ``ssl.SSLError.reason`` values meaning the peer's first bytes are not a TLS record.
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG"})
+
+
+def _connect_error(exc: OSError, server_key: str) -> OSError:
+    """The TCP connection to the relay failed: one line that says what to check."""
+    cause = exc.__cause__
+    leaves = list(cause.exceptions) if isinstance(cause, BaseExceptionGroup) else [exc]
+    if leaves and all(isinstance(e, ConnectionRefusedError) for e in leaves):
+        return ConnectionRefusedError(
+            errno.ECONNREFUSED,
+            f"cannot connect to relay {server_key}: connection refused — is the relay running "
+            f"on {server_key}?",
+        )
+    if isinstance(exc, socket.gaierror):
+        return OSError(
+            exc.errno,
+            f"cannot resolve the relay's host in {server_key}: {exc.strerror or exc} — "
+            "check --server",
+        )
+    first = next((e for e in leaves if isinstance(e, OSError) and e.strerror), None)
+    reason = first.strerror if first is not None and first.strerror else str(exc)
+    return OSError(
+        first.errno if first is not None else exc.errno,
+        f"cannot connect to relay {server_key}: {reason.lower()}",
+    )
+
+
 def _open_fail_reason(exc: OSError) -> OpenFailReason:
     if isinstance(exc, socket.gaierror):
         return OpenFailReason.NAME_RESOLUTION_FAILED
@@ -128,9 +251,84 @@ def _open_fail_reason(exc: OSError) -> OpenFailReason:
     return OpenFailReason.CONNECT_FAILED
 
 
+def _bind_options(spec: TunnelSpec) -> BindOptions | None:
+    """The BIND options of ``spec`` (protocol-spec.md §6.12), or None when it needs none (a
+    plain tunnel then binds on relays of every minor version)."""
+    if spec.visitors.empty and spec.private is None:
+        return None
+    # A private tunnel (NAME) has no public port: the relay records the name instead.
+    return BindOptions(allow=spec.visitors.allow, deny=spec.visitors.deny, name=spec.private)
+
+
+def _option_features(specs: Iterable[TunnelSpec]) -> str:
+    """What the BIND options of ``specs`` ask the relay for, for an error message."""
+    features = []
+    if any(not spec.visitors.empty for spec in specs):
+        features.append("visitor allow/deny lists")
+    if any(spec.private is not None for spec in specs):
+        features.append("private tunnels")
+    return " or ".join(features) or "BIND options"
+
+
+def _describe_tunnel(spec: TunnelSpec) -> str:
+    """`` (allow ...; deny ...; PROXY v2)`` for the forwarding line, or ``""``."""
+    notes = []
+    if spec.visitors.allow:
+        notes.append("allow " + ", ".join(map(str, spec.visitors.allow)))
+    if spec.visitors.deny:
+        notes.append("deny " + ", ".join(map(str, spec.visitors.deny)))
+    if spec.proxy_protocol is not None:
+        notes.append(f"PROXY protocol {spec.proxy_protocol}")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
+class _ProxyHeaderPolicy(StreamPolicy):
+    """Wraps the user's policy; adds a PROXY protocol header to the prologue of the streams
+    of tunnels that ask for one (``proxy_protocol``).
+
+    :func:`muxtunnel.splice.splice` writes the prologue to the local service before it waits
+    for the visitor's first byte, so services that speak first (SSH, SMTP, PostgreSQL's
+    server side of the handshake) get the header too.
+    """
+
+    def __init__(self, inner: StreamPolicy, tunnel: Callable[[int], TunnelSpec | None]) -> None:
+        self.inner = inner
+        #: The spec of a tunnel that is up in the current session, by tunnel id.
+        self.tunnel = tunnel
+
+    def admit(self, info: StreamInfo) -> OpenFailReason | None:
+        return self.inner.admit(info)
+
+    def prologue(self, info: StreamInfo) -> bytes:
+        prologue = self.inner.prologue(info)
+        spec = self.tunnel(info.tunnel_id)
+        if spec is None or spec.proxy_protocol is None:
+            return prologue
+        return encode_proxy_header(spec.proxy_protocol, info.origin, info.target) + prologue
+
+    async def throttle(self, info: StreamInfo, direction: Direction, nbytes: int) -> None:
+        await self.inner.throttle(info, direction, nbytes)
+
+    def finished(self, info: StreamInfo, now: float, error: str | None) -> None:
+        self.inner.finished(info, now, error)
+
+
+def _public_name(config: ClientConfig, spec: TunnelSpec, port: int) -> str:
+    """How the stats name a tunnel: ``private:NAME`` or ``RELAY_HOST:PORT`` (``:auto`` for 0)."""
+    if spec.private is not None:
+        return f"private:{spec.private}"
+    if not port:
+        return f"{format_host_port(config.server_host, 1)[:-1]}auto"
+    return format_host_port(config.server_host, port)
+
+
 class _Client:
     def __init__(
-        self, config: ClientConfig, report: Callable[[str], None], policy: StreamPolicy
+        self,
+        config: ClientConfig,
+        report: Callable[[str], None],
+        policy: StreamPolicy,
+        stats: Stats | None = None,
     ) -> None:
         self.config = config
         self.report = report
@@ -145,6 +343,27 @@ class _Client:
         }
         self.conn: MuxConnection | None = None
         self.ever_up = False
+        #: The service manager (muxtunnel.sdnotify) and the status line it gets.
+        self.notify = Notifier()
+        self.status_line = f"connecting to relay {config.server_key}"
+        #: What the admin endpoint and the console read (:mod:`muxtunnel.stats`): one session
+        #: (the relay) and one tunnel per spec, kept across reconnects.
+        self.stats = Stats("client") if stats is None else stats
+        self.relay_stats = self.stats.add_session(
+            config.server_key, rtt=lambda: None if self.conn is None else self.conn.rtt
+        )
+        self.relay_stats.state = "connecting"
+        # Background BINDs waiting for their RESULT, by req_id: _control_loop (the only reader
+        # of control events once the session is up) hands each RESULT to its waiter.
+        self.waiting: dict[int, tuple[trio.Event, list[ResultReceived]]] = {}
+        self.next_req_id = RETRY_REQ_BASE
+        for tid, spec in self.specs.items():
+            self.relay_stats.add_tunnel(
+                tid,
+                _public_name(config, spec, spec.remote_port),
+                format_host_port(spec.local_host, spec.local_port),
+                state="down",
+            )
         self.active_streams = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -157,33 +376,13 @@ class _Client:
         # Streams refused in the current session, per kind: the first is logged, the rest
         # counted and summarized when the session ends.
         self.refused: dict[str, int] = {}
+        # The policy splice uses: the user's, plus PROXY headers only if some tunnel wants them.
+        self.splice_policy = policy
+        if any(spec.proxy_protocol is not None for spec in self.specs.values()):
+            self.splice_policy = _ProxyHeaderPolicy(policy, lambda tid: self.up.get(tid))
 
     async def connect(self) -> tuple[trio.SSLStream[trio.SocketStream] | TLSStream, str]:
-        config = self.config
-        tcp = await trio.open_tcp_stream(config.server_host, config.server_port)
-        stream = wrap_tls(tcp, self.ssl_context, server_hostname=config.server_host)
-        try:
-            try:
-                await stream.do_handshake()
-            except trio.BrokenResourceError as exc:
-                mismatch = tls.identity_error_from_exception(exc, config.server_key, config.ca_file)
-                if mismatch is not None:
-                    raise mismatch from None
-                raise HandshakeError(
-                    f"TLS handshake with {config.server_key} failed: {exc.__cause__ or exc}"
-                ) from None
-            fingerprint = tls.verify_server(
-                stream,
-                config.server_key,
-                config.fingerprint,
-                config.ca_file,
-                self.known_hosts,
-                self.report,
-            )
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
-        return stream, fingerprint
+        return await connect_relay(self.config, self.ssl_context, self.known_hosts, self.report)
 
     async def run_session(
         self,
@@ -203,9 +402,14 @@ class _Client:
             name=f"relay {config.server_key}",
             stall_timeout=config.stall_timeout,
         )
+        conn.on_rtt = self.stats.observe_rtt
+        conn.on_stall = partial(self.stats.count, "stalls")
         self.conn = conn
         self.up = {}
         self.refused = {}
+        self.waiting = {}
+        self.relay_stats.state = "connecting"
+        self.relay_stats.retry_at = None
         authenticated = False
         body_error: Exception | None = None
         try:
@@ -216,11 +420,25 @@ class _Client:
                     # Explicit ports first: a port the relay picks for an auto tunnel can then
                     # never be one that a later BIND of ours asks for by number.
                     binds = sorted(
-                        ((tid, self.remembered[tid]) for tid in self.specs),
+                        (
+                            (tid, self.remembered[tid], _bind_options(spec))
+                            for tid, spec in self.specs.items()
+                        ),
                         key=lambda bind: bind[1] == 0,
                     )
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        outcomes = await client_handshake(conn, config.token, binds)
+                        try:
+                            outcomes = await client_handshake(conn, config.token, binds)
+                        except ValueError:
+                            # Session.send_bind refuses options a minor-0 relay would not
+                            # understand: never bind those tunnels without their restriction.
+                            if conn.session.minor >= 1 or all(b[2] is None for b in binds):
+                                raise
+                            raise TunnelError(
+                                f"the relay at {config.server_key} does not support "
+                                f"{_option_features(self.specs.values())} "
+                                f"(protocol 1.{conn.session.minor}); upgrade it"
+                            ) from None
                     authenticated = True
                     retry = [
                         o.tunnel_id
@@ -238,15 +456,28 @@ class _Client:
                             rebound = await self._rebind(conn, retry)
                         outcomes = [o for o in outcomes if o.tunnel_id not in retry] + rebound
                     bound: list[BoundTunnel] = []
+                    pending: list[int] = []
                     for outcome in sorted(outcomes, key=lambda o: o.tunnel_id):
                         spec = self.specs[outcome.tunnel_id]
                         if outcome.ok and outcome.bound is not None:
                             self.up[outcome.tunnel_id] = spec
                             self.remembered[outcome.tunnel_id] = outcome.bound.port
                             bound.append(BoundTunnel(spec, outcome.tunnel_id, outcome.bound.port))
-                            self.report(
-                                f"forwarding tcp://{format_host_port(config.server_host, outcome.bound.port)}"
-                                f" -> {format_host_port(spec.local_host, spec.local_port)}"
+                            self._report_up(spec, outcome.bound.port)
+                        elif outcome.status in RETRYABLE:
+                            pending.append(outcome.tunnel_id)
+                            logger.warning(
+                                "%s: %s: %s; retrying in the background",
+                                self._refused(outcome.tunnel_id, outcome.requested),
+                                outcome.status_name,
+                                peer_text(outcome.message),
+                            )
+                        elif spec.private is not None:
+                            logger.error(
+                                "private tunnel %s: the relay refused it: %s: %s",
+                                spec.private,
+                                outcome.status_name,
+                                peer_text(outcome.message),
                             )
                         else:
                             logger.error(
@@ -256,7 +487,8 @@ class _Client:
                                 outcome.status_name,
                                 peer_text(outcome.message),
                             )
-                    if not bound and not self.ever_up:
+                    self._record_binds(outcomes)
+                    if not bound and not pending and not self.ever_up:
                         raise TunnelError(
                             f"relay {config.server_key} refused every tunnel; nothing to forward"
                         )
@@ -267,8 +499,17 @@ class _Client:
                         len(bound),
                         len(self.specs),
                     )
+                    self.status_line = (
+                        f"connected to relay {config.server_key}: "
+                        f"{len(bound)} of {len(self.specs)} tunnels up"
+                        + (f", {len(pending)} pending" if pending else "")
+                    )
+                    self.notify.ready(self.status_line)
                     on_up(ClientInfo(fingerprint, tuple(bound)))
                     nursery.start_soon(self._control_loop, conn)
+                    self.relay_stats.state = "up"
+                    for tid in pending:
+                        nursery.start_soon(self._retry_bind, conn, tid)
                     while True:
                         mux = await conn.accept_stream()
                         nursery.start_soon(self._serve_stream, mux)
@@ -285,12 +526,19 @@ class _Client:
         finally:
             self.conn = None
             self.up = {}
+            self._tunnels_down(f"disconnected: {_inert(conn.close_reason or 'closed')}")
             self._summarize_refusals(conn)
+            self.status_line = f"reconnecting to relay {config.server_key}"
         if body_error is not None:
             raise body_error
         if not authenticated:
             raise HandshakeError(
                 f"relay {config.server_key} ended the session: {conn.close_reason}"
+            )
+        if conn.close_code == ErrorCode.AUTH_FAILED and not shutdown.is_set():
+            # The relay's reload removed our token (muxtunnel.reload): retrying cannot help.
+            raise AuthError(
+                f"relay {config.server_key} revoked the token: {_inert(conn.close_reason)}"
             )
         if shutdown.is_set():
             logger.info("disconnected from relay %s", config.server_key)
@@ -300,10 +548,47 @@ class _Client:
             )
         return True
 
+    def _record_binds(self, outcomes: Iterable[BindOutcome], *, counted: bool = True) -> None:
+        """Stats: each tunnel up (with its public address), pending (refused for a reason that
+        can pass: retried) or down with the relay's reason."""
+        if counted:  # a new session's BINDs (not a background retry)
+            if self.ever_up:
+                self.stats.count("reconnects")
+            self.relay_stats.since = self.stats.clock()
+        for outcome in outcomes:
+            ts = self.relay_stats.tunnels.get(outcome.tunnel_id)
+            if ts is None:
+                continue
+            if outcome.ok and outcome.bound is not None:
+                spec = self.specs[outcome.tunnel_id]
+                ts.public = _public_name(self.config, spec, outcome.bound.port)
+                ts.set_state("up")
+                ts.last_error = None
+            else:
+                ts.set_state(
+                    "pending" if outcome.status in RETRYABLE else "down",
+                    f"{outcome.status_name}: {peer_text(outcome.message)}",
+                )
+
+    def _tunnels_down(self, why: str, tunnel_id: int | None = None) -> None:
+        """Stats: tunnels that were up (all, or ``tunnel_id``) are down now, for ``why``."""
+        for tid, ts in self.relay_stats.tunnels.items():
+            if (tunnel_id is None or tid == tunnel_id) and ts.state != "down":
+                ts.set_state("down", why)
+
+    def _count_refusal(self, tunnel_id: int, reason: str) -> None:
+        ts = self.relay_stats.tunnels.get(tunnel_id)
+        if ts is not None:
+            ts.refuse(reason)
+
     async def _rebind(self, conn: MuxConnection, tunnel_ids: list[int]) -> list[BindOutcome]:
         base = 1000
         for i, tid in enumerate(tunnel_ids):
-            conn.session.send_bind(base + i, tid, Address(None, 0))
+            options = _bind_options(self.specs[tid])
+            if options is None:
+                conn.session.send_bind(base + i, tid, Address(None, 0))
+            else:
+                conn.session.send_bind(base + i, tid, Address(None, 0), options=options)
         conn.wake_writer()
         results: list[BindOutcome] = []
         while len(results) < len(tunnel_ids):
@@ -312,6 +597,99 @@ class _Client:
                 tid = tunnel_ids[event.req_id - base]
                 results.append(BindOutcome(tid, 0, int(event.status), event.message, event.bound))
         return results
+
+    def retrying(self, delay: float) -> None:
+        """Stats: the session is down and the next attempt is ``delay`` seconds away."""
+        self.relay_stats.state = "reconnecting"
+        self.relay_stats.retry_at = self.stats.clock() + delay
+
+    def _spec_name(self, tunnel_id: int, port: int) -> str:
+        """``tunnel SPEC (remote port N)`` or ``private tunnel NAME`` for a log line."""
+        spec = self.specs[tunnel_id]
+        if spec.private is not None:
+            return f"private tunnel {spec.private}"
+        return f"tunnel {spec} (remote port {port})"
+
+    def _refused(self, tunnel_id: int, port: int) -> str:
+        """The start of a refusal's log line, as for the refusals of the handshake."""
+        spec = self.specs[tunnel_id]
+        if spec.private is not None:
+            return f"private tunnel {spec.private}: the relay refused it"
+        return f"tunnel {spec}: the relay refused remote port {port}"
+
+    def _report_up(self, spec: TunnelSpec, port: int) -> None:
+        """The ``forwarding ...`` (or ``private tunnel ...``) line for a tunnel that is up."""
+        local = format_host_port(spec.local_host, spec.local_port)
+        if spec.private is not None:
+            self.report(f"private tunnel {spec.private} -> {local}" + _describe_tunnel(spec))
+        else:
+            self.report(
+                f"forwarding tcp://{format_host_port(self.config.server_host, port)} -> {local}"
+                + _describe_tunnel(spec)
+            )
+
+    async def _retry_bind(self, conn: MuxConnection, tunnel_id: int) -> None:
+        """BIND tunnel ``tunnel_id`` again and again (backoff RETRY_BASE..RETRY_CAP, jittered)
+        until the relay accepts it, refuses it for a reason that cannot pass, or the session
+        ends. Its RESULT comes through :meth:`_control_loop`, matched by req_id."""
+        spec = self.specs[tunnel_id]
+        ts = self.relay_stats.tunnels.get(tunnel_id)
+        attempt = 0
+        while True:
+            delay = min(RETRY_CAP, RETRY_BASE * 2**attempt) * random.uniform(0.75, 1.0)
+            attempt += 1
+            await trio.sleep(delay)
+            if not conn.usable:
+                return
+            port = self.remembered[tunnel_id]
+            req_id = self.next_req_id
+            self.next_req_id += 1
+            done = trio.Event()
+            answer: list[ResultReceived] = []
+            self.waiting[req_id] = (done, answer)
+            options = _bind_options(spec)
+            # As in the handshake (muxtunnel.handshake): port 0 has no host.
+            bind = Address(None, 0) if port == 0 else Address("0.0.0.0", port)
+            try:
+                if options is None:
+                    conn.session.send_bind(req_id, tunnel_id, bind)
+                else:
+                    conn.session.send_bind(req_id, tunnel_id, bind, options=options)
+            except (SessionClosedError, ValueError) as exc:
+                # The session is closing (the next one binds again), or the BIND cannot be
+                # sent at all (the handshake sent the same one): stop retrying.
+                self.waiting.pop(req_id, None)
+                if ts is not None and not isinstance(exc, SessionClosedError):
+                    ts.set_state("down", _inert(str(exc)))
+                return
+            conn.wake_writer()
+            # No timeout of our own: a BIND asked again before its RESULT could meet our own
+            # lease (DUPLICATE_TUNNEL); a silent relay is the keepalive's business, and the
+            # end of the session cancels this task.
+            await done.wait()
+            event = answer[0]
+            outcome = BindOutcome(tunnel_id, port, int(event.status), event.message, event.bound)
+            if outcome.ok and outcome.bound is not None:
+                self.up[tunnel_id] = spec
+                self.remembered[tunnel_id] = outcome.bound.port
+                self._record_binds([outcome], counted=False)
+                logger.info("%s is up after %d retries", self._spec_name(tunnel_id, port), attempt)
+                self._report_up(spec, outcome.bound.port)
+                self.status_line = (
+                    f"connected to relay {self.config.server_key}: "
+                    f"{len(self.up)} of {len(self.specs)} tunnels up"
+                )
+                self.notify.status(self.status_line)
+                return
+            reason = f"{outcome.status_name}: {peer_text(outcome.message)}"
+            if outcome.status not in RETRYABLE:
+                logger.error("%s: %s", self._refused(tunnel_id, port), reason)
+                if ts is not None:
+                    ts.set_state("down", reason)
+                return
+            logger.debug("%s: still refused: %s", self._spec_name(tunnel_id, port), reason)
+            if ts is not None:
+                ts.set_state("pending", reason)
 
     async def _watch_shutdown(self, conn: MuxConnection, shutdown: trio.Event) -> None:
         await shutdown.wait()
@@ -334,8 +712,16 @@ class _Client:
                 event = await conn.next_control_event()
             except MuxSessionClosedError:
                 return
-            if isinstance(event, UnbindReceived):
+            if isinstance(event, ResultReceived):
+                waiter = self.waiting.pop(event.req_id, None)
+                if waiter is not None:
+                    waiter[1].append(event)
+                    waiter[0].set()
+            elif isinstance(event, UnbindReceived):
                 spec = self.up.pop(event.tunnel_id, None)
+                self._tunnels_down(
+                    f"revoked by the relay ({peer_text(event.error_code.name)})", event.tunnel_id
+                )
                 if spec is not None:
                     logger.warning(
                         "the relay revoked tunnel %s (%s)", spec, peer_text(event.error_code.name)
@@ -352,9 +738,29 @@ class _Client:
         in this session (the rest are counted and summarized when the session ends)."""
         count = self.refused.get(reason.name, 0) + 1
         self.refused[reason.name] = count
+        self.stats.count(f"open_failures:{reason.name}")
         if count == 1:
             logger.warning("%s (further ones in this session are only counted)", first)
+        log_unopened(
+            "client",
+            self._access_tunnel(mux.info.tunnel_id),
+            mux.info.origin,
+            f"{reason.name}: {detail}",
+            stream=mux.stream_id,
+        )
         _reject(mux, reason, detail)
+
+    def _access_tunnel(self, tunnel_id: int) -> str:
+        """A tunnel in the access log: ``RELAY:PORT -> LOCAL`` (``private:NAME -> LOCAL``)."""
+        spec = self.specs.get(tunnel_id)
+        if spec is None:
+            return f"tunnel {tunnel_id}"
+        public = (
+            f"private:{spec.private}"
+            if spec.private is not None
+            else format_host_port(self.config.server_host, self.remembered.get(tunnel_id, 0))
+        )
+        return f"{public} -> {format_host_port(spec.local_host, spec.local_port)}"
 
     def _summarize_refusals(self, conn: MuxConnection) -> None:
         for name, count in self.refused.items():
@@ -448,9 +854,21 @@ class _Client:
             )
         if tcp is None:
             assert reason is not None
-            if mux.failure is None:  # not reset by the relay while we dialed
-                logger.warning("stream from %s: %s", origin, detail)
+            log_unopened(
+                "client",
+                self._access_tunnel(mux.info.tunnel_id),
+                mux.info.origin,
+                detail,
+                end="dial_timeout" if reason == OpenFailReason.CONNECT_TIMEOUT else "dial_failed",
+                level=logging.WARNING,
+                local=target,
+                duration=mux.info.duration(trio.current_time()),
+                stream=mux.stream_id,
+            )
             _reject(mux, reason, detail)
+            timeout = reason == OpenFailReason.CONNECT_TIMEOUT
+            self._count_refusal(mux.info.tunnel_id, "dial_timeout" if timeout else "dial_failed")
+            self.stats.count(f"dial_failures:{reason.name}")
             return
         logger.debug("stream %d opened: visitor %s -> %s", mux.stream_id, origin, target)
         try:
@@ -461,14 +879,27 @@ class _Client:
         self.active_streams += 1
         if self.active_streams == 1:
             self._idle = trio.Event()
+        ts = self.relay_stats.tunnels.get(mux.info.tunnel_id)
+        if ts is not None:
+            ts.stream_opened(mux.info)
+        result: SpliceResult | None = None
         try:
-            result = await splice(tcp, mux, policy=self.policy)
+            result = await splice(tcp, mux, policy=self.splice_policy)
         finally:
+            if ts is not None:
+                ts.stream_closed(mux.info, outcome_of(result))
             self.active_streams -= 1
             if not self.active_streams:
                 self._idle.set()
-        if result.error is not None:
-            logger.info("stream from %s to %s failed: %s", origin, target, _inert(result.error))
+            # The access log line (muxtunnel.accesslog); None: cancelled (shutdown).
+            log_splice(
+                "client",
+                mux.info,
+                self._access_tunnel(mux.info.tunnel_id),
+                result,
+                trio.current_time(),
+                local=target,
+            )
 
 
 def _error_text(exc: BaseException) -> str:
@@ -500,11 +931,17 @@ async def run_client(
     shutdown: trio.Event | None = None,
     report: Callable[[str], None] = print,
     policy: StreamPolicy = DEFAULT_POLICY,
+    handle_signals: bool = False,
+    stats: Stats | None = None,
     task_status: trio.TaskStatus[ClientInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the client until ``shutdown`` is set, reconnecting after failures.
 
-    ``task_status.started`` gets a :class:`ClientInfo` once the first session is up.
+    ``task_status.started`` gets a :class:`ClientInfo` once the first session is up. A service
+    manager's ``$NOTIFY_SOCKET`` gets READY (each session up), STATUS, WATCHDOG and STOPPING
+    (:mod:`muxtunnel.sdnotify`); with ``handle_signals``, SIGHUP and SIGUSR1 are logged
+    (:func:`muxtunnel.reload.client_signals`). ``stats`` (default: a new one) is what the admin
+    endpoint (``config.admin``, :mod:`muxtunnel.admin`) and the console read.
 
     Raises:
         AuthError: The relay refused the token (never retried).
@@ -512,15 +949,80 @@ async def run_client(
         SessionClosedError: ``max_retries`` consecutive attempts failed.
     """
     shutdown = trio.Event() if shutdown is None else shutdown
-    client = _Client(config, report, policy)
+    client = _Client(config, report, policy, stats)
+    error: Exception | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.notify.run, lambda: client.status_line, shutdown)
+            if handle_signals:
+                nursery.start_soon(client_signals, lambda: client.status_line)
+            if config.metrics is not None:  # the Prometheus endpoint (muxtunnel.metrics)
+                from muxtunnel.metrics import serve_metrics
+
+                await nursery.start(serve_metrics, config.metrics, client.stats)
+            admin = resolve_admin(config.admin, config.state_dir, "client")
+            if admin is not None:  # the status endpoint (muxtunnel.admin)
+                relay = {"relay": config.server_key}
+                default = config.admin == ADMIN_AUTO
+                await nursery.start(
+                    partial(serve_admin, admin, client.stats, relay, default=default)
+                )
+            try:
+                await reconnect(
+                    client.run_session,
+                    server_key=config.server_key,
+                    max_retries=config.max_retries,
+                    backoff_cap=config.backoff_cap,
+                    shutdown=shutdown,
+                    task_status=task_status,
+                    on_retry=client.retrying,
+                )
+            except Exception as exc:  # re-raised below, outside the nursery (no ExceptionGroup)
+                error = exc
+            nursery.cancel_scope.cancel()
+    finally:
+        client.relay_stats.state = "down"
+        client.relay_stats.retry_at = None
+        client.notify.close()
+    if error is not None:
+        raise error
+
+
+async def reconnect(
+    run_session: Callable[[trio.Event, Callable[[_T], None]], Awaitable[object]],
+    *,
+    server_key: str,
+    max_retries: int | None,
+    backoff_cap: float,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[_T],
+    on_retry: Callable[[float], None] | None = None,
+) -> None:
+    """Run ``run_session(shutdown, on_up)`` again and again until ``shutdown`` is set.
+
+    A session calls ``on_up(info)`` once it is up; the first ``info`` goes to
+    ``task_status.started``. Failed attempts back off exponentially with jitter (capped at
+    ``backoff_cap``); so do sessions that end within ``STABLE_SESSION`` of coming up.
+
+    Raises:
+        AuthError, IdentityMismatchError, ConfigError, TunnelError: From a session (never
+            retried).
+        NotARelayError: The relay address does not speak TLS and no session was ever up.
+        SessionClosedError: ``max_retries`` consecutive attempts failed.
+
+    A failure that repeats the previous one is logged at DEBUG, with an INFO count after 10,
+    100, 1000 ... attempts in a row.
+    """
     started = False
     failures = 0
     # Sessions in a row that ended within STABLE_SESSION of coming up: a relay that accepts
     # and then drops us at once gets the same growing backoff as one that refuses us.
     flaps = 0
     up_at: list[float] = []  # when the current attempt's session came up (set by on_up)
+    last_text: str | None = None  # the previous attempt's failure, and how often in a row
+    repeats = 0
 
-    def on_up(info: ClientInfo) -> None:
+    def on_up(info: _T) -> None:
         nonlocal started, failures
         failures = 0
         up_at[:] = [trio.current_time()]
@@ -532,27 +1034,58 @@ async def run_client(
         error: BaseException | None = None
         up_at.clear()
         try:
-            await client.run_session(shutdown, on_up)
+            await run_session(shutdown, on_up)
         except (AuthError, IdentityMismatchError, ConfigError, TunnelError):
             raise
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, MuxtunnelError) as exc:
+            if isinstance(exc, NotARelayError) and not started:
+                raise  # a wrong --server from the start: retrying cannot help
             error = exc
-            logger.warning("relay %s: %s", config.server_key, _describe(exc))
+            text = _describe(exc)
+            repeats = repeats + 1 if text == last_text and not up_at else 1
+            last_text = text
+            where = "" if server_key in text else f"relay {server_key}: "
+            if repeats == 1:
+                logger.warning("%s%s", where, text)
+            else:  # the same failure again: a count now and then, not a warning each time
+                logger.log(
+                    logging.INFO if _is_power_of_ten(repeats) else logging.DEBUG,
+                    "%s%s (%d attempts in a row)",
+                    where,
+                    text,
+                    repeats,
+                )
+        else:
+            last_text, repeats = None, 0
         if shutdown.is_set():
             break
         if up_at:
             flaps = flaps + 1 if trio.current_time() - up_at[0] < STABLE_SESSION else 0
         failures += 1
-        if config.max_retries is not None and failures > config.max_retries:
+        if max_retries is not None and failures > max_retries:
             raise SessionClosedError(
-                f"giving up on relay {config.server_key} after {failures} failed attempts"
+                f"giving up on relay {server_key} after {failures} failed attempt"
+                + ("s" if failures != 1 else "")
                 + (f": {_describe(error)}" if error is not None else "")
             )
-        delay = min(config.backoff_cap, BACKOFF_BASE * 2 ** (max(failures, flaps) - 1))
+        delay = min(backoff_cap, BACKOFF_BASE * 2 ** (max(failures, flaps) - 1))
         delay *= random.uniform(0.5, 1.0)
-        logger.info("reconnecting to %s in %.1f s", config.server_key, delay)
+        logger.log(
+            logging.DEBUG if repeats > 1 else logging.INFO,
+            "reconnecting to %s in %.1f s",
+            server_key,
+            delay,
+        )
+        if on_retry is not None:
+            on_retry(delay)
         with trio.move_on_after(delay):
             await shutdown.wait()
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n == 1
 
 
 def _describe(exc: BaseException) -> str:

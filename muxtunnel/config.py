@@ -11,18 +11,22 @@ This module does no network I/O; it reads the config file and token files only.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from muxtunnel.access import AddressRule, TokenEntry, parse_cidrs
 from muxtunnel.errors import ConfigError
 from muxtunnel.tls import normalize_fingerprint
-from muxtunnel.tokens import read_token_file
+from muxtunnel.tokens import plaintext_entry, read_token_file
+from muxtunnel.tokenstore import is_named_token_file, load_token_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -32,8 +36,11 @@ __all__ = [
     "ClientConfig",
     "ServerConfig",
     "TunnelSpec",
+    "VisitConfig",
+    "as_tunnel_name",
     "build_client_config",
     "build_server_config",
+    "build_visit_config",
     "default_state_dir",
     "format_host_port",
     "load_toml",
@@ -111,6 +118,8 @@ def parse_host_port(
         ConfigError: The text is not a valid address.
     """
     text = text.strip()
+    if "://" in text:
+        raise ConfigError(_scheme_hint(text, what))
     if text.startswith("["):
         close = text.find("]")
         if close < 0:
@@ -144,6 +153,18 @@ def parse_host_port(
     return _check_host(host, what), default_port
 
 
+def _scheme_hint(text: str, what: str) -> str:
+    """The error for an address given as a URL (``tcp://host:port``): name the form to use."""
+    scheme, _, rest = text.partition("://")
+    rest = rest.split("/", 1)[0] or "HOST:PORT"
+    option = what.removeprefix("option ") if what.startswith("option --") else None
+    try_it = f"{option} {rest}" if option is not None else repr(rest)
+    return (
+        f"{what}: {text!r} has a URL scheme ({scheme}://); "
+        f"{option or 'it'} takes HOST[:PORT], without a scheme: try {try_it}"
+    )
+
+
 def parse_port_range(value: object, what: str) -> tuple[int, int]:
     """Parse ``"LO-HI"`` (or a two-item list) into an inclusive port range.
 
@@ -154,8 +175,11 @@ def parse_port_range(value: object, what: str) -> tuple[int, int]:
         parts = value.strip().split("-")
         if len(parts) == 1:
             parts = [parts[0], parts[0]]
-        if len(parts) != 2:
-            raise ConfigError(f"{what}: expected LO-HI, got {value!r}")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(
+                f"{what}: expected LO-HI, e.g. 50000-50099, or one PORT, got {value!r}"
+                + (f" (try {value.replace(':', '-')!r})" if value.count(":") == 1 else "")
+            )
         lo, hi = (_check_port(p.strip(), what, allow_zero=False) for p in parts)
     elif isinstance(value, list | tuple) and len(value) == 2 and all(type(v) is int for v in value):
         lo, hi = (_check_port(str(v), what, allow_zero=False) for v in value)
@@ -176,6 +200,12 @@ class TunnelSpec:
     local_port: int
     remote_port: int = 0
     local_host: str = "127.0.0.1"
+    #: Visitor addresses the relay lets through (``--allow``/``--deny``, TOML ``allow``/``deny``).
+    visitors: AddressRule = field(default_factory=AddressRule)
+    #: PROXY protocol header sent to the local service first: None, ``"v1"`` or ``"v2"``.
+    proxy_protocol: str | None = None
+    #: Name of a private tunnel (no public port; reached with ``muxtunnel visit``), or None.
+    private: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> TunnelSpec:
@@ -220,7 +250,10 @@ class ServerConfig:
     port_range: tuple[int, int] = (20000, 29999)
     #: Address the public tunnel ports are bound on.
     bind_host: str = "0.0.0.0"
+    #: Tokens configured in clear (``--token``, one-per-line files, ``MUXTUNNEL_TOKEN``).
     tokens: tuple[str, ...] = ()
+    #: Named tokens with their policies, from a TOML token file (:mod:`muxtunnel.tokenstore`).
+    token_entries: tuple[TokenEntry, ...] = ()
     state_dir: Path
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -242,11 +275,83 @@ class ServerConfig:
     max_streams_per_token: int = 1024
     #: Visitors connected to one tunnel at once; more are reset at once.
     max_visitors_per_tunnel: int = 256
+    #: Streams one client session may open at once to visit private tunnels (its
+    #: MAX_CONCURRENT_STREAMS, protocol-spec.md §9.7); 0: the relay carries no visits.
+    max_visit_streams: int = 256
     #: Seconds the client gets to answer an OPEN before the stream is reset (spec §9.2).
     open_timeout: float = 30.0
     #: Seconds a stream's received data may wait unconsumed, while the session's receive
     #: budget is full, before the stream is reset (spec §8.7).
     stall_timeout: float = 30.0
+    #: Admin endpoint (:mod:`muxtunnel.admin`): ``auto`` (socket in the state dir), a socket
+    #: path or ``HOST:PORT``; None: off.
+    admin: str | None = None
+    #: Prometheus endpoint (:mod:`muxtunnel.metrics`): ``(host, port)``; None: off.
+    metrics: tuple[str, int] | None = None
+
+    def accepted_tokens(self) -> tuple[TokenEntry, ...]:
+        """Every token the relay accepts: ``tokens`` as unnamed entries, then ``token_entries``.
+
+        A token in clear becomes an entry named by its token id, with no policy beyond the
+        relay's limits, that also accepts AUTH method 1 (protocol-spec.md §7.1).
+
+        Raises:
+            ConfigError: Two tokens have the same name, or one token is configured twice.
+        """
+        return _accepted_tokens(self.tokens, self.token_entries)
+
+
+@functools.lru_cache(maxsize=16)
+def _accepted_tokens(
+    tokens: tuple[str, ...], named: tuple[TokenEntry, ...]
+) -> tuple[TokenEntry, ...]:
+    entries = tuple(plaintext_entry(t) for t in dict.fromkeys(tokens)) + named
+    names: set[str] = set()
+    keys: dict[bytes, str] = {}
+    for entry in entries:
+        if entry.name in names:
+            raise ConfigError(f"token name {entry.name!r} is used by two tokens")
+        if entry.stored_key in keys:
+            raise ConfigError(
+                f"the same token is configured twice (as {keys[entry.stored_key]!r} and "
+                f"{entry.name!r})"
+            )
+        names.add(entry.name)
+        keys[entry.stored_key] = entry.name
+    return entries
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VisitConfig:
+    """Settings of ``muxtunnel visit``: reach the private tunnel ``name`` on a local port."""
+
+    server_host: str
+    server_port: int = DEFAULT_PORT
+    token: str
+    #: Pinned relay fingerprint ``sha256:<hex>``; None with ``ca_file`` None means TOFU.
+    fingerprint: str | None = None
+    ca_file: Path | None = None
+    state_dir: Path
+    #: The private tunnel to visit.
+    name: str
+    #: Where connections are accepted (loopback unless the user names another address).
+    listen_host: str = "127.0.0.1"
+    listen_port: int
+    keepalive_timeout: float = 30.0
+    #: Reconnect attempts after a failure; None retries until stopped.
+    max_retries: int | None = None
+    backoff_cap: float = 30.0
+    #: Seconds the relay gets to answer a new stream (it waits for the publisher itself).
+    open_timeout: float = 45.0
+    #: Local connections carried at once; more wait in the listen backlog.
+    max_connections: int = 256
+    #: See :attr:`ClientConfig.stall_timeout`.
+    stall_timeout: float = 30.0
+
+    @property
+    def server_key(self) -> str:
+        """``host:port`` of the relay, as used in the known-hosts file."""
+        return format_host_port(self.server_host, self.server_port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -277,6 +382,10 @@ class ClientConfig:
     #: Seconds a stream's received data may wait unconsumed, while the session's receive
     #: budget is full, before the stream is reset (spec §8.7).
     stall_timeout: float = 30.0
+    #: Admin endpoint (:mod:`muxtunnel.admin`): ``auto``, a socket path or ``HOST:PORT``; None: off.
+    admin: str | None = None
+    #: Prometheus endpoint (:mod:`muxtunnel.metrics`): ``(host, port)``; None: off.
+    metrics: tuple[str, int] | None = None
 
     @property
     def server_key(self) -> str:
@@ -313,8 +422,11 @@ _SERVER_KEYS = frozenset(
         "max-tunnels-per-token",
         "max-streams-per-token",
         "max-visitors-per-tunnel",
+        "max-visit-streams",
         "open-timeout",
         "stall-timeout",
+        "admin",
+        "metrics",
     }
 )
 _CLIENT_KEYS = frozenset(
@@ -334,9 +446,33 @@ _CLIENT_KEYS = frozenset(
         "max-streams",
         "max-open-rate",
         "stall-timeout",
+        "admin",
+        "metrics",
     }
 )
-_SECTIONS = {"server": _SERVER_KEYS, "client": _CLIENT_KEYS}
+_VISIT_KEYS = frozenset(
+    {
+        "server",
+        "token",
+        "token-file",
+        "fingerprint",
+        "ca",
+        "state-dir",
+        "name",
+        "listen",
+        "keepalive-timeout",
+        "max-retries",
+        "backoff-cap",
+        "open-timeout",
+        "max-connections",
+        "stall-timeout",
+    }
+)
+_SECTIONS = {"server": _SERVER_KEYS, "client": _CLIENT_KEYS, "visit": _VISIT_KEYS}
+#: Client flags that apply to every SPEC on the command line (TOML: keys of ``[[tunnel]]``).
+_CLIENT_TUNNEL_FLAGS = frozenset({"allow", "deny", "proxy-protocol"})
+#: Values of ``--proxy-protocol`` / ``proxy_protocol``.
+PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
 
 
 class _Source:
@@ -352,6 +488,32 @@ class _Source:
 
     def what(self, key: str) -> str:
         return self.origin.get(key, f"option {key!r}")
+
+
+_TOP_LEVEL_SERVER = re.compile(
+    r"\A(?:[ \t]*(?:#[^\n]*)?\n|[ \t]*[^\[\s][^\n]*\n)*?[ \t]*server[ \t]*="
+)
+_SERVER_TABLE = re.compile(r"^[ \t]*(?:\[[ \t]*server[ \t]*[.\]]|server[ \t]*\.)", re.MULTILINE)
+
+
+def _server_clash(path: Path) -> str | None:
+    """Explain a file with a top-level ``server = ...`` key and a ``[server]`` table.
+
+    TOML refuses the pair ("cannot overwrite a value"), which says nothing about the cause: the
+    top-level key is the client's relay address, the table holds the relay's options.
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    if not (_TOP_LEVEL_SERVER.search(text) and _SERVER_TABLE.search(text)):
+        return None
+    return (
+        f"config file {path}: the top-level key 'server' (the client's relay address, "
+        "HOST[:PORT]) clashes with the [server] table (the relay's options); TOML cannot have "
+        "both. For the client, move the key into a [client] table ([client] then "
+        'server = "HOST:PORT"), or use one file for the relay and another for the client'
+    )
 
 
 def load_toml(path: Path, section: str) -> dict[str, object]:
@@ -372,7 +534,9 @@ def load_toml(path: Path, section: str) -> dict[str, object]:
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from None
+        raise ConfigError(
+            _server_clash(path) or f"config file {path}: invalid TOML: {exc}"
+        ) from None
     allowed = _SECTIONS[section] | _COMMON_KEYS
     result: dict[str, object] = {}
 
@@ -380,7 +544,9 @@ def load_toml(path: Path, section: str) -> dict[str, object]:
         for raw_key, value in table.items():
             key = raw_key.replace("_", "-")
             if not prefix and key in _SECTIONS and isinstance(value, dict):
-                continue  # a [server] / [client] table, handled below
+                continue  # a [server] / [client] / [visit] table, handled below
+            if not prefix and section == "visit" and key in _CLIENT_KEYS - _VISIT_KEYS:
+                continue  # a client's top-level key in a file that also configures a visit
             if key not in allowed:
                 known = ", ".join(sorted(allowed))
                 raise ConfigError(
@@ -462,14 +628,37 @@ def _as_tokens(value: object, what: str) -> tuple[str, ...]:
     return tuple(_as_token(str(t), what) for t in items)
 
 
-def _tokens_from(src: _Source, token_key: str, file_key: str) -> tuple[str, ...]:
+_Tokens = tuple[tuple[str, ...], tuple[TokenEntry, ...]]
+
+
+def _read_tokens(path: Path, *, relay: bool) -> _Tokens:
+    """A token file: either format for the relay; one-per-line only for a client."""
+    if relay:
+        return load_token_file(path)
+    if is_named_token_file(path):
+        raise ConfigError(
+            f"token file {path}: is a relay's token file ([[token]] tables holding hashes); "
+            "a client needs the token itself, which `muxtunnel token add` prints once"
+        )
+    tokens = read_token_file(path)
+    if len(tokens) > 1:
+        raise ConfigError(
+            f"token file {path}: holds {len(tokens)} tokens, but a client uses exactly one (it "
+            "would have used the first); keep only the token the relay gave you for this client"
+        )
+    return tokens, ()
+
+
+def _tokens_from(src: _Source, token_key: str, file_key: str, *, relay: bool) -> _Tokens:
     tokens: list[str] = []
+    entries: tuple[TokenEntry, ...] = ()
     if token_key in src.values:
         tokens.extend(_as_tokens(src.values[token_key], src.what(token_key)))
     if file_key in src.values:
         path = _as_path(src.values[file_key], src.what(file_key))
-        tokens.extend(read_token_file(path))
-    return tuple(dict.fromkeys(tokens))
+        plain, entries = _read_tokens(path, relay=relay)
+        tokens.extend(plain)
+    return tuple(dict.fromkeys(tokens)), entries
 
 
 def _resolve_tokens(
@@ -477,19 +666,22 @@ def _resolve_tokens(
     file_values: Mapping[str, object],
     flags: Mapping[str, object],
     env: Mapping[str, str],
-) -> tuple[str, ...]:
-    """Tokens from flags, else ``MUXTUNNEL_TOKEN``, else the config file."""
+    *,
+    relay: bool = False,
+) -> _Tokens:
+    """Tokens (and the relay's named entries) from flags, else ``MUXTUNNEL_TOKEN``, else the
+    config file."""
     flag_src = _merge(None, {}, {k: flags.get(k) for k in ("token", "token-file")})
-    tokens = _tokens_from(flag_src, "token", "token-file")
-    if tokens:
-        return tokens
+    tokens, entries = _tokens_from(flag_src, "token", "token-file", relay=relay)
+    if tokens or entries:
+        return tokens, entries
     env_token = env.get(TOKEN_ENV, "")
     if env_token.strip():
-        return (_as_token(env_token, f"environment variable {TOKEN_ENV}"),)
+        return (_as_token(env_token, f"environment variable {TOKEN_ENV}"),), ()
     file_src = _merge(
         path, {k: v for k, v in file_values.items() if k in ("token", "token-file")}, {}
     )
-    return _tokens_from(file_src, "token", "token-file")
+    return _tokens_from(file_src, "token", "token-file", relay=relay)
 
 
 def _check_flag_keys(flags: Mapping[str, object], allowed: frozenset[str]) -> None:
@@ -514,8 +706,10 @@ def build_server_config(
         config_path: The file's path, for error messages.
         env: Environment (default ``os.environ``), for ``MUXTUNNEL_TOKEN``.
 
-    Tokens come from ``--token``/``--token-file``, else ``MUXTUNNEL_TOKEN``, else the file. An
-    empty ``tokens`` tuple means "none configured": the CLI then generates one.
+    Tokens come from ``--token``/``--token-file``, else ``MUXTUNNEL_TOKEN``, else the file; a
+    token file may be a TOML named token file (``token_entries``). Empty ``tokens`` and
+    ``token_entries`` mean "none configured": the CLI then uses the state dir's ``tokens.toml``
+    or generates a token.
 
     Raises:
         ConfigError: A value is invalid; the message names the key.
@@ -535,14 +729,18 @@ def build_server_config(
     if (cert is None) != (key is None):
         missing, given = ("key", "cert") if key is None else ("cert", "key")
         raise ConfigError(f"{src.what(given)}: --{given} needs --{missing} too")
-    return ServerConfig(
+    tokens, token_entries = _resolve_tokens(
+        config_path, file_values, flags, os.environ if env is None else env, relay=True
+    )
+    config = ServerConfig(
         listen_host=listen_host,
         listen_port=listen_port,
         port_range=_get(src, "ports", (20000, 29999), parse_port_range),
         bind_host=_get(
             src, "bind", "0.0.0.0", lambda v, w: _check_host(_unbracket(_as_str(v, w)), w)
         ),
-        tokens=_resolve_tokens(config_path, file_values, flags, os.environ if env is None else env),
+        tokens=tokens,
+        token_entries=token_entries,
         state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),
         cert_file=cert,
         key_file=key,
@@ -559,9 +757,36 @@ def build_server_config(
         max_tunnels_per_token=_get(src, "max-tunnels-per-token", 64, _as_positive),
         max_streams_per_token=_get(src, "max-streams-per-token", 1024, _as_positive),
         max_visitors_per_tunnel=_get(src, "max-visitors-per-tunnel", 256, _as_positive),
+        max_visit_streams=_get(src, "max-visit-streams", 256, _as_count),
         open_timeout=_get(src, "open-timeout", 30.0, _as_seconds),
         stall_timeout=_get(src, "stall-timeout", 30.0, _as_seconds),
+        admin=_get(src, "admin", _ADMIN_AUTO, _as_admin),
+        metrics=_get(src, "metrics", None, _as_metrics),
     )
+    config.accepted_tokens()  # unique names, no token twice
+    return config
+
+
+#: ``admin`` when not given: the socket in the state dir (:mod:`muxtunnel.admin`).
+_ADMIN_AUTO: str | None = "auto"
+
+
+def _as_metrics(value: object, what: str) -> tuple[str, int] | None:
+    """``--metrics``: ``HOST:PORT`` (port 0 picks one), or ``off`` (None)."""
+    text = _as_str(value, what)
+    if text == "off":
+        return None
+    return parse_host_port(text, what, allow_zero=True)
+
+
+def _as_admin(value: object, what: str) -> str | None:
+    """``--admin``: ``off`` (None), ``auto``, a socket path, or a valid ``HOST:PORT``."""
+    text = _as_str(value, what)
+    if text == "off":
+        return None
+    if text != "auto" and "/" not in text and ":" in text:
+        parse_host_port(text, what, allow_zero=True)
+    return text
 
 
 def _unbracket(host: str) -> str:
@@ -591,10 +816,11 @@ def _as_tunnels(value: object, what: str) -> tuple[TunnelSpec, ...]:
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: expected a table with local_port, got {item!r}")
         fields = {k.replace("-", "_"): v for k, v in item.items()}
-        unknown = set(fields) - {"local_port", "remote_port", "local_host"}
+        unknown = set(fields) - _TUNNEL_TABLE_KEYS
         if unknown:
             raise ConfigError(
-                f"{where}: unknown key {sorted(unknown)[0]!r} (known: local_port, remote_port, local_host)"
+                f"{where}: unknown key {sorted(unknown)[0]!r} "
+                f"(known: {', '.join(sorted(_TUNNEL_TABLE_KEYS))})"
             )
         if "local_port" not in fields:
             raise ConfigError(f"{where}: missing key 'local_port'")
@@ -612,10 +838,123 @@ def _as_tunnels(value: object, what: str) -> tuple[TunnelSpec, ...]:
         )
         tunnels.append(
             TunnelSpec(
-                local_port=ports["local_port"], remote_port=ports["remote_port"], local_host=host
+                local_port=ports["local_port"],
+                remote_port=ports["remote_port"],
+                local_host=host,
+                visitors=_as_rule(
+                    fields.get("allow"),
+                    fields.get("deny"),
+                    f"{where}: key 'allow'",
+                    f"{where}: key 'deny'",
+                ),
+                proxy_protocol=(
+                    None
+                    if fields.get("proxy_protocol") is None
+                    else _as_proxy_protocol(
+                        fields["proxy_protocol"], f"{where}: key 'proxy_protocol'"
+                    )
+                ),
+                private=_as_private(fields, where),
             )
         )
     return tuple(tunnels)
+
+
+def _as_private(fields: Mapping[str, object], where: str) -> str | None:
+    """The ``private`` key of a ``[[tunnel]]`` table (a private tunnel has no remote port)."""
+    if fields.get("private") is None:
+        return None
+    name = as_tunnel_name(fields["private"], f"{where}: key 'private'")
+    if fields.get("remote_port", 0) != 0:
+        raise ConfigError(
+            f"{where}: a private tunnel has no public port: remove 'remote_port' or 'private'"
+        )
+    return name
+
+
+def as_tunnel_name(value: object, what: str) -> str:
+    """Validate a private tunnel name: 1-63 of ``[a-z0-9][a-z0-9._-]*`` (protocol-spec.md §6.12)."""
+    from muxtunnel.protocol.frames import is_tunnel_name
+
+    if not isinstance(value, str) or not is_tunnel_name(value):
+        raise ConfigError(
+            f"{what}: invalid private tunnel name {value!r} (1-63 characters: lowercase "
+            "letters, digits, '.', '_' and '-', starting with a letter or digit)"
+        )
+    return value
+
+
+def _apply_private_flag(src: _Source, tunnels: tuple[TunnelSpec, ...]) -> tuple[TunnelSpec, ...]:
+    """``--private NAME``: the one SPEC of the command line becomes a private tunnel."""
+    if "private" not in src.values:
+        return tunnels
+    what = src.what("private")
+    name = as_tunnel_name(src.values["private"], what)
+    raw = src.values.get("tunnel")
+    if not src.origin.get("tunnel", "").startswith("option ") or not isinstance(raw, list):
+        raise ConfigError(
+            f"{what} applies to the SPEC on the command line, and none was given; "
+            "for [[tunnel]] tables in the config file use the key 'private' in the table"
+        )
+    if len(tunnels) != 1:
+        raise ConfigError(
+            f"{what}: give exactly one SPEC ([LOCAL_HOST:]LOCAL_PORT), not {len(tunnels)}"
+        )
+    match = _SPEC_RE.match(str(raw[0]).strip())
+    if match is not None and match["remote"] is not None:
+        raise ConfigError(
+            f"{what}: a private tunnel has no public port: give the SPEC as "
+            f"[LOCAL_HOST:]LOCAL_PORT, without a REMOTE_PORT (got {raw[0]!r})"
+        )
+    return (dataclasses.replace(tunnels[0], private=name),)
+
+
+#: Keys of a ``[[tunnel]]`` table (dashes read as underscores).
+_TUNNEL_TABLE_KEYS = frozenset(
+    {"local_port", "remote_port", "local_host", "allow", "deny", "proxy_protocol", "private"}
+)
+
+
+def _as_rule(allow: object, deny: object, allow_what: str, deny_what: str) -> AddressRule:
+    """A visitor rule from ``allow`` / ``deny`` lists (None: not given)."""
+    return AddressRule(
+        allow=() if allow is None else parse_cidrs(allow, allow_what),
+        deny=() if deny is None else parse_cidrs(deny, deny_what),
+    )
+
+
+def _as_proxy_protocol(value: object, what: str) -> str:
+    version = value.strip().lower() if isinstance(value, str) else value
+    if version not in PROXY_PROTOCOL_VERSIONS:
+        raise ConfigError(
+            f'{what}: unknown PROXY protocol version {value!r} (expected "v1" or "v2")'
+        )
+    return str(version)
+
+
+def _apply_tunnel_flags(src: _Source, tunnels: tuple[TunnelSpec, ...]) -> tuple[TunnelSpec, ...]:
+    """Apply ``--allow``/``--deny``/``--proxy-protocol`` to every SPEC of the command line."""
+    given = sorted(key for key in _CLIENT_TUNNEL_FLAGS if key in src.values)
+    if not given:
+        return tunnels
+    if not src.origin.get("tunnel", "").startswith("option "):
+        raise ConfigError(
+            f"--{given[0]} applies to the SPECs on the command line, and none was given; "
+            f"for [[tunnel]] tables in the config file use the key "
+            f"{given[0].replace('-', '_')!r} in each table"
+        )
+    rule = _as_rule(
+        src.values.get("allow"), src.values.get("deny"), src.what("allow"), src.what("deny")
+    )
+    version = _get(src, "proxy-protocol", None, _as_proxy_protocol)
+    return tuple(
+        dataclasses.replace(
+            spec,
+            visitors=rule if not rule.empty else spec.visitors,
+            proxy_protocol=version if version is not None else spec.proxy_protocol,
+        )
+        for spec in tunnels
+    )
 
 
 def build_client_config(
@@ -637,7 +976,7 @@ def build_client_config(
     """
     file_values = dict(file_values or {})
     flags = dict(flags or {})
-    _check_flag_keys(flags, _CLIENT_KEYS)
+    _check_flag_keys(flags, _CLIENT_KEYS | _CLIENT_TUNNEL_FLAGS | {"private"})
     src = _merge(config_path, file_values, flags)
     if "server" not in src.values:
         raise ConfigError("missing --server HOST[:PORT] (or 'server' in the config file)")
@@ -646,7 +985,7 @@ def build_client_config(
         src.what("server"),
         default_port=DEFAULT_PORT,
     )
-    tokens = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
+    tokens, _ = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
     if not tokens:
         raise ConfigError(
             f"missing token: pass --token TOKEN, set {TOKEN_ENV}, or put 'token' in the config file "
@@ -661,7 +1000,8 @@ def build_client_config(
             f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both"
         )
     no_tunnels: tuple[TunnelSpec, ...] = ()
-    tunnels = _get(src, "tunnel", no_tunnels, _as_tunnels)
+    tunnels = _apply_tunnel_flags(src, _get(src, "tunnel", no_tunnels, _as_tunnels))
+    tunnels = _apply_private_flag(src, tunnels)
     if not tunnels:
         raise ConfigError(
             "no tunnels: give at least one SPEC ([REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT) or [[tunnel]] table"
@@ -683,4 +1023,85 @@ def build_client_config(
         max_streams=_get(src, "max-streams", 512, _as_positive),
         max_open_rate=float(_get(src, "max-open-rate", 5000, _as_positive)),
         stall_timeout=_get(src, "stall-timeout", 30.0, _as_seconds),
+        admin=_get(src, "admin", _ADMIN_AUTO, _as_admin),
+        metrics=_get(src, "metrics", None, _as_metrics),
     )
+
+
+def build_visit_config(
+    file_values: Mapping[str, object] | None = None,
+    flags: Mapping[str, object] | None = None,
+    *,
+    config_path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> VisitConfig:
+    """Merge file values and flags (flags win) into a validated :class:`VisitConfig`.
+
+    ``flags["name"]`` is the private tunnel's name and ``flags["listen"]`` the
+    ``[LOCAL_HOST:]LOCAL_PORT`` argument (host default 127.0.0.1); in the file they are the
+    keys ``name`` and ``listen`` (top level or a ``[visit]`` table). The token comes from
+    ``--token``/``--token-file``, else ``MUXTUNNEL_TOKEN``, else the file.
+
+    Raises:
+        ConfigError: A value is invalid or missing; the message names the key.
+    """
+    file_values = dict(file_values or {})
+    flags = dict(flags or {})
+    _check_flag_keys(flags, _VISIT_KEYS)
+    src = _merge(config_path, file_values, flags)
+    if "server" not in src.values:
+        raise ConfigError("missing --server HOST[:PORT] (or 'server' in the config file)")
+    host, port = parse_host_port(
+        _as_str(src.values["server"], src.what("server")),
+        src.what("server"),
+        default_port=DEFAULT_PORT,
+    )
+    tokens, _ = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
+    if not tokens:
+        raise ConfigError(
+            f"missing token: pass --token-file FILE, set {TOKEN_ENV}, or put 'token' in the "
+            "config file"
+        )
+    fingerprint = _get(
+        src, "fingerprint", None, lambda v, w: normalize_fingerprint(_as_str(v, w), what=w)
+    )
+    ca_file = _get(src, "ca", None, _as_path)
+    if fingerprint is not None and ca_file is not None:
+        raise ConfigError(
+            f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both"
+        )
+    if "name" not in src.values:
+        raise ConfigError("missing the private tunnel's NAME (or 'name' in the config file)")
+    name = as_tunnel_name(src.values["name"], src.what("name"))
+    if "listen" not in src.values:
+        raise ConfigError(
+            "missing the local port: [LOCAL_HOST:]LOCAL_PORT (or 'listen' in the config file)"
+        )
+    listen_host, listen_port = _as_listen(src.values["listen"], src.what("listen"))
+    return VisitConfig(
+        server_host=host,
+        server_port=port,
+        token=tokens[0],
+        fingerprint=fingerprint,
+        ca_file=ca_file,
+        state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),
+        name=name,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        keepalive_timeout=_get(src, "keepalive-timeout", 30.0, _as_seconds),
+        max_retries=_get(src, "max-retries", None, _as_count),
+        backoff_cap=_get(src, "backoff-cap", 30.0, _as_seconds),
+        open_timeout=_get(src, "open-timeout", 45.0, _as_seconds),
+        max_connections=_get(src, "max-connections", 256, _as_positive),
+        stall_timeout=_get(src, "stall-timeout", 30.0, _as_seconds),
+    )
+
+
+def _as_listen(value: object, what: str) -> tuple[str, int]:
+    """``[LOCAL_HOST:]LOCAL_PORT`` (an integer port in the file is fine too); port 0 picks one."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = _as_str(value, what)
+    if text.isdigit():
+        return "127.0.0.1", _check_port(text, what, allow_zero=True)
+    return parse_host_port(text, what, allow_zero=True)

@@ -270,6 +270,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._recv_waiter: trio.Event | None = None
         self._send_waiter: trio.Event | None = None
         self._opened_waiter: trio.Event | None = None
+        #: Called once, from the task that fails the stream (reset by the peer or by the
+        #: connection's stall policy, session end), so that a task blocked elsewhere (a
+        #: splice writing to a local socket that does not read) can give up at once.
+        self.on_failure: Callable[[], None] | None = None
         self._send_conflict = _ConflictDetector("another task is already sending on this stream")
         self._recv_conflict = _ConflictDetector("another task is already receiving on this stream")
 
@@ -329,6 +333,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._drop_buffer()
         self._pending = False
         self._wake_all()
+        callback, self.on_failure = self.on_failure, None
+        if callback is not None:
+            callback()
 
     def _check_send(self) -> None:
         if self._closed or self._eof_sent:
@@ -784,6 +791,10 @@ class MuxConnection:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.rtt: float | None = None
+        #: Called with each RTT sample (seconds) when a PONG arrives (e.g. a histogram).
+        self.on_rtt: Callable[[float], None] | None = None
+        #: Called each time the stall policy resets a stream (spec §8.7; e.g. a counter).
+        self.on_stall: Callable[[], None] | None = None
         local = session.local_settings
         self._local_idle_ms = local.idle_timeout_ms
         self._peer_idle_ms: int | None = None
@@ -1210,6 +1221,8 @@ class MuxConnection:
             if sid is None:
                 return
             self.stall_resets += 1
+            if self.on_stall is not None:
+                self.on_stall()
             logger.info(
                 "%s: stream %d: received data not consumed for %.0f s while the receive "
                 "budget is full; reset",
@@ -1346,6 +1359,8 @@ class MuxConnection:
 
     def _on_pong(self, event: PongReceived) -> None:
         self.rtt = self._session.rtt
+        if self.on_rtt is not None:
+            self.on_rtt(event.rtt)
 
     def _on_goaway(self, event: GoAwayReceived) -> None:
         self.goaway = event

@@ -10,6 +10,7 @@ This module imports nothing from trio, ssl or socket, so the sans-IO core may us
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 __all__ = [
@@ -23,14 +24,17 @@ __all__ = [
     "HandshakeError",
     "IdentityMismatchError",
     "MuxtunnelError",
+    "NotARelayError",
     "PrefaceError",
     "ProtocolError",
     "SessionClosedError",
+    "StateFileError",
     "StreamLimitError",
     "StreamResetError",
     "StreamStateError",
     "TunnelError",
     "VersionMismatchError",
+    "state_file_error",
 ]
 
 
@@ -175,6 +179,10 @@ class AuthError(HandshakeError):
     exit_code = ExitCode.AUTH_REFUSED
 
 
+class NotARelayError(HandshakeError):
+    """The relay address answers, but not with TLS: a wrong port or another service."""
+
+
 class IdentityMismatchError(HandshakeError):
     """The relay's certificate does not match the pinned fingerprint or the CA."""
 
@@ -189,3 +197,15 @@ class ConfigError(MuxtunnelError, ValueError):
     """A configuration file, flag or value is invalid; the message names the key."""
 
     exit_code = ExitCode.USAGE
+
+
+class StateFileError(ConfigError):
+    """A file or directory in the state dir cannot be read or written (exit status 2)."""
+
+
+def state_file_error(action: str, path: object, exc: BaseException) -> StateFileError:
+    """``cannot ACTION PATH: REASON — FIX``: the one message for a state dir it cannot use."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    denied = isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EROFS
+    fix = "fix the permissions" if denied else "fix or remove what is there"
+    return StateFileError(f"cannot {action} {path}: {reason} — {fix} or pass --state-dir DIR")

@@ -1,15 +1,15 @@
 """Challenge-response authentication and tunnel binding over a running MuxConnection.
 
-The token never crosses the wire (CONTRACT §1.1): the relay sends a 32-byte nonce in CHALLENGE;
-the client answers AUTH with ``client_nonce || HMAC-SHA256(token, AUTH_CONTEXT + server_nonce
-+ client_nonce)``. The relay recomputes the MAC for every configured token and compares each
-in constant time, so neither timing nor the number of tokens tells which (if any) matched.
+The token never crosses the wire (protocol-spec.md §7.1): the relay sends a 32-byte nonce in
+CHALLENGE; the client answers AUTH with its own nonce and a MAC over both. With a relay that
+speaks minor version 1 the client uses method 2, which the relay checks with the token's stored
+key alone; with an older relay, method 1 (an HMAC keyed with the token). The relay checks every
+token it accepts in constant time (:mod:`muxtunnel.protocol.auth`), so neither timing nor the
+number of tokens tells which (if any) matched.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import secrets
 from dataclasses import dataclass
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from muxtunnel.connection import MuxConnection, MuxSessionClosedError
 from muxtunnel.errors import AuthError, ErrorCode, HandshakeError
 from muxtunnel.logsafe import peer_text
-from muxtunnel.protocol.constants import AUTH_CONTEXT, AUTH_NONCE_SIZE, AuthMethod, ResultStatus
+from muxtunnel.protocol import auth
+from muxtunnel.protocol.constants import AUTH_NONCE_SIZE, AuthMethod, ResultStatus
 from muxtunnel.protocol.events import (
     AuthRequested,
     ChallengeReceived,
@@ -26,9 +27,13 @@ from muxtunnel.protocol.events import (
     ResultReceived,
 )
 from muxtunnel.protocol.frames import Address
+from muxtunnel.tokens import token_id
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from muxtunnel.access import TokenEntry
+    from muxtunnel.protocol.frames import BindOptions
 
 __all__ = [
     "AUTH_REQ_ID",
@@ -37,6 +42,7 @@ __all__ = [
     "client_handshake",
     "compute_mac",
     "make_credential",
+    "match_entry",
     "match_token",
     "token_id",
 ]
@@ -47,43 +53,47 @@ logger = logging.getLogger(__name__)
 AUTH_REQ_ID = 1
 
 
-def token_id(token: str) -> str:
-    """A short, non-secret id for a token (for logs and lease ownership)."""
-    return hashlib.sha256(b"muxtunnel token id\x00" + token.encode("utf-8")).hexdigest()[:12]
+#: HMAC-SHA256 of the auth context and both nonces, keyed with the token (method 1).
+compute_mac = auth.mac
 
 
-def compute_mac(token: str, server_nonce: bytes, client_nonce: bytes) -> bytes:
-    """HMAC-SHA256 of the auth context and both nonces, keyed with the token."""
-    msg = AUTH_CONTEXT + server_nonce + client_nonce
-    return hmac.new(token.encode("utf-8"), msg, hashlib.sha256).digest()
-
-
-def make_credential(token: str, server_nonce: bytes) -> bytes:
-    """The AUTH credential for method 1: a fresh client nonce followed by the MAC."""
+def make_credential(token: str, server_nonce: bytes, method: int = AuthMethod.HMAC_SHA256) -> bytes:
+    """The AUTH credential for ``method`` (1 or 2): a fresh client nonce, then the MAC or proof."""
     client_nonce = secrets.token_bytes(AUTH_NONCE_SIZE)
-    return client_nonce + compute_mac(token, server_nonce, client_nonce)
+    if method == AuthMethod.HMAC_SHA256_STORED_KEY:
+        return auth.stored_key_credential(token, server_nonce, client_nonce)
+    return auth.hmac_credential(token, server_nonce, client_nonce)
 
 
 def match_token(tokens: Sequence[str], server_nonce: bytes, credential: bytes) -> str | None:
-    """Return the configured token that produced ``credential``, or None.
+    """Method 1: return the configured token that produced ``credential``, or None.
 
     Every token is checked with ``hmac.compare_digest`` (no early exit).
     """
-    if len(credential) != 2 * AUTH_NONCE_SIZE:
-        return None
-    client_nonce, mac = credential[:AUTH_NONCE_SIZE], credential[AUTH_NONCE_SIZE:]
-    found: str | None = None
-    for token in tokens:
-        if (
-            hmac.compare_digest(compute_mac(token, server_nonce, client_nonce), mac)
-            and found is None
-        ):
-            found = token
-    return found
+    index = auth.check_mac(tokens, server_nonce, credential)
+    return None if index is None else tokens[index]
 
 
-async def authenticate_client(conn: MuxConnection, tokens: Sequence[str]) -> str:
-    """Relay side: send CHALLENGE, check the client's AUTH, answer RESULT; return the token.
+def match_entry(
+    entries: Sequence[TokenEntry], method: int, server_nonce: bytes, credential: bytes
+) -> TokenEntry | None:
+    """The entry whose token produced ``credential`` with ``method``, or None.
+
+    Method 2 is checked against every entry's stored key, method 1 against the entries that
+    hold their token in clear (``secret``).
+    """
+    if method == AuthMethod.HMAC_SHA256_STORED_KEY:
+        index = auth.check_proof([e.stored_key for e in entries], server_nonce, credential)
+    else:
+        index = auth.check_mac([e.secret for e in entries], server_nonce, credential)
+    return None if index is None else entries[index]
+
+
+_METHODS = frozenset({AuthMethod.HMAC_SHA256, AuthMethod.HMAC_SHA256_STORED_KEY})
+
+
+async def authenticate_client(conn: MuxConnection, entries: Sequence[TokenEntry]) -> TokenEntry:
+    """Relay side: send CHALLENGE, check the client's AUTH, answer RESULT; return the entry.
 
     On failure RESULT(AUTH_FAILED or UNSUPPORTED_METHOD) and CLOSE(AUTH_FAILED) are queued.
 
@@ -107,21 +117,21 @@ async def authenticate_client(conn: MuxConnection, tokens: Sequence[str]) -> str
             raise HandshakeError(
                 f"peer closed the connection before authentication ({event.error_code.name})"
             )
-    if event.method != AuthMethod.HMAC_SHA256:
+    if event.method not in _METHODS:
         session.send_result(
             event.req_id, ResultStatus.UNSUPPORTED_METHOD, "unsupported auth method"
         )
         conn.close(ErrorCode.AUTH_FAILED, "unsupported auth method")
         raise AuthError(f"unsupported auth method {event.method}")
-    token = match_token(tokens, nonce, event.credential)
-    if token is None:
+    entry = match_entry(entries, event.method, nonce, event.credential)
+    if entry is None:
         session.send_result(event.req_id, ResultStatus.AUTH_FAILED, "authentication failed")
         conn.close(ErrorCode.AUTH_FAILED, "authentication failed")
         raise AuthError("wrong token")
     session.send_result(event.req_id, ResultStatus.OK, "")
     # The session held the frames pipelined after AUTH (BINDs ...): process them now.
     conn.process_held()
-    return token
+    return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +158,26 @@ class BindOutcome:
             return str(self.status)
 
 
-async def client_handshake(
-    conn: MuxConnection, token: str, binds: Sequence[tuple[int, int]]
-) -> list[BindOutcome]:
-    """Client side: answer CHALLENGE with AUTH, pipeline one BIND per ``(tunnel_id, port)``.
+def _auth_failed(relay_says: str) -> str:
+    """The client's one line for a refused token, without repeating "authentication failed"."""
+    said = peer_text(relay_says)
+    extra = "" if said.strip(" .").lower() in ("", "authentication failed") else f" ({said})"
+    return (
+        f"authentication failed: the relay refused the token{extra}; check --token-file, "
+        "MUXTUNNEL_TOKEN or --token"
+    )
 
-    Port 0 lets the relay choose. Returns one outcome per bind, in order.
+
+async def client_handshake(
+    conn: MuxConnection,
+    token: str,
+    binds: Sequence[tuple[int, int, BindOptions | None]],
+) -> list[BindOutcome]:
+    """Client side: answer CHALLENGE with AUTH, pipeline one BIND per ``(tunnel_id, port, options)``.
+
+    Port 0 lets the relay choose; ``options`` None sends a BIND without options. AUTH uses
+    method 2 when the relay speaks minor version 1 or later, else method 1 (spec §7.1).
+    Returns one outcome per bind, in order.
 
     Raises:
         AuthError: The relay refused the token.
@@ -173,14 +197,17 @@ async def client_handshake(
             raise HandshakeError(
                 f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
-    session.send_auth(AUTH_REQ_ID, AuthMethod.HMAC_SHA256, make_credential(token, event.nonce))
+    method = AuthMethod.HMAC_SHA256_STORED_KEY if session.minor >= 1 else AuthMethod.HMAC_SHA256
+    session.send_auth(AUTH_REQ_ID, method, make_credential(token, event.nonce, method))
     requests: dict[int, tuple[int, int]] = {}
-    for index, (tunnel_id, port) in enumerate(binds):
+    for index, (tunnel_id, port, options) in enumerate(binds):
         req_id = AUTH_REQ_ID + 1 + index
         requests[req_id] = (tunnel_id, port)
-        session.send_bind(
-            req_id, tunnel_id, Address(None, 0) if port == 0 else Address("0.0.0.0", port)
-        )
+        bind = Address(None, 0) if port == 0 else Address("0.0.0.0", port)
+        if options is None:
+            session.send_bind(req_id, tunnel_id, bind)
+        else:
+            session.send_bind(req_id, tunnel_id, bind, options=options)
     conn.wake_writer()
     outcomes: dict[int, BindOutcome] = {}
     authenticated = False
@@ -195,9 +222,7 @@ async def client_handshake(
             raise
         if isinstance(event, ConnectionClosed):
             if event.error_code == ErrorCode.AUTH_FAILED:
-                raise AuthError(
-                    f"authentication failed: the relay refused the token ({peer_text(event.message)})"
-                )
+                raise AuthError(_auth_failed(event.message))
             raise HandshakeError(
                 f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
@@ -206,7 +231,7 @@ async def client_handshake(
         if event.req_id == AUTH_REQ_ID:
             if event.status != ResultStatus.OK:
                 raise AuthError(
-                    f"authentication failed: the relay refused the token ({peer_text(event.message or event.status)})"
+                    _auth_failed(event.message or getattr(event.status, "name", str(event.status)))
                 )
             authenticated = True
         elif event.req_id in requests:

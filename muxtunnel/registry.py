@@ -16,9 +16,15 @@ asked for port 0 (taking it would make the two flap). Probes are coalesced per s
 BINDs of a burst share one PING, and a session that answered is taken as alive for
 :data:`PROBE_CACHE_SECONDS` (so clients sharing a token never PING-flood each other).
 
-A token holds at most ``max_per_token`` leases, attached and detached alike; a BIND beyond that
-is refused (LIMIT_REACHED) before any port is searched. A new listener also needs room in the
-relay's :class:`~muxtunnel.limits.DescriptorBudget`.
+A token holds at most ``max_per_token`` leases (or its own limit, passed to :meth:`acquire`),
+attached and detached alike; a BIND beyond that is refused (LIMIT_REACHED) before any port is
+searched. A new listener also needs room in the relay's
+:class:`~muxtunnel.limits.DescriptorBudget`. A token restricted to some ports (its policy's
+``ports``) gets a port among those when it asks for port 0.
+
+A lease also keeps what belongs to the tunnel rather than to one session: the visitor rule of
+its BIND (ALLOW/DENY options, protocol-spec.md §6.12), the count of visitors refused, and the
+tunnel's bandwidth buckets.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from muxtunnel.access import AddressRule, clip_ports, format_ports
+from muxtunnel.bandwidth import DuplexMeter
 from muxtunnel.protocol.constants import ResultStatus
 
 if TYPE_CHECKING:
@@ -84,6 +92,12 @@ class PortLease:
     changed: trio.Event = field(default_factory=trio.Event)
     #: Visitors connected through this port now (bounded by max-visitors-per-tunnel).
     visitors: int = 0
+    #: The tunnel's own visitor rule (the ALLOW/DENY options of its latest BIND).
+    access: AddressRule = field(default_factory=AddressRule)
+    #: Visitors refused by an allow/deny rule since the port was bound.
+    refused_visitors: int = 0
+    #: Bandwidth buckets of the tunnel (``TokenPolicy.tunnel_bandwidth``), both directions.
+    bandwidth: DuplexMeter = field(default_factory=DuplexMeter)
 
     def close(self) -> None:
         """Close the listening sockets (synchronous: trio socket close needs no await)."""
@@ -175,13 +189,26 @@ class PortRegistry:
 
     # -- acquiring -----------------------------------------------------------------------
 
-    async def acquire(self, owner: LeaseOwner, tunnel_id: int, port: int) -> PortLease:
+    async def acquire(
+        self,
+        owner: LeaseOwner,
+        tunnel_id: int,
+        port: int,
+        *,
+        ports: tuple[tuple[int, int], ...] | None = None,
+        max_tunnels: int | None = None,
+    ) -> PortLease:
         """Give ``owner`` a public port for ``tunnel_id``: ``port``, or any in range if 0.
+
+        ``ports`` (inclusive ranges) narrows where port 0 is picked; ``max_tunnels`` replaces
+        ``max_per_token`` for this token. The caller checks an explicit ``port`` against the
+        token's ports first.
 
         Raises:
             BindError: OUT_OF_RANGE, ADDRESS_IN_USE, LIMIT_REACHED, DENIED or INTERNAL.
         """
         lo, hi = self.port_range
+        limit = self.max_per_token if max_tunnels is None else max_tunnels
         if port:
             if not lo <= port <= hi:
                 raise BindError(
@@ -194,24 +221,25 @@ class PortRegistry:
                 raise BindError(
                     ResultStatus.ADDRESS_IN_USE, f"port {port} is in use by another client"
                 )
-            self._check_new(owner)
-            return self._attach(await self._bind_new(port, owner, tunnel_id), owner, tunnel_id)
+            self._check_new(owner, limit)
+            lease = await self._bind_new(port, owner, tunnel_id, limit)
+            return self._attach(lease, owner, tunnel_id)
         # Port 0: the same tunnel of the same token gets its old port back, unless a live
         # session of the token holds it (then this session gets a fresh port).
         mine = self._by_token.get(owner.token_id, {})
         for lease in list(mine.values()):
             if (
                 lease.tunnel_id == tunnel_id
+                and (ports is None or any(a <= lease.port <= b for a, b in ports))
                 and lease.owner is not owner
                 and self.leases.get(lease.port) is lease
                 and await self._can_take(lease, owner)
             ):
                 return self._attach(lease, owner, tunnel_id)
-        self._check_new(owner)
-        return self._attach(await self._bind_any(owner, tunnel_id), owner, tunnel_id)
+        self._check_new(owner, limit)
+        return self._attach(await self._bind_any(owner, tunnel_id, ports, limit), owner, tunnel_id)
 
-    def _check_token_limit(self, owner: LeaseOwner) -> None:
-        limit = self.max_per_token
+    def _check_token_limit(self, owner: LeaseOwner, limit: int | None) -> None:
         if limit is not None and self.held_by(owner.token_id) >= limit:
             raise BindError(
                 ResultStatus.LIMIT_REACHED,
@@ -219,9 +247,9 @@ class PortRegistry:
                 "(ports of a disconnected client stay reserved for its lease time)",
             )
 
-    def _check_new(self, owner: LeaseOwner) -> None:
+    def _check_new(self, owner: LeaseOwner, limit: int | None) -> None:
         """Refuse a new listener beyond the token's limit or the descriptor budget (O(1))."""
-        self._check_token_limit(owner)
+        self._check_token_limit(owner, limit)
         first = self.held_by(owner.token_id) == 0
         if self.descriptors is not None and not self.descriptors.room(2, priority=first):
             raise BindError(
@@ -264,7 +292,9 @@ class PortRegistry:
     async def _open(self, port: int) -> list[trio.SocketListener]:
         return await trio.open_tcp_listeners(port, host=self.bind_host)
 
-    async def _bind_new(self, port: int, owner: LeaseOwner, tunnel_id: int) -> PortLease:
+    async def _bind_new(
+        self, port: int, owner: LeaseOwner, tunnel_id: int, limit: int | None
+    ) -> PortLease:
         try:
             listeners = await self._open(port)
         except OSError as exc:
@@ -279,7 +309,7 @@ class PortRegistry:
             self.descriptors.opened(len(listeners))
         try:
             # Checked again: another session of the token may have bound meanwhile.
-            self._check_token_limit(owner)
+            self._check_token_limit(owner, limit)
         except BindError:
             for listener in listeners:
                 listener.socket.close()
@@ -289,23 +319,49 @@ class PortRegistry:
         self._by_token.setdefault(owner.token_id, {})[port] = lease
         return lease
 
-    async def _bind_any(self, owner: LeaseOwner, tunnel_id: int) -> PortLease:
+    async def _bind_any(
+        self,
+        owner: LeaseOwner,
+        tunnel_id: int,
+        ports: tuple[tuple[int, int], ...] | None,
+        limit: int | None,
+    ) -> PortLease:
         lo, hi = self.port_range
-        size = hi - lo + 1
-        if len(self.leases) >= size:
-            raise BindError(ResultStatus.ADDRESS_IN_USE, f"no free port left in {lo}-{hi}")
-        tries = [random.randint(lo, hi) for _ in range(min(_RANDOM_TRIES, size))]
-        start = random.randint(0, size - 1)
-        tries += [lo + (start + i) % size for i in range(size)]
+        ranges = clip_ports(ports, lo, hi)
+        where = format_ports(ranges)
+        if not ranges:
+            raise BindError(
+                ResultStatus.ADDRESS_IN_USE,
+                f"none of the token's ports ({format_ports(ports or ())}) is in the relay's "
+                f"range {lo}-{hi}",
+            )
+        size = sum(b - a + 1 for a, b in ranges)
+        if ports is None:
+            taken = len(self.leases)
+        else:
+            taken = sum(1 for p in self.leases if any(a <= p <= b for a, b in ranges))
+        if taken >= size:
+            raise BindError(ResultStatus.ADDRESS_IN_USE, f"no free port left in {where}")
+
+        def nth(index: int) -> int:
+            for a, b in ranges:
+                if index <= b - a:
+                    return a + index
+                index -= b - a + 1
+            raise AssertionError("index beyond the ranges")  # pragma: no cover
+
+        tries = [nth(random.randrange(size)) for _ in range(min(_RANDOM_TRIES, size))]
+        start = random.randrange(size)
+        tries += [nth((start + i) % size) for i in range(size)]
         for port in tries:
             if port in self.leases:
                 continue
             try:
-                return await self._bind_new(port, owner, tunnel_id)
+                return await self._bind_new(port, owner, tunnel_id, limit)
             except BindError as exc:
                 if exc.status != ResultStatus.ADDRESS_IN_USE:
                     raise
-        raise BindError(ResultStatus.ADDRESS_IN_USE, f"no free port left in {lo}-{hi}")
+        raise BindError(ResultStatus.ADDRESS_IN_USE, f"no free port left in {where}")
 
     # -- releasing -----------------------------------------------------------------------
 

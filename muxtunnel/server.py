@@ -11,6 +11,13 @@ Task tree (every task lives in a nursery this module owns)::
             ├── accept loops             one per bound tunnel (stoppable per lease)
             └── visitor splices          one per public connection
 
+Access control: each session holds its token's entry (``RelaySession.token``, see
+:mod:`muxtunnel.access`), read afresh at every BIND (ports, tunnel limit), every visitor (the
+token's allow/deny rule, then the tunnel's own from its BIND options, then the visitor, stream
+and descriptor limits; a refused visitor is reset before any stream opens or byte is read) and
+every chunk (bandwidth, :mod:`muxtunnel.relaypolicy`). A policy value of None means the relay's
+own ``--max-*`` option.
+
 Graceful shutdown (``shutdown`` event): stop accepting clients, GOAWAY every session and stop
 its accept loops, let open streams finish for up to ``drain_timeout``, then CLOSE(NO_ERROR).
 """
@@ -23,13 +30,18 @@ import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 import muxtunnel.connection
 from muxtunnel import tls
+from muxtunnel.access import OPEN_POLICY, AddressRule, TokenEntry
+from muxtunnel.accesslog import log_splice, log_unopened
+from muxtunnel.admin import ADMIN_AUTO, resolve_admin, serve_admin
 from muxtunnel.admission import Admission, Ticket, Verdict, source_of
+from muxtunnel.bandwidth import DuplexMeter
 from muxtunnel.config import ServerConfig, format_host_port
 from muxtunnel.connection import (
     MuxConnection,
@@ -39,7 +51,7 @@ from muxtunnel.connection import (
     wrap_tls,
 )
 from muxtunnel.errors import AuthError, ConfigError, ErrorCode, HandshakeError
-from muxtunnel.handshake import authenticate_client, token_id
+from muxtunnel.handshake import authenticate_client
 from muxtunnel.limits import (
     DescriptorBudget,
     OpenShares,
@@ -49,11 +61,17 @@ from muxtunnel.limits import (
 )
 from muxtunnel.logsafe import peer_text
 from muxtunnel.policy import DEFAULT_POLICY, StreamInfo, StreamPolicy
-from muxtunnel.protocol.constants import ALPN, ResultStatus, Role, TunnelProto
+from muxtunnel.preflight import listen_error
+from muxtunnel.private import PrivateTunnels
+from muxtunnel.protocol.constants import ALPN, OpenFailReason, ResultStatus, Role, TunnelProto
 from muxtunnel.protocol.events import BindRequested, UnbindReceived
 from muxtunnel.protocol.frames import Address
 from muxtunnel.registry import BindError, PortLease, PortRegistry
-from muxtunnel.splice import splice
+from muxtunnel.relaypolicy import RelayPolicy, StreamLimits
+from muxtunnel.reload import refresh_token, relay_signals, relay_status
+from muxtunnel.sdnotify import Notifier
+from muxtunnel.splice import SpliceResult, splice
+from muxtunnel.stats import SessionStats, Stats, TunnelStats, outcome_of
 from muxtunnel.tlsstream import RECEIVE_SIZE as TLS_RECEIVE_SIZE, TLSStream
 
 if TYPE_CHECKING:
@@ -97,6 +115,10 @@ class _TokenUsage:
     sessions: set[RelaySession] = field(default_factory=set)
     #: Visitor streams of all its sessions.
     streams: int = 0
+    #: Visitors refused by an allow/deny rule (the token's or a tunnel's) while in use.
+    refused_visitors: int = 0
+    #: Bandwidth buckets of the token (``TokenPolicy.bandwidth``), both directions.
+    bandwidth: DuplexMeter = field(default_factory=DuplexMeter)
 
     def live_sessions(self) -> int:
         return sum(1 for rs in self.sessions if rs.alive)
@@ -105,10 +127,19 @@ class _TokenUsage:
 class RelaySession:
     """One authenticated client session on the relay."""
 
-    def __init__(self, relay: _Relay, conn: MuxConnection, token_id: str, peer: str) -> None:
+    def __init__(
+        self,
+        relay: _Relay,
+        conn: MuxConnection,
+        token_id: str,
+        peer: str,
+        token: TokenEntry | None = None,
+    ) -> None:
         self.relay = relay
         self.conn = conn
         self.token_id = token_id
+        #: The token entry in force: its policy is read at every BIND, visitor and chunk.
+        self.token = token if token is not None else TokenEntry(token_id, bytes(32), OPEN_POLICY)
         self.peer = peer
         self.tunnels: dict[int, PortLease] = {}
         self.active_streams = 0
@@ -121,6 +152,8 @@ class RelaySession:
         self._idle.set()
         #: Set when the session's handler has finished.
         self.done = trio.Event()
+        #: This session in the relay's :class:`~muxtunnel.stats.Stats` (set once admitted).
+        self.stats: SessionStats | None = None
 
     # -- LeaseOwner ----------------------------------------------------------------------
 
@@ -138,6 +171,18 @@ class RelaySession:
         while self.active_streams:
             await self._idle.wait()
 
+    def stream_started(self) -> None:
+        """A stream not spliced here (a private tunnel's visit) counts for ``wait_idle``."""
+        self.active_streams += 1
+        if self.active_streams == 1:
+            self._idle = trio.Event()
+
+    def stream_ended(self) -> None:
+        """The stream counted by :meth:`stream_started` is over."""
+        self.active_streams -= 1
+        if not self.active_streams:
+            self._idle.set()
+
     def replaced(self, reason: str) -> None:
         """A new session of the same token takes over: close this one now."""
         logger.info("client %s: %s", self.peer, reason)
@@ -149,6 +194,8 @@ class RelaySession:
         """Serve BIND/UNBIND and visitors until the connection ends."""
         try:
             async with trio.open_nursery() as nursery:
+                # Streams the client opens: visits of private tunnels (muxtunnel.private).
+                nursery.start_soon(self.relay.private.serve_streams, self)
                 try:
                     await self._control_loop(nursery)
                 finally:
@@ -159,6 +206,7 @@ class RelaySession:
             for lease in self.tunnels.values():
                 self.relay.registry.detach(lease, self)
             self.tunnels.clear()
+            self.relay.private.session_ended(self)
 
     def begin_drain(self) -> None:
         """GOAWAY and stop accepting visitors; open streams go on."""
@@ -182,30 +230,54 @@ class RelaySession:
                 self._unbind(event)
 
     async def _bind(self, event: BindRequested, nursery: trio.Nursery) -> None:
+        if event.options.private:
+            # NAME / VISIT: no public listener (muxtunnel.private answers).
+            await self.relay.private.bind(self, event)
+            return
         config = self.relay.config
         session = self.conn.session
+        token = self.token
+        policy = token.policy
+        options = event.options
         status: ResultStatus
         lease: PortLease | None = None
         if self.draining:
             status, message = ResultStatus.DENIED, "relay is shutting down"
+        elif options.unknown:
+            # Never ignored: a dropped option could be a visitor rule (protocol-spec.md §6.12).
+            status, message = (
+                ResultStatus.MALFORMED,
+                f"unsupported BIND option 0x{options.unknown[0]:02x}",
+            )
         elif event.proto != TunnelProto.TCP:
             status, message = (
                 ResultStatus.UNSUPPORTED_PROTO,
                 f"protocol {event.proto} is not supported",
             )
-        elif event.tunnel_id in self.tunnels:
+        elif event.tunnel_id in self.tunnels or self.relay.private.owns(self, event.tunnel_id):
             status, message = (
                 ResultStatus.DUPLICATE_TUNNEL,
                 f"tunnel {event.tunnel_id} is already bound",
             )
-        elif len(self.tunnels) >= config.max_tunnels_per_client:
+        elif len(self.tunnels) + self.relay.private.count(self) >= config.max_tunnels_per_client:
             status, message = (
                 ResultStatus.LIMIT_REACHED,
                 f"at most {config.max_tunnels_per_client} tunnels per client",
             )
+        elif not policy.port_allowed(event.bind.port):
+            status, message = (
+                ResultStatus.DENIED,
+                f"token {token.name} may bind ports {policy.ports_text()} only",
+            )
         else:
             try:
-                lease = await self.relay.registry.acquire(self, event.tunnel_id, event.bind.port)
+                lease = await self.relay.registry.acquire(
+                    self,
+                    event.tunnel_id,
+                    event.bind.port,
+                    ports=policy.ports,
+                    max_tunnels=policy.max_tunnels,
+                )
                 status, message = ResultStatus.OK, ""
             except BindError as exc:
                 status, message = exc.status, str(exc)
@@ -228,7 +300,10 @@ class RelaySession:
             session.send_result(event.req_id, status, message)
             self.conn.wake_writer()
             return
+        lease.access = AddressRule(options.allow, options.deny)
         self.tunnels[event.tunnel_id] = lease
+        if self.stats is not None:
+            self.stats.add_tunnel(event.tunnel_id, format_host_port(config.bind_host, lease.port))
         await nursery.start(self._accept_loop, lease, nursery)
         session.send_result(
             event.req_id, ResultStatus.OK, "", Address(config.bind_host, lease.port)
@@ -242,7 +317,11 @@ class RelaySession:
         )
 
     def _unbind(self, event: UnbindReceived) -> None:
+        if self.relay.private.unbind(self, event):
+            return
         lease = self.tunnels.pop(event.tunnel_id, None)
+        if self.stats is not None:
+            self.stats.remove_tunnel(event.tunnel_id)
         if event.req_id == 0:
             return
         if lease is None:
@@ -296,29 +375,53 @@ class RelaySession:
                 await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
             relay.descriptors.opened()
-            refusal: str | None = None
-            if lease.visitors >= config.max_visitors_per_tunnel:
-                refusal = (
-                    f"port {lease.port}: {config.max_visitors_per_tunnel} visitors connected, "
-                    "the relay's limit per tunnel"
-                )
-            elif usage.streams >= config.max_streams_per_token:
-                refusal = (
-                    f"port {lease.port}: token {self.token_id} has "
-                    f"{config.max_streams_per_token} streams open, the relay's limit per token"
-                )
-            elif not relay.descriptors.room(priority=True):
-                refusal = f"port {lease.port}: the relay is short of file descriptors"
-            if refusal is not None:
-                reset_connection(tcp)
-                logger.debug("visitor refused: %s", refusal)
-                self.refusals.note(refusal)
-                continue
             try:
                 origin = _sock_address(tcp.socket.getpeername())
                 target = _sock_address(tcp.socket.getsockname())
             except OSError:
                 reset_connection(tcp)
+                continue
+            # Read at every visitor: a changed token entry applies at once.
+            token = self.token
+            token_policy = token.policy
+            # Address rules first (token, then tunnel), before any stream or byte.
+            denied = token_policy.visitors.refusal(origin.host)
+            if denied is None:
+                denied = lease.access.refusal(origin.host)
+            if denied is not None:
+                reset_connection(tcp)
+                self._refused_visitor(lease, usage, origin, denied)
+                log_unopened("relay", str(target), origin, denied, token=token.name)
+                continue
+            refusal: str | None = None
+            max_visitors = token_policy.max_visitors
+            max_streams = token_policy.max_streams
+            if max_visitors is None:
+                max_visitors, whose = config.max_visitors_per_tunnel, "the relay's"
+            else:
+                whose = f"token {token.name}'s"
+            if lease.visitors >= max_visitors:
+                refusal = (
+                    f"port {lease.port}: {max_visitors} visitors connected, "
+                    f"{whose} limit per tunnel"
+                )
+            else:
+                if max_streams is None:
+                    max_streams, whose = config.max_streams_per_token, "the relay's"
+                else:
+                    whose = "its"
+                if usage.streams >= max_streams:
+                    refusal = (
+                        f"port {lease.port}: token {token.name} has "
+                        f"{max_streams} streams open, {whose} limit per token"
+                    )
+                elif not relay.descriptors.room(priority=True):
+                    refusal = f"port {lease.port}: the relay is short of file descriptors"
+            if refusal is not None:
+                reset_connection(tcp)
+                log_unopened("relay", str(target), origin, refusal, token=token.name)
+                self.refusals.note(refusal)
+                self._count_refusal(tunnel_id, "limit")
                 continue
             info = StreamInfo(
                 stream_id=0,
@@ -333,7 +436,9 @@ class RelaySession:
                 logger.info(
                     "visitor %s on port %d refused by policy: %s", origin, lease.port, refused.name
                 )
+                log_unopened("relay", str(target), origin, refused.name, token=token.name)
                 reset_connection(tcp)
+                self._count_refusal(tunnel_id, refused.name.lower())
                 continue
             try:
                 await self.shares.wait_turn(tunnel_id)
@@ -348,11 +453,45 @@ class RelaySession:
             self.shares.opened(tunnel_id, mux)
             lease.visitors += 1
             usage.streams += 1
+            policy.track(mux.info, StreamLimits(self, usage.bandwidth, lease.bandwidth))
+            ts = self._tunnel_stats(tunnel_id)
+            if ts is not None:
+                ts.stream_opened(mux.info)
             nursery.start_soon(self._visitor, tcp, mux, lease, usage)
+
+    def _tunnel_stats(self, tunnel_id: int) -> TunnelStats | None:
+        return None if self.stats is None else self.stats.tunnels.get(tunnel_id)
+
+    def _count_refusal(self, tunnel_id: int, reason: str) -> None:
+        """Count a refused visitor in the stats (by tunnel and relay-wide)."""
+        ts = self._tunnel_stats(tunnel_id)
+        if ts is not None:
+            ts.refuse(reason)
+        self.relay.stats.count(f"refused:{reason}")
+
+    def _refused_visitor(
+        self, lease: PortLease, usage: _TokenUsage, origin: Address, reason: str
+    ) -> None:
+        """Count and log a visitor refused by an allow/deny rule (it was reset already)."""
+        lease.refused_visitors += 1
+        usage.refused_visitors += 1
+        self.relay.refused_visitors[self.token.name] += 1
+        kind = "deny" if reason.startswith("in the deny") else "allow"
+        self._count_refusal(lease.tunnel_id, kind)
+        logger.info(
+            "visitor %s port %d refused on port %d (token %s): %s",
+            origin.host,
+            origin.port,
+            lease.port,
+            self.token.name,
+            reason,
+            extra={"ratelimit_key": self.token.name},
+        )
 
     async def _visitor(
         self, tcp: trio.SocketStream, mux: MuxStream, lease: PortLease, usage: _TokenUsage
     ) -> None:
+        result: SpliceResult | None = None
         try:
             self.active_streams += 1
             if self.active_streams == 1:
@@ -364,21 +503,32 @@ class RelaySession:
                 if not self.active_streams:
                     self._idle.set()
         finally:
+            self.relay.policy.untrack(mux.info)
             self.shares.finished(mux.info.tunnel_id, mux)
+            ts = self._tunnel_stats(mux.info.tunnel_id)
+            if ts is not None:
+                ts.stream_closed(mux.info, outcome_of(result))
+            if result is not None and result.rejected:  # OPEN_FAIL from the client, by reason
+                self.relay.stats.count(f"open_failures:{_open_fail_name(result.reject_reason)}")
             lease.visitors -= 1
             usage.streams -= 1
-        origin = mux.info.origin
-        if result.rejected:
-            logger.info(
-                "visitor %s on port %d: client refused the stream: %s",
-                origin,
-                lease.port,
-                result.error,
+            # The access log line (muxtunnel.accesslog); None: cancelled (shutdown).
+            log_splice(
+                "relay",
+                mux.info,
+                str(mux.info.target),
+                result,
+                trio.current_time(),
+                token=self.token.name,
             )
-        elif result.error is not None:
-            logger.info(
-                "visitor %s on port %d: stream failed: %s", origin, lease.port, result.error
-            )
+
+
+def _open_fail_name(reason: int | None) -> str:
+    """The name of an OPEN_FAIL reason (``OTHER`` for a code this version does not know)."""
+    try:
+        return "OTHER" if reason is None else OpenFailReason(reason).name
+    except ValueError:
+        return "OTHER"
 
 
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -468,7 +618,8 @@ class _Relay:
     ) -> None:
         self.config = config
         self.ssl_context = ssl_context
-        self.policy = policy
+        #: The caller's policy, plus the token and tunnel bandwidth limits.
+        self.policy = RelayPolicy(policy)
         #: Descriptors left for tunnels and visitors (the rest is kept for new sessions).
         self.descriptors = DescriptorBudget(raise_descriptor_limit())
         self.registry = PortRegistry(
@@ -481,7 +632,13 @@ class _Relay:
         self.sessions: set[RelaySession] = set()
         #: Sessions and streams per token (entries go when a token has neither).
         self.usage: dict[str, _TokenUsage] = {}
+        #: What the admin endpoint and the metrics read (:mod:`muxtunnel.stats`).
+        self.stats = Stats("relay")
+        #: Visitors refused by an allow/deny rule, per token name, since the relay started.
+        self.refused_visitors: Counter[str] = Counter()
         self.shutting_down = False
+        #: Private tunnels by name, and the visit streams carried to them.
+        self.private = PrivateTunnels(self)
         #: Pre-authentication limits and bans (max-startups, auth-failures ...).
         self.admission = Admission(
             max_startups=config.max_startups,
@@ -501,13 +658,18 @@ class _Relay:
             usage = self.usage[tid] = _TokenUsage()
         return usage
 
-    async def _admit_session(self, tid: str, peer: str, conn: MuxConnection) -> RelaySession | None:
-        """Register a new session of ``tid``, or refuse it when the token has too many.
+    async def _admit_session(
+        self, entry: TokenEntry, peer: str, conn: MuxConnection
+    ) -> RelaySession | None:
+        """Register a new session of token ``entry``, or refuse it when the token has too many.
 
         At the limit, the token's sessions are probed (coalesced, see the registry): stale
         ones (silent) are closed and make room; live ones are never evicted by a newcomer.
         """
-        limit = self.config.max_sessions_per_token
+        tid = entry.name
+        limit = entry.policy.max_sessions
+        if limit is None:
+            limit = self.config.max_sessions_per_token
         usage = self.usage_of(tid)
         if usage.live_sessions() >= limit:
             live = [rs for rs in usage.sessions if rs.alive]
@@ -535,7 +697,7 @@ class _Relay:
                 f"too many sessions for this token (the relay allows {limit} at once)",
             )
             return None
-        rs = RelaySession(self, conn, tid, peer)
+        rs = RelaySession(self, conn, tid, peer, entry)
         usage.sessions.add(rs)
         return rs
 
@@ -640,7 +802,12 @@ class _Relay:
             if stream.selected_alpn_protocol() != ALPN:
                 self._preauth_failed(pending, f"ALPN {ALPN} not negotiated")
                 return
-            session = make_session(Role.SERVER, idle_timeout=config.keepalive_timeout)
+            session = make_session(
+                Role.SERVER,
+                idle_timeout=config.keepalive_timeout,
+                # Clients may open streams to visit private tunnels (protocol-spec.md §9.2).
+                settings_overrides={"max_concurrent_streams": config.max_visit_streams},
+            )
             conn = MuxConnection(
                 stream,
                 session,
@@ -683,6 +850,7 @@ class _Relay:
 
     def _auth_failed(self, pending: _Pending, reason: str) -> None:
         """Log a failed authentication (one line per failure, none once banned); maybe ban."""
+        self.stats.count("auth_failures")
         self._leave_preauth(pending.ticket)
         now = trio.current_time()
         source = pending.ticket.source
@@ -712,13 +880,13 @@ class _Relay:
             if scope is not None and ticket is not pending.ticket:
                 scope.cancel()
 
-    async def _authenticate(self, conn: MuxConnection, pending: _Pending) -> str | None:
-        """Run the AUTH exchange within the connection's deadline; the token, or None."""
+    async def _authenticate(self, conn: MuxConnection, pending: _Pending) -> TokenEntry | None:
+        """Run the AUTH exchange within the connection's deadline; the token's entry, or None."""
         config = self.config
         logger.debug("client %s: TLS established", pending.peer)
         with trio.move_on_at(pending.deadline) as scope:
             try:
-                token = await authenticate_client(conn, config.tokens)
+                token = await authenticate_client(conn, config.accepted_tokens())
             except AuthError as exc:
                 self._auth_failed(pending, str(exc))
                 return None
@@ -738,15 +906,19 @@ class _Relay:
         return token
 
     async def _run_session(self, conn: MuxConnection, peer: str, pending: _Pending) -> None:
-        token = await self._authenticate(conn, pending)
-        if token is None:
+        entry = await self._authenticate(conn, pending)
+        if entry is None:
             return
-        tid = token_id(token)
+        tid = entry.name
         conn.token_id = tid
-        admitted = await self._admit_session(tid, peer, conn)
+        admitted = await self._admit_session(entry, peer, conn)
         if admitted is None:
             return
         rs = admitted
+        refresh_token(self, rs)  # a reload during authentication may have changed the token
+        session_stats = rs.stats = self.stats.add_session(peer, tid, rtt=lambda: conn.session.rtt)
+        conn.on_rtt = self.stats.observe_rtt
+        conn.on_stall = partial(self.stats.count, "stalls")
         logger.info("client %s authenticated (token %s)", peer, tid)
         self.sessions.add(rs)
         if self.shutting_down:
@@ -755,6 +927,7 @@ class _Relay:
             await rs.run()
         finally:
             self.sessions.discard(rs)
+            self.stats.remove_session(session_stats)
             self._session_gone(rs)
             rs.done.set()
             logger.info("client %s gone (%s)", peer, peer_text(conn.close_reason or "closed"))
@@ -785,26 +958,53 @@ async def serve(
     shutdown: trio.Event | None = None,
     report: Callable[[str], None] = print,
     policy: StreamPolicy = DEFAULT_POLICY,
+    reload_config: Callable[[], ServerConfig] | None = None,
+    stats: Stats | None = None,
     task_status: trio.TaskStatus[ServerInfo] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until ``shutdown`` is set (then drain and return) or until cancelled.
 
+    With ``reload_config``, SIGHUP applies ``reload_config()`` and SIGUSR1 logs a status line
+    (:mod:`muxtunnel.reload`). A service manager's ``$NOTIFY_SOCKET`` gets READY, STATUS,
+    WATCHDOG and STOPPING (:mod:`muxtunnel.sdnotify`). ``stats`` (default: a new one) is what
+    the admin endpoint (``config.admin``, :mod:`muxtunnel.admin`) and the metrics read.
+
     Raises:
         ConfigError: No token configured, or the certificate cannot be loaded.
-        OSError: The control listener cannot be bound.
+        ListenError: The control listener cannot be bound (:mod:`muxtunnel.preflight`).
     """
-    if not config.tokens:
+    if not config.accepted_tokens():
         raise ConfigError(
             "the relay needs at least one token (--token, --token-file or MUXTUNNEL_TOKEN)"
         )
     identity = tls.load_or_create_identity(config.state_dir, config.cert_file, config.key_file)
     relay = _Relay(config, tls.server_ssl_context(identity), policy)
-    listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    if stats is not None:
+        relay.stats = stats
+    try:
+        listeners = await trio.open_tcp_listeners(config.listen_port, host=config.listen_host)
+    except OSError as exc:
+        raise listen_error(config.listen_host, config.listen_port, "--listen", exc) from None
+    notifier = Notifier()
     try:
         sockname = listeners[0].socket.getsockname()
         host, port = str(sockname[0]), int(sockname[1])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay.reap_leases)
+            if config.metrics is not None:  # the Prometheus endpoint (muxtunnel.metrics)
+                from muxtunnel.metrics import serve_metrics
+
+                await nursery.start(serve_metrics, config.metrics, relay.stats)
+            admin = resolve_admin(config.admin, config.state_dir, "relay")
+            if admin is not None:  # the status endpoint (muxtunnel.admin)
+                listen = {"listen": format_host_port(host, port)}
+                default = config.admin == ADMIN_AUTO
+                await nursery.start(
+                    partial(serve_admin, admin, relay.stats, listen, default=default)
+                )
+            nursery.start_soon(notifier.run, lambda: relay_status(relay))
+            if reload_config is not None:
+                nursery.start_soon(relay_signals, relay, reload_config, notifier)
             async with trio.open_nursery() as clients:
                 for listener in listeners:
                     clients.start_soon(relay.accept_clients, listener, clients)
@@ -817,10 +1017,12 @@ async def serve(
                     config.bind_host,
                 )
                 task_status.started(ServerInfo(host, port, identity.fingerprint))
+                notifier.ready(relay_status(relay))
                 if shutdown is None:
                     await trio.sleep(math.inf)
                 else:
                     await shutdown.wait()
+                notifier.stopping(f"draining: {relay_status(relay)}")
                 # Stop accepting clients: closing the listeners ends the accept loops.
                 for listener in listeners:
                     await listener.aclose()
@@ -830,6 +1032,7 @@ async def serve(
             nursery.cancel_scope.cancel()
         logger.info("relay stopped")
     finally:
+        notifier.close()
         relay.registry.close_all()
         for listener in listeners:
             await trio.aclose_forcefully(listener)

@@ -58,6 +58,17 @@ class SpliceResult:
     error: str | None = None
     #: True if the peer refused the stream (OPEN_FAIL).
     rejected: bool = False
+    #: The OPEN_FAIL reason (``OpenFailReason`` value) when ``rejected``.
+    reject_reason: int | None = None
+    #: Which side failed first: "tcp" (the local socket: read or write error, reset) or "mux"
+    #: (the stream: see ``mux_failure``); None for a clean end or a cancellation.
+    failed_side: str | None = None
+    #: How the stream failed when ``failed_side`` is "mux": "reset" (RESET from the peer),
+    #: "stalled" (reset here: received data not consumed, protocol-spec §8.7), "session" (its
+    #: connection ended) or "rejected" (OPEN_FAIL).
+    mux_failure: str | None = None
+    #: Which side sent its FIN first ("tcp" or "mux"); None if neither did.
+    first_eof: str | None = None
 
 
 async def abort_tcp(stream: trio.abc.AsyncResource) -> None:
@@ -84,10 +95,26 @@ class _Splice:
     def _fail(self, error: str, *, mux_code: ErrorCode | None) -> None:
         if self.result.error is None:
             self.result.error = error
-            if mux_code is not None:
+            if mux_code is None:
+                self.result.failed_side = "mux"
+                self.result.mux_failure = _mux_failure(self.mux)
+            else:
+                self.result.failed_side = "tcp"
                 self.mux.reset(mux_code, error)
         if self.scope is not None:
             self.scope.cancel()
+
+    def stream_failed(self) -> None:
+        """The mux stream failed under us (see :attr:`MuxStream.on_failure`)."""
+        failure = self.mux.failure or "session ended"
+        if failure.startswith("rejected"):
+            return  # not open yet: both directions wait on the stream and see the rejection
+        self._fail(f"mux stream failed: {failure}", mux_code=None)
+
+    def _rejected(self, exc: OpenRejectedError) -> None:
+        self.result.rejected = True
+        self.result.reject_reason = exc.reason
+        self._fail(str(exc), mux_code=None)
 
     async def tcp_to_mux(self) -> None:
         tcp, mux, policy, info = self.tcp, self.mux, self.policy, self.mux.info
@@ -98,8 +125,7 @@ class _Splice:
                 else:
                     room = await mux.send_room()
             except OpenRejectedError as exc:
-                self.result.rejected = True
-                self._fail(str(exc), mux_code=None)
+                self._rejected(exc)
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._fail(f"mux stream failed: {exc}", mux_code=None)
@@ -114,12 +140,13 @@ class _Splice:
                 return
             try:
                 if not data:
+                    if self.result.first_eof is None:
+                        self.result.first_eof = "tcp"
                     await mux.send_eof()
                     return
                 await mux.send_all(data)
             except OpenRejectedError as exc:
-                self.result.rejected = True
-                self._fail(str(exc), mux_code=None)
+                self._rejected(exc)
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._fail(f"mux stream failed: {exc}", mux_code=None)
@@ -160,14 +187,15 @@ class _Splice:
             try:
                 chunk = await mux.receive_batch(COPY_CHUNK, acknowledge=False)
             except OpenRejectedError as exc:
-                self.result.rejected = True
-                self._fail(str(exc), mux_code=None)
+                self._rejected(exc)
                 return
             except (MuxStreamResetError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._fail(f"mux stream failed: {exc}", mux_code=None)
                 return
             try:
                 if not chunk:
+                    if self.result.first_eof is None:
+                        self.result.first_eof = "mux"
                     await tcp.send_eof()
                     return
                 # Credit returns piece by piece as the bytes are written, so the peer can send
@@ -199,10 +227,15 @@ async def splice(
     try:
         async with trio.open_nursery() as nursery:
             state.scope = nursery.cancel_scope
+            # A stream that fails while both directions wait on the local socket (reset by
+            # the stall policy, protocol-spec §8.7, while the local peer neither reads nor
+            # writes) ends the splice at once instead of when the local peer next acts.
+            mux.on_failure = state.stream_failed
             nursery.start_soon(state.tcp_to_mux)
             await state.mux_to_tcp()  # the other direction runs in this task: one spawn less
         clean = state.result.error is None
     finally:
+        mux.on_failure = None
         if clean:
             await _graceful_close(tcp)
             await mux.aclose()
@@ -215,6 +248,18 @@ async def splice(
             await abort_tcp(tcp)
         policy.finished(mux.info, trio.current_time(), state.result.error)
     return state.result
+
+
+def _mux_failure(mux: MuxStream) -> str:
+    """Classify why ``mux`` failed (see :attr:`SpliceResult.mux_failure`)."""
+    failure = mux.failure  # "KIND CODE: message"
+    if failure is None:  # I/O refused because the connection is no longer usable
+        return "session"
+    kind = failure.partition(" ")[0]
+    if kind in ("session", "rejected"):
+        return kind
+    # MuxConnection resets a stream whose received data is not consumed with this message.
+    return "stalled" if "stalled:" in failure else "reset"
 
 
 async def _wait_reset(sock: trio.socket.SocketType) -> None:

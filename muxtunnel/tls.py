@@ -31,7 +31,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from muxtunnel.errors import ConfigError, HandshakeError, IdentityMismatchError
+from muxtunnel.errors import (
+    ConfigError,
+    HandshakeError,
+    IdentityMismatchError,
+    state_file_error,
+)
 from muxtunnel.protocol.constants import ALPN
 from muxtunnel.tokens import check_private_file, ensure_private_dir, write_private_file
 
@@ -259,6 +264,11 @@ def load_or_create_identity(
                 f"state dir {state_dir}: {other.name} exists but {path.name} is missing; "
                 f"restore it, or delete {other} to generate a new identity (clients must then re-pin)"
             )
+    for path in (cert_path, key_path):
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise state_file_error("read", path, exc) from None
     check_private_file(key_path, "key file")
     _check_pair(cert_path, key_path)
     return ServerIdentity(cert_path, key_path, fingerprint_of_file(cert_path), created)
@@ -330,7 +340,9 @@ class KnownHosts:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            raise state_file_error("read", self.path, exc) from None
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"known hosts file {self.path}: cannot read: {exc}") from None
         entries = []
         for number, raw in enumerate(text.splitlines(), start=1):
@@ -377,9 +389,7 @@ class KnownHosts:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(line)
         except OSError as exc:
-            raise ConfigError(
-                f"known hosts file {self.path}: cannot write: {exc.strerror or exc}"
-            ) from None
+            raise state_file_error("write", self.path, exc) from None
 
 
 class PeerCertSource(Protocol):

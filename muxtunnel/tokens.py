@@ -12,13 +12,17 @@ naming the path and the ``chmod`` that fixes it (protocol-spec.md §16.3).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 import secrets
 import stat
 from typing import TYPE_CHECKING
 
-from muxtunnel.errors import ConfigError
+from muxtunnel.access import OPEN_POLICY, TokenEntry
+from muxtunnel.errors import ConfigError, state_file_error
+from muxtunnel.protocol.auth import stored_key
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,7 +34,9 @@ __all__ = [
     "ensure_private_dir",
     "generate_token",
     "load_or_create_token",
+    "plaintext_entry",
     "read_token_file",
+    "token_id",
     "write_private_file",
 ]
 
@@ -43,6 +49,21 @@ TOKEN_FILE_NAME = "token"
 def generate_token() -> str:
     """Return a fresh random token (32 random bytes, URL-safe base64: 43 characters)."""
     return secrets.token_urlsafe(32)
+
+
+def token_id(token: str) -> str:
+    """A short, non-secret id for a token (for logs and lease ownership)."""
+    return hashlib.sha256(b"muxtunnel token id\x00" + token.encode("utf-8")).hexdigest()[:12]
+
+
+def plaintext_entry(token: str) -> TokenEntry:
+    """The relay's entry for a token configured in clear: named by :func:`token_id`, no policy.
+
+    The entry keeps the token (``secret``), so clients using AUTH method 1 are accepted too.
+    """
+    return TokenEntry(
+        name=token_id(token), stored_key=stored_key(token), policy=OPEN_POLICY, secret=token
+    )
 
 
 #: (kind, path) pairs already warned about in this process: one warning each.
@@ -115,10 +136,12 @@ def ensure_private_dir(path: Path) -> None:
     """
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a file in the way: said below
     except OSError as exc:
-        raise ConfigError(f"state dir {path}: cannot create: {exc.strerror or exc}") from None
+        raise state_file_error("create the directory", path, exc) from None
     if not path.is_dir():
-        raise ConfigError(f"state dir {path}: not a directory")
+        raise state_file_error("use", path, NotADirectoryError(errno.ENOTDIR, "Not a directory"))
     check_private_dir(path)
 
 
@@ -151,7 +174,7 @@ def write_private_file(path: Path, data: bytes) -> bool:
             return False
         return True
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        raise state_file_error("write", path, exc) from None
     finally:
         try:
             tmp.unlink()
@@ -167,6 +190,8 @@ def _tokens_in(text: str) -> list[str]:
             continue
         if any(c.isspace() for c in line):
             raise ValueError("a token must not contain whitespace")
+        if line.startswith("["):
+            raise ValueError(f"{line[:20]!r} looks like a TOML table header, not a token")
         tokens.append(line)
     return tokens
 
@@ -210,4 +235,8 @@ def load_or_create_token(state_dir: Path) -> tuple[str, bool]:
         token = generate_token()
         if write_private_file(path, f"{token}\n".encode()):
             return token, True
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise state_file_error("read", path, exc) from None
     return read_token_file(path)[0], False

@@ -22,6 +22,7 @@ from muxtunnel.protocol.constants import ResultStatus, Role
 from muxtunnel.protocol.events import BindRequested
 from muxtunnel.protocol.frames import Address
 from muxtunnel.server import ServerInfo, serve
+from muxtunnel.tokens import plaintext_entry
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -75,7 +76,7 @@ async def handshake_and_bind(server: MuxConnection, client: MuxConnection) -> No
     """Authenticate ``client`` to ``server`` and bind :data:`BOUND_TUNNELS`."""
     async with trio.open_nursery() as n:
         n.start_soon(_authenticate_and_bind, server)
-        n.start_soon(client_handshake, client, TOKEN, [(t, 0) for t in BOUND_TUNNELS])
+        n.start_soon(client_handshake, client, TOKEN, [(t, 0, None) for t in BOUND_TUNNELS])
 
 
 #: Tunnels that ``mux_connection_pair`` binds: the client session refuses OPENs for others.
@@ -84,7 +85,7 @@ BOUND_TUNNELS = range(1, 9)
 
 async def _authenticate_and_bind(server: MuxConnection) -> None:
     """Relay side of ``mux_connection_pair``: AUTH, then RESULT(OK) for each BIND."""
-    await authenticate_client(server, [TOKEN])
+    await authenticate_client(server, [plaintext_entry(TOKEN)])
     for _ in BOUND_TUNNELS:
         event = await server.next_control_event()
         assert isinstance(event, BindRequested)

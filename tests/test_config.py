@@ -119,7 +119,7 @@ def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 def test_server_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     cfg = build_server_config({}, {}, env={})
-    assert cfg == ServerConfig(state_dir=tmp_path / "muxtunnel")
+    assert cfg == ServerConfig(state_dir=tmp_path / "muxtunnel", admin="auto")
     assert (cfg.listen_host, cfg.listen_port, cfg.port_range, cfg.bind_host) == (
         "0.0.0.0",
         7835,

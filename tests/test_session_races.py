@@ -37,7 +37,7 @@ async def test_unbind_and_close_in_one_write_log_no_internal_error(
     relay = await start_relay(nursery, tmp_path)
     with trio.fail_after(30):
         conn = await _raw_client(nursery, relay.info.port)
-        outcomes = await client_handshake(conn, TOKEN, [(1, 0)])
+        outcomes = await client_handshake(conn, TOKEN, [(1, 0, None)])
         assert [o.status for o in outcomes] == [ResultStatus.OK]
         bound = outcomes[0].bound
         assert bound is not None

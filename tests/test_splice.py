@@ -130,3 +130,46 @@ async def test_tcp_rst_becomes_mux_reset(nursery: trio.Nursery) -> None:
     with trio.fail_after(5):
         await done.wait()
     assert results[0].error is not None
+
+
+async def test_reset_while_blocked_on_a_silent_local_peer_ends_the_splice(
+    nursery: trio.Nursery,
+) -> None:
+    """A local peer that neither reads nor writes keeps both directions of the splice waiting
+    on its socket; a RESET of the stream (by the peer, or by the stall policy of
+    protocol-spec §8.7) must still end the splice at once and free the socket."""
+    far, near = await _setup(nursery)
+    app, local = await tcp_pair()
+    # Small kernel buffers: the splice blocks writing to ``app`` after a few hundred KiB.
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    local.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    results: list[SpliceResult] = []
+    done = trio.Event()
+
+    async def run() -> None:
+        results.append(await splice(local, near))
+        done.set()
+
+    nursery.start_soon(run)
+    sent = 0
+    with trio.move_on_after(3):  # until the windows and socket buffers are full
+        while True:
+            await far.send_all(b"x" * 65536)
+            sent += 65536
+    assert sent, "nothing could be sent"
+    assert not done.is_set()
+    far.reset(ErrorCode.CANCEL)
+    with trio.fail_after(5):
+        await done.wait()
+    error = results[0].error
+    assert error is not None
+    assert "mux stream failed" in error
+    assert results[0].failed_side == "mux"
+
+    async def drain() -> None:
+        while await app.receive_some(65536):
+            pass
+
+    async with app:
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await drain()

@@ -186,7 +186,7 @@ async def test_open_timeout_resets_an_unanswered_stream(
     await tls.do_handshake()
     conn = MuxConnection(tls, make_session(Role.CLIENT), name="silent client")
     await nursery.start(conn.run)
-    (outcome,) = await client_handshake(conn, TOKEN, [(1, 0)])
+    (outcome,) = await client_handshake(conn, TOKEN, [(1, 0, None)])
     assert outcome.bound is not None
     visitor = await connect(outcome.bound.port)
     incoming = await conn.accept_stream()  # the OPEN arrived; it is never answered

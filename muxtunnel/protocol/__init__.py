@@ -12,6 +12,7 @@ from .constants import (
     ALPN,
     MAGIC,
     AuthMethod,
+    BindOptionKind,
     FrameType,
     OpenFailReason,
     ResultStatus,
@@ -38,7 +39,7 @@ from .events import (
     UnbindReceived,
     WindowUpdated,
 )
-from .frames import Address, Settings, decode_payload, encode_frame
+from .frames import Address, BindOptions, Settings, decode_payload, encode_frame
 from .reader import FrameReader
 from .session import Session, SessionConfig
 
@@ -48,6 +49,8 @@ __all__ = [
     "Address",
     "AuthMethod",
     "AuthRequested",
+    "BindOptionKind",
+    "BindOptions",
     "BindRequested",
     "ChallengeReceived",
     "ConnectionClosed",

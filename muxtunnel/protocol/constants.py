@@ -10,6 +10,9 @@ __all__ = [
     "ALPN",
     "AUTH_CONTEXT",
     "AUTH_NONCE_SIZE",
+    "BIND_FLAG_OPTIONS",
+    "BIND_NAME_MAX",
+    "BIND_OPTION_LIST_MAX",
     "EXTENSION_MIN",
     "FLAG_ACK",
     "FLAG_FIN",
@@ -19,6 +22,7 @@ __all__ = [
     "PROTOCOL_MAJOR",
     "PROTOCOL_MINOR",
     "AuthMethod",
+    "BindOptionKind",
     "ErrorCode",
     "FrameType",
     "OpenFailReason",
@@ -33,7 +37,8 @@ MAGIC = b"MUXT\r\n\x1a\n"
 #: TLS ALPN protocol id (§2).
 ALPN = "muxtunnel/1"
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+#: Minor version 1 adds BIND options, private tunnels and client-opened streams (§3.2).
+PROTOCOL_MINOR = 1
 #: Size of the fixed frame header (§4).
 HEADER_SIZE = 16
 #: Size of each side's nonce in the challenge-response authentication (§7.1).
@@ -47,6 +52,12 @@ MAX_STR16 = 1024
 FLAG_FIN = 0x01
 #: PING flag: this frame answers a PING (§6.8).
 FLAG_ACK = 0x01
+#: BIND flag: an ``options`` field follows ``bind`` (§6.12; minor version 1).
+BIND_FLAG_OPTIONS = 0x01
+#: Most ALLOW entries, and most DENY entries, in one BIND (§6.12, §12).
+BIND_OPTION_LIST_MAX = 64
+#: Longest private tunnel name in bytes (§6.12, §12).
+BIND_NAME_MAX = 63
 
 
 class Role(IntEnum):
@@ -145,6 +156,22 @@ class AuthMethod(IntEnum):
 
     #: credential = client_nonce(32) || HMAC-SHA256(token, AUTH_CONTEXT || server_nonce || client_nonce)
     HMAC_SHA256 = 1
+    #: Like 1, but the relay needs only the token's stored key (§7.1; minor version 1):
+    #: credential = client_nonce(32) || client_key XOR HMAC-SHA256(stored_key, AUTH2_CONTEXT || ...)
+    HMAC_SHA256_STORED_KEY = 2
+
+
+class BindOptionKind(IntEnum):
+    """Kinds of the BIND option entries (§6.12, §11.4)."""
+
+    #: Visitors the relay admits: ``prefix_len u8`` + IPv4 (4) or IPv6 (16) address.
+    ALLOW = 1
+    #: Visitors the relay refuses; same value layout as ALLOW.
+    DENY = 2
+    #: Publish the tunnel privately under this name (no public listener).
+    NAME = 3
+    #: The tunnel is a visit tunnel: client-opened streams go to the private tunnel of this name.
+    VISIT = 4
 
 
 class TunnelProto(IntEnum):

@@ -7,8 +7,10 @@ that stays valid; the adapter must call ``Session.acknowledge`` once it has cons
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from .frames import BindOptions
 
 if TYPE_CHECKING:
     from muxtunnel.errors import ErrorCode
@@ -64,15 +66,20 @@ class AuthRequested:
 
     #: The request id to echo in the RESULT.
     req_id: int
-    #: The authentication method (always ``AuthMethod.HMAC_SHA256`` in v1).
+    #: The authentication method (``AuthMethod``: 1 or 2, §7.1).
     method: int
-    #: ``client_nonce || mac`` (64 bytes for method 1; the session checked the length).
+    #: ``client_nonce || mac`` or ``|| proof`` (64 bytes; the session checked the length).
     credential: bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BindRequested:
-    """Server side: the client asks for a public listener; answer with ``send_result``."""
+    """Server side: the client asks for a tunnel; answer with ``send_result``.
+
+    A public listener, or with ``options.name`` / ``options.visit`` a private or visit tunnel
+    (spec §7.2). ``options`` were validated by the codec (§6.12); ``options.unknown`` kinds and
+    ALLOW/DENY on a visit tunnel are the application's to refuse with MALFORMED.
+    """
 
     #: The request id to echo in the RESULT.
     req_id: int
@@ -82,6 +89,8 @@ class BindRequested:
     proto: int
     #: The address asked for (host None or port 0: the server chooses).
     bind: Address
+    #: The BIND's options (§6.12); empty when the BIND had none.
+    options: BindOptions = field(default_factory=BindOptions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

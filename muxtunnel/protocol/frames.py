@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -21,10 +22,14 @@ from muxtunnel.errors import FlowControlError, FrameSizeError, ProtocolError
 
 from .constants import (
     AUTH_NONCE_SIZE,
+    BIND_FLAG_OPTIONS,
+    BIND_NAME_MAX,
+    BIND_OPTION_LIST_MAX,
     EXTENSION_MIN,
     FLAG_ACK,
     FLAG_FIN,
     MAX_STR16,
+    BindOptionKind,
     FrameType,
     SettingId,
 )
@@ -35,6 +40,7 @@ __all__ = [
     "Address",
     "AuthFrame",
     "BindFrame",
+    "BindOptions",
     "ChallengeFrame",
     "CloseFrame",
     "DataFrame",
@@ -42,6 +48,7 @@ __all__ = [
     "Frame",
     "GoAwayFrame",
     "HelloFrame",
+    "IPNetwork",
     "OpenAckFrame",
     "OpenFailFrame",
     "OpenFrame",
@@ -54,6 +61,7 @@ __all__ = [
     "decode_payload",
     "encode_frame",
     "encode_into",
+    "is_tunnel_name",
     "pack_data_header",
 ]
 
@@ -298,15 +306,71 @@ class AuthFrame:
     credential: bytes
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+"""An ALLOW or DENY entry of a BIND (§6.12)."""
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_DOTTED_QUAD = re.compile(r"[0-9]+(?:\.[0-9]+){3}")
+_KNOWN_KINDS = frozenset(int(kind) for kind in BindOptionKind)
+
+
+def is_tunnel_name(name: str) -> bool:
+    """True if ``name`` is a valid private tunnel name (§6.12).
+
+    1..63 characters of ``[a-z0-9][a-z0-9._-]*``, and not four dot-separated groups of digits
+    (an IPv4 literal), so that ``Address(name, 0)`` always travels as a domain (§5.1).
+    """
+    return (
+        len(name) <= BIND_NAME_MAX
+        and _NAME_RE.fullmatch(name) is not None
+        and _DOTTED_QUAD.fullmatch(name) is None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BindOptions:
+    """The ``options`` of a BIND (§6.12, minor version 1).
+
+    ``allow``/``deny`` are the tunnel's visitor lists (at most 64 networks each, host bits
+    zero); ``name`` publishes the tunnel privately; ``visit`` makes it a visit tunnel towards
+    the private tunnel of that name. ``unknown`` lists the kinds of entries this
+    implementation does not know, in wire order (their values are skipped; an encoder sends
+    them with an empty value). An empty ``BindOptions()`` means "no option".
+    """
+
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+    name: str | None = None
+    visit: str | None = None
+    unknown: tuple[int, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        """True if there is no entry at all."""
+        return not (self.allow or self.deny or self.unknown) and (
+            self.name is None and self.visit is None
+        )
+
+    @property
+    def private(self) -> bool:
+        """True for a NAME or VISIT bind, which has no public listener (bind atyp 0)."""
+        return self.name is not None or self.visit is not None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BindFrame:
-    """BIND (§7.2): ask the relay for a public listener."""
+    """BIND (§7.2): ask the relay for a public listener (or a private or visit tunnel).
+
+    ``flags`` holds the flag bits other than OPTIONS, which is set exactly when ``options``
+    is not None.
+    """
 
     req_id: int
     tunnel_id: int
     proto: int
     bind: Address
     flags: int = 0
+    options: BindOptions | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -407,6 +471,41 @@ def _addr(address: Address) -> bytes:
     return b"\x04" + ip.packed + _PORT.pack(address.port)
 
 
+def _check_options(options: BindOptions, bind: Address) -> None:
+    """Raise ValueError for options a decoder would reject (§6.12)."""
+    for label, nets in (("ALLOW", options.allow), ("DENY", options.deny)):
+        if len(nets) > BIND_OPTION_LIST_MAX:
+            raise ValueError(f"more than {BIND_OPTION_LIST_MAX} {label} entries in one BIND")
+        for net in nets:
+            if not isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                raise ValueError(f"{label} entry {net!r} is not an IP network")
+    for label, name in (("NAME", options.name), ("VISIT", options.visit)):
+        if name is not None and not is_tunnel_name(name):
+            raise ValueError(f"{label} {name!r} is not a valid private tunnel name")
+    if options.private:
+        if options.name is not None and options.visit is not None:
+            raise ValueError("NAME and VISIT exclude each other")
+        if bind.host is not None:
+            raise ValueError("a NAME or VISIT bind must have no address (atyp 0)")
+    for kind in options.unknown:
+        if not 0 <= kind <= 0xFF or kind in _KNOWN_KINDS:
+            raise ValueError(f"unknown option kind {kind} is a known kind or not a byte")
+
+
+def _options(options: BindOptions, bind: Address) -> bytes:
+    _check_options(options, bind)
+    parts: list[bytes] = []
+    for kind, nets in ((BindOptionKind.ALLOW, options.allow), (BindOptionKind.DENY, options.deny)):
+        for net in nets:
+            raw = net.network_address.packed
+            parts.append(bytes((kind, 1 + len(raw), net.prefixlen)) + raw)
+    for kind, name in ((BindOptionKind.NAME, options.name), (BindOptionKind.VISIT, options.visit)):
+        if name is not None:
+            parts.append(bytes((kind, len(name))) + name.encode("ascii"))
+    parts.extend(bytes((kind, 0)) for kind in options.unknown)
+    return _bytes16(b"".join(parts))
+
+
 def _payload(frame: Frame) -> tuple[int, int, int, bytes]:
     """(type, flags, stream_id, payload) of any non-DATA frame."""
     match frame:
@@ -446,8 +545,13 @@ def _payload(frame: Frame) -> tuple[int, int, int, bytes]:
             body = _AUTH_FIXED.pack(frame.req_id, frame.method) + _bytes16(frame.credential)
             return FrameType.AUTH, 0, 0, body
         case BindFrame():
-            body = _BIND_FIXED.pack(frame.req_id, frame.tunnel_id, frame.proto, frame.flags)
-            return FrameType.BIND, 0, 0, body + _addr(frame.bind)
+            if frame.flags & BIND_FLAG_OPTIONS:
+                raise ValueError("the OPTIONS flag of a BIND follows its options field")
+            options = frame.options
+            flags = frame.flags if options is None else frame.flags | BIND_FLAG_OPTIONS
+            tail = b"" if options is None else _options(options, frame.bind)
+            body = _BIND_FIXED.pack(frame.req_id, frame.tunnel_id, frame.proto, flags)
+            return FrameType.BIND, 0, 0, body + _addr(frame.bind) + tail
         case UnbindFrame():
             body = _UNBIND.pack(frame.req_id, frame.tunnel_id, frame.error_code)
             return FrameType.UNBIND, 0, 0, body
@@ -512,6 +616,33 @@ _FIXED_LENGTHS: dict[int, int] = {
 }
 
 
+_OPTION_HEAD = struct.Struct("!BB")
+
+
+def _network(kind: int, value: bytes) -> IPNetwork:
+    """An ALLOW/DENY value: ``prefix_len u8`` + 4 or 16 address bytes, host bits zero."""
+    label = BindOptionKind(kind).name
+    net: IPNetwork
+    try:
+        if len(value) == 5:
+            net = ipaddress.IPv4Network((value[1:], value[0]))
+        elif len(value) == 17:
+            net = ipaddress.IPv6Network((value[1:], value[0]))
+        else:
+            raise ProtocolError(f"BIND: {label} option of {len(value)} bytes, must be 5 or 17")
+    except ValueError:  # prefix too long, or host bits set
+        raise ProtocolError(f"BIND: {label} option is not a valid network") from None
+    return net
+
+
+def _tunnel_name(kind: int, value: bytes) -> str:
+    """A NAME/VISIT value: 1..63 bytes of ``[a-z0-9][a-z0-9._-]*``."""
+    name = value.decode("latin-1")
+    if not is_tunnel_name(name):
+        raise ProtocolError(f"BIND: {BindOptionKind(kind).name} option is not a valid name")
+    return name
+
+
 class _Cursor:
     """Reads fields off a payload; any overrun or leftover is PROTOCOL_ERROR (§5)."""
 
@@ -561,6 +692,41 @@ class _Cursor:
             raise ProtocolError(f"{self._name}: unknown address type 0x{atyp:02x}")
         (port,) = self.unpack(_PORT)
         return Address(host, port)
+
+    def options(self, bind: Address) -> BindOptions:
+        """A BIND's ``options BYTES16`` (§6.12); any violation is PROTOCOL_ERROR."""
+        entries = _Cursor(self.bytes16(), "BIND options")
+        nets: dict[int, list[IPNetwork]] = {BindOptionKind.ALLOW: [], BindOptionKind.DENY: []}
+        names: dict[int, str] = {}
+        unknown: list[int] = []
+        while entries.remaining:
+            kind, length = entries.unpack(_OPTION_HEAD)
+            value = entries.take(length)
+            if kind in nets:
+                nets[kind].append(_network(kind, value))
+            elif kind in (BindOptionKind.NAME, BindOptionKind.VISIT):
+                if kind in names:
+                    raise ProtocolError(f"BIND: two {BindOptionKind(kind).name} options")
+                names[kind] = _tunnel_name(kind, value)
+            else:
+                unknown.append(kind)
+        for kind, lst in nets.items():
+            if len(lst) > BIND_OPTION_LIST_MAX:
+                raise ProtocolError(
+                    f"BIND: more than {BIND_OPTION_LIST_MAX} {BindOptionKind(kind).name} options"
+                )
+        if names:
+            if len(names) > 1:
+                raise ProtocolError("BIND: NAME and VISIT exclude each other")
+            if bind.host is not None:
+                raise ProtocolError("BIND: a NAME or VISIT bind must have no address (atyp 0)")
+        return BindOptions(
+            allow=tuple(nets[BindOptionKind.ALLOW]),
+            deny=tuple(nets[BindOptionKind.DENY]),
+            name=names.get(BindOptionKind.NAME),
+            visit=names.get(BindOptionKind.VISIT),
+            unknown=tuple(unknown),
+        )
 
     @property
     def remaining(self) -> int:
@@ -668,8 +834,14 @@ def decode_payload(
         frame = AuthFrame(req_id=req_id, method=method, credential=cur.bytes16())
     elif frame_type == FrameType.BIND:
         req_id, tunnel_id, proto, bind_flags = cur.unpack(_BIND_FIXED)
+        bind = cur.addr()
         frame = BindFrame(
-            req_id=req_id, tunnel_id=tunnel_id, proto=proto, flags=bind_flags, bind=cur.addr()
+            req_id=req_id,
+            tunnel_id=tunnel_id,
+            proto=proto,
+            flags=bind_flags & ~BIND_FLAG_OPTIONS,
+            bind=bind,
+            options=cur.options(bind) if bind_flags & BIND_FLAG_OPTIONS else None,
         )
     else:  # RESULT: every other defined type was handled above
         req_id, status = cur.unpack(_RESULT_FIXED)

@@ -87,7 +87,15 @@ Tunnels and opens (client). The client session knows which tunnels the relay bou
 RESULT for the BIND, until UNBIND) and answers an OPEN for any other tunnel itself with
 OPEN_FAIL(UNKNOWN_TUNNEL), without an event (§9.2). On either role, OPENs beyond
 ``open_rate``/``open_burst`` get OPEN_FAIL(RESOURCE_SHORTAGE) the same way. A client session
-keeps at most 16 requests on the wire and holds later ones back until RESULTs arrive.
+keeps at most 16 requests on the wire and holds later ones back until RESULTs arrive; before
+its AUTH succeeded it also keeps the BIND/UNBIND bytes pipelined behind the AUTH within
+``PIPELINE_BUDGET`` (the relay bounds pre-authentication input, spec §7.6).
+
+Tunnels and opens (server). A server session takes the client's OPENs (odd ids: visit
+streams, spec §9.9) once authenticated, within the MAX_CONCURRENT_STREAMS it declared (0 by
+default: any client OPEN is STREAM_LIMIT_ERROR); which tunnel ids are visit tunnels is the
+application's to judge. BIND options (spec §6.12) arrive in ``BindRequested.options``; a BIND
+that carries them while the negotiated minor version is 0 is a PROTOCOL_ERROR.
 """
 
 from __future__ import annotations
@@ -148,6 +156,7 @@ from .frames import (
     Address,
     AuthFrame,
     BindFrame,
+    BindOptions,
     ChallengeFrame,
     CloseFrame,
     Frame,
@@ -198,6 +207,10 @@ MAX_OUTSTANDING_PINGS: Final = 4
 #: one more as ENHANCE_YOUR_CALM; a client session holds further requests back until a
 #: RESULT arrives, so it never exceeds the limit whatever the application asks for.
 MAX_OUTSTANDING_REQUESTS: Final = 16
+#: Bytes of BIND/UNBIND requests a client pipelines behind its AUTH before the AUTH's RESULT
+#: (spec §7.6 item 2): half the relay's default pre-authentication limit, so BINDs with long
+#: allow/deny lists (§6.12) cannot push a relay past it. Later requests wait for the RESULT.
+PIPELINE_BUDGET: Final = 8192
 #: Inbound OPENs the acceptor takes per second (and burst); more are refused with
 #: OPEN_FAIL(RESOURCE_SHORTAGE) (spec §9.2, §12). Defaults of ``SessionConfig``: far above
 #: what a legitimate burst of visitors reaches through one session (a connection pool refill,
@@ -401,6 +414,8 @@ class Session:
         self._requests_out: dict[int, tuple[FrameType, int]] = {}  # client: id -> (kind, tunnel)
         # client: requests held back while MAX_OUTSTANDING_REQUESTS are on the wire
         self._requests_waiting: dict[int, tuple[FrameType, int, bytes]] = {}
+        self._auth_out = False  # client: our AUTH is on the wire without its RESULT
+        self._pipelined = 0  # client: request bytes sent behind AUTH before its RESULT (§7.6)
         self._bound: set[int] = set()  # client: tunnels with an OK RESULT for their BIND
         self._unbound: set[int] = set()  # client: tunnels whose UNBIND completed
         self._local_ids: list[int] = []  # ids of our streams, ascending (closed ones linger)
@@ -927,7 +942,7 @@ class Session:
             raise ProtocolError("AUTH before CHALLENGE")
         self._auth_seen = True
         self._take_request(frame.req_id, FrameType.AUTH)
-        if frame.method != AuthMethod.HMAC_SHA256:
+        if frame.method not in (AuthMethod.HMAC_SHA256, AuthMethod.HMAC_SHA256_STORED_KEY):
             self._queue(
                 ResultFrame(
                     req_id=frame.req_id,
@@ -966,9 +981,16 @@ class Session:
         if self.role != Role.SERVER:
             raise ProtocolError("BIND sent to a client")
         self._take_request(frame.req_id, FrameType.BIND)
+        options = frame.options
+        if options is not None and self.minor < 1:
+            raise ProtocolError("BIND options need protocol minor version 1")
         events.append(
             BindRequested(
-                req_id=frame.req_id, tunnel_id=frame.tunnel_id, proto=frame.proto, bind=frame.bind
+                req_id=frame.req_id,
+                tunnel_id=frame.tunnel_id,
+                proto=frame.proto,
+                bind=frame.bind,
+                options=BindOptions() if options is None else options,
             )
         )
 
@@ -1010,6 +1032,8 @@ class Session:
             status = ResultStatus(frame.status)
         except ValueError:
             status = frame.status
+        if kind == FrameType.AUTH:
+            self._auth_out = False
         if status == ResultStatus.OK:
             if kind == FrameType.AUTH:
                 self.authenticated = True
@@ -1019,13 +1043,9 @@ class Session:
             else:
                 self._bound.discard(tunnel_id)
                 self._unbound.add(tunnel_id)
-        if self._requests_waiting:
-            # One request left the wire: the oldest held-back one takes its place.
-            req_id = next(iter(self._requests_waiting))
-            kind, tunnel_id, raw = self._requests_waiting.pop(req_id)
-            self._requests_out[req_id] = (kind, tunnel_id)
-            self._control.append(raw)
-            self._control_bytes += len(raw)
+        # One request left the wire (and the AUTH's OK ends the pipelining budget): held-back
+        # requests take its place.
+        self._release_requests()
         events.append(
             ResultReceived(
                 req_id=frame.req_id, status=status, message=frame.message, bound=frame.bound
@@ -1162,12 +1182,25 @@ class Session:
         if req_id == 0 or req_id in self._requests_out or req_id in self._requests_waiting:
             raise ValueError(f"request id {req_id} is 0 or already outstanding")
         raw = encode_frame(frame)  # validates before any state changes
-        if len(self._requests_out) >= MAX_OUTSTANDING_REQUESTS:
-            self._requests_waiting[req_id] = (kind, tunnel_id, raw)
-            return
-        self._requests_out[req_id] = (kind, tunnel_id)
-        self._control.append(raw)
-        self._control_bytes += len(raw)
+        self._requests_waiting[req_id] = (kind, tunnel_id, raw)
+        self._release_requests()
+
+    def _release_requests(self) -> None:
+        """Put held-back requests on the wire, oldest first, while the limits allow."""
+        waiting = self._requests_waiting
+        while waiting and len(self._requests_out) < MAX_OUTSTANDING_REQUESTS:
+            req_id = next(iter(waiting))
+            kind, tunnel_id, raw = waiting[req_id]
+            if self._auth_out and kind != FrameType.AUTH:
+                if self._pipelined + len(raw) > PIPELINE_BUDGET:
+                    return  # the rest waits for the AUTH's RESULT
+                self._pipelined += len(raw)
+            elif kind == FrameType.AUTH:
+                self._auth_out = True
+            del waiting[req_id]
+            self._requests_out[req_id] = (kind, tunnel_id)
+            self._control.append(raw)
+            self._control_bytes += len(raw)
 
     def send_auth(self, req_id: int, method: int, credential: bytes) -> None:
         """Client: queue AUTH (normally right after ChallengeReceived).
@@ -1180,18 +1213,34 @@ class Session:
         self._new_request(req_id, FrameType.AUTH, 0, frame)
 
     def send_bind(
-        self, req_id: int, tunnel_id: int, bind: Address, proto: int = TunnelProto.TCP
+        self,
+        req_id: int,
+        tunnel_id: int,
+        bind: Address,
+        proto: int = TunnelProto.TCP,
+        options: BindOptions | None = None,
     ) -> None:
         """Client: queue BIND for a public listener (may be pipelined after AUTH).
 
         While 16 requests are unanswered the BIND waits in the session and goes out when a
         RESULT arrives (spec §7.5); the same holds for ``send_auth`` and ``send_unbind``.
 
+        ``options`` (spec §6.12: allow/deny lists, private NAME, VISIT) need the negotiated
+        minor version 1, so the relay's HELLO must have arrived: it precedes CHALLENGE, and
+        BINDs are sent after AUTH, so a client that binds after ChallengeReceived always
+        knows ``minor``. None sends no options field (the OPTIONS flag clear).
+
         Raises:
-            ValueError: not a client, or ``req_id`` is outstanding.
+            ValueError: not a client, ``req_id`` is outstanding, ``options`` are invalid
+                (nothing is queued), or ``options`` are given and the peer's HELLO has not
+                arrived or the negotiated minor version is below 1.
             SessionClosedError: the session is closed.
         """
-        frame = BindFrame(req_id=req_id, tunnel_id=tunnel_id, proto=proto, flags=0, bind=bind)
+        if options is not None and (not self._hello_received or self.minor < 1):
+            raise ValueError("BIND options need a peer that speaks protocol minor version 1")
+        frame = BindFrame(
+            req_id=req_id, tunnel_id=tunnel_id, proto=proto, bind=bind, options=options
+        )
         self._new_request(req_id, FrameType.BIND, tunnel_id, frame)
 
     def send_unbind(

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Self
 
 from muxtunnel import tls
 from muxtunnel.errors import ErrorCode, ProtocolError
-from muxtunnel.handshake import make_credential, match_token
+from muxtunnel.handshake import make_credential, match_entry
 from muxtunnel.protocol.constants import (
     ALPN,
     MAGIC,
@@ -88,6 +88,7 @@ from muxtunnel.protocol.frames import (
     encode_frame,
 )
 from muxtunnel.protocol.reader import FrameReader
+from muxtunnel.tokens import plaintext_entry
 
 from .procs import HarnessError
 
@@ -697,7 +698,9 @@ class RelayPeer(FramePeer):
         self.send(MAGIC, hello(Role.SERVER), challenge(nonce))
         found, _ = self.wait_for(_is(AuthFrame), timeout=timeout, what="AUTH")
         assert isinstance(found, AuthFrame)
-        ok = token is None or match_token([token], nonce, found.credential) is not None
+        ok = token is None or (
+            match_entry([plaintext_entry(token)], found.method, nonce, found.credential) is not None
+        )
         if not ok:
             self.send(
                 result(found.req_id, ResultStatus.AUTH_FAILED, "authentication failed"),

@@ -27,6 +27,7 @@ import functools
 import json
 import pickle
 import re
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,6 +35,7 @@ from muxtunnel.errors import ErrorCode, MuxtunnelError, ProtocolError
 from muxtunnel.protocol.constants import (
     HEADER_SIZE,
     MAGIC,
+    PROTOCOL_MINOR,
     AuthMethod,
     FrameType,
     OpenFailReason,
@@ -64,6 +66,7 @@ from muxtunnel.protocol.frames import (
     Address,
     AuthFrame,
     BindFrame,
+    BindOptions,
     ChallengeFrame,
     CloseFrame,
     Frame,
@@ -238,6 +241,14 @@ _ADDRESSES = (
     Address("2001:db8::17", 60000),
     Address("db.internal.example", 5432),
 )
+_OPTIONS = (
+    BindOptions(),
+    BindOptions(allow=(IPv4Network("198.51.100.0/24"),), deny=(IPv6Network("2001:db8::/32"),)),
+    BindOptions(name="ssh.home"),
+    BindOptions(visit="ssh.home"),
+    BindOptions(unknown=(0x42,)),
+)
+NONE = _ADDRESSES[0]
 _CODES = tuple(ErrorCode)
 _FRAME_TYPES = (
     0x00,
@@ -266,7 +277,7 @@ def _hello(role: Role, settings: Settings | None) -> bytes:
     if settings is None:
         settings = Settings(max_concurrent_streams=0) if role == Role.SERVER else Settings()
     return encode_frame(
-        HelloFrame(major=1, minor=0, role=role, flags=0, settings=settings.to_pairs())
+        HelloFrame(major=1, minor=PROTOCOL_MINOR, role=role, flags=0, settings=settings.to_pairs())
     )
 
 
@@ -661,11 +672,15 @@ class SessionHarness:
         elif kind == 9 and p.byte() == 0:
             frame = CloseFrame(error_code=p.pick(_CODES), message="c")
         elif kind == 10 and self.role == Role.SERVER:
-            which = p.byte() % 3
+            which = p.byte() % 4
             req_id = p.byte()
             if which == 0:
                 frame = BindFrame(
                     req_id=req_id, tunnel_id=p.byte(), proto=1, flags=0, bind=p.pick(_ADDRESSES)
+                )
+            elif which == 3:  # BIND with options (minor version 1, §6.12)
+                frame = BindFrame(
+                    req_id=req_id, tunnel_id=p.byte(), proto=1, bind=NONE, options=p.pick(_OPTIONS)
                 )
             elif which == 1:
                 frame = UnbindFrame(req_id=req_id, tunnel_id=p.byte(), error_code=0)

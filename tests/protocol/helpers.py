@@ -133,12 +133,14 @@ def data_frame(stream_id: int, payload: bytes, *, fin: bool = False, flags: int 
     return bytes(header) + payload
 
 
-def hello_bytes(role: Role, settings: Settings | None = None, *, major: int = 1) -> bytes:
-    """A HELLO frame as ``role`` would send it."""
+def hello_bytes(
+    role: Role, settings: Settings | None = None, *, major: int = 1, minor: int = 0
+) -> bytes:
+    """A HELLO frame as ``role`` would send it (minor 0 by default: the oldest peer)."""
     if settings is None:
         settings = Settings(max_concurrent_streams=0) if role == Role.SERVER else Settings()
     return encode_frame(
-        HelloFrame(major=major, minor=0, role=role, flags=0, settings=settings.to_pairs())
+        HelloFrame(major=major, minor=minor, role=role, flags=0, settings=settings.to_pairs())
     )
 
 

@@ -70,7 +70,7 @@ def test_handshake_events_and_output() -> None:
     assert [f[0] for f in parse_frames(wire)] == [FrameType.HELLO]
     assert not client.wants_write()
     pair = SessionPair()
-    assert pair.server_log[0] == HelloReceived(settings=Settings(), minor=0)
+    assert pair.server_log[0] == HelloReceived(settings=Settings(), minor=1)
     assert pair.server.peer_settings == Settings()
     assert pair.client.peer_settings == Settings(max_concurrent_streams=0)
 
@@ -238,7 +238,12 @@ def test_case8_major_version_mismatch_and_minor() -> None:
     server = fresh_server()
     hello = encode_frame(HelloFrame(major=1, minor=7, role=Role.CLIENT))
     events = server.receive_data(MAGIC + hello)
-    assert events == [HelloReceived(settings=Settings(), minor=0)]
+    assert events == [HelloReceived(settings=Settings(), minor=1)]  # min(ours = 1, 7)
+    assert server.minor == 1
+    server = fresh_server()
+    hello = encode_frame(HelloFrame(major=1, minor=0, role=Role.CLIENT))
+    events = server.receive_data(MAGIC + hello)
+    assert events == [HelloReceived(settings=Settings(), minor=0)]  # an older peer
     assert server.minor == 0
 
 
@@ -338,7 +343,11 @@ def test_held_frames_accumulate_until_answer() -> None:
 
 @pytest.mark.parametrize(
     ("method", "credential", "status"),
-    [(2, bytes(64), ResultStatus.UNSUPPORTED_METHOD), (1, bytes(63), ResultStatus.MALFORMED)],
+    [
+        (3, bytes(64), ResultStatus.UNSUPPORTED_METHOD),
+        (1, bytes(63), ResultStatus.MALFORMED),
+        (2, bytes(65), ResultStatus.MALFORMED),
+    ],
 )
 def test_auth_method_and_credential_checked_by_core(
     method: int, credential: bytes, status: ResultStatus

@@ -14,6 +14,7 @@ error code has the vector's name, judged with the default limits and no session 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -23,11 +24,20 @@ from typing import Any
 import pytest
 
 from muxtunnel.errors import ErrorCode, ProtocolError
-from muxtunnel.protocol.constants import FLAG_ACK, FLAG_FIN, PROTOCOL_MAJOR, FrameType
+from muxtunnel.protocol.constants import (
+    FLAG_ACK,
+    FLAG_FIN,
+    MAGIC,
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    FrameType,
+    Role,
+)
 from muxtunnel.protocol.frames import (
     Address,
     AuthFrame,
     BindFrame,
+    BindOptions,
     ChallengeFrame,
     CloseFrame,
     DataFrame,
@@ -48,6 +58,7 @@ from muxtunnel.protocol.frames import (
     encode_frame,
 )
 from muxtunnel.protocol.reader import FrameReader
+from muxtunnel.protocol.session import Session
 
 SPEC = Path(__file__).resolve().parents[2] / "protocol-spec.md"
 FENCE = "```json muxtunnel-vectors"
@@ -109,7 +120,24 @@ def _address(value: dict[str, Any] | None) -> Address | None:
     return Address(value["host"], value["port"])
 
 
+def _options(value: dict[str, Any] | None) -> BindOptions | None:
+    """A BIND's ``options``: null (no OPTIONS flag) or an object with every BindOptions field."""
+    if value is None:
+        return None
+    names = {f.name for f in dataclasses.fields(BindOptions)}
+    assert set(value) == names, f"options fields {sorted(value)} != {sorted(names)}"
+    return BindOptions(
+        allow=tuple(ipaddress.ip_network(n) for n in value["allow"]),
+        deny=tuple(ipaddress.ip_network(n) for n in value["deny"]),
+        name=value["name"],
+        visit=value["visit"],
+        unknown=tuple(value["unknown"]),
+    )
+
+
 def _field(name: str, value: Any) -> Any:
+    if name == "options":
+        return _options(value)
     if name in BYTES_FIELDS:
         return bytes.fromhex(value)
     if name in ADDRESS_FIELDS:
@@ -274,3 +302,75 @@ def test_oversize_length_is_rejected_on_the_header(vector: dict[str, Any]) -> No
 
 def test_header_only_vectors_exist() -> None:
     assert {v["name"] for v in HEADER_ONLY} >= {"oversize-data-header-only"}
+
+
+# ---------------------------------------------------------------------------------------
+# Minor version 1: BIND options, private and visit tunnels (spec §6.12, §7.2, §9.2)
+
+
+def test_minor_1_vectors_exist() -> None:
+    names = {v["name"]: v for v in VECTORS}
+    valid = {"bind-options-allow-deny", "bind-private-name", "bind-visit", "bind-unknown-option"}
+    valid |= {"result-private-ok", "open-visit"}
+    assert valid <= {n for n, v in names.items() if v["kind"] == "valid"}
+    invalid = {n for n, v in names.items() if v["kind"] == "invalid" and n.startswith("bind-")}
+    assert len(invalid) >= 8
+    kinds = {
+        kind
+        for v in VALID
+        if v["frame"]["type"] == "BIND" and v["frame"]["options"]
+        for kind, value in v["frame"]["options"].items()
+        if value
+    }
+    assert kinds == {"allow", "deny", "name", "visit", "unknown"}
+    assert names["open-visit"]["frame"]["stream_id"] % 2 == 1  # client-opened
+
+
+@pytest.mark.parametrize(
+    ("name", "role"),
+    [("hello-client-defaults", Role.CLIENT), ("hello-server-minimal", Role.SERVER)],
+)
+def test_hello_vectors_are_what_a_session_sends(name: str, role: Role) -> None:
+    """A default session's first bytes: MAGIC, then exactly the vector (minor version 1)."""
+    vector = next(v for v in VECTORS if v["name"] == name)
+    sent = Session(role).data_to_send()
+    assert sent[: len(MAGIC)] == MAGIC
+    hello = bytes.fromhex(vector["hex"])
+    if role == Role.CLIENT:
+        assert sent[len(MAGIC) :] == hello
+    else:  # the relay's HELLO has every setting; the vector only the one that differs
+        (frame,), _ = _decode(sent[len(MAGIC) :], _whole)
+        assert isinstance(frame, HelloFrame)
+        assert frame.minor == vector["frame"]["minor"] == PROTOCOL_MINOR
+        assert dict(frame.settings)[4] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# AUTH credentials (spec §7.1)
+
+AUTH_VECTORS = [v for v in VALID if "auth" in v]
+
+
+def test_auth_vectors_cover_both_methods() -> None:
+    assert sorted(v["frame"]["method"] for v in AUTH_VECTORS) == [1, 2]
+
+
+@pytest.mark.parametrize("vector", AUTH_VECTORS, ids=_ids(AUTH_VECTORS))
+def test_auth_vector_credential(vector: dict[str, Any]) -> None:
+    """The credential is what §7.1 computes from the token and both nonces, and it checks."""
+    from muxtunnel.protocol import auth
+
+    frame = vector["frame"]
+    token = vector["auth"]["token"]
+    server_nonce = bytes.fromhex(vector["auth"]["server_nonce"])
+    credential = bytes.fromhex(frame["credential"])
+    client_nonce = credential[:32]
+    if frame["method"] == 1:
+        assert auth.hmac_credential(token, server_nonce, client_nonce) == credential
+        assert auth.check_mac([None, "other", token], server_nonce, credential) == 2
+    else:
+        stored = bytes.fromhex(vector["auth"]["stored_key"])
+        assert auth.stored_key(token) == stored
+        assert auth.stored_key_credential(token, server_nonce, client_nonce) == credential
+        assert auth.check_proof([bytes(32), stored], server_nonce, credential) == 1
+        assert auth.check_proof([stored], bytes(32), credential) is None

@@ -1,0 +1,624 @@
+"""The local admin endpoint (``GET /status``) and its client, used by ``muxtunnel status``.
+
+The relay and the client each serve their :class:`~muxtunnel.stats.Stats` snapshot as JSON over
+minimal HTTP/1.0 (so ``curl --unix-socket SOCK http://x/status`` works too). By default the
+endpoint is a Unix socket in the state dir, in a ``admin/`` directory of mode 0700:
+``admin/relay.sock`` for the relay, ``admin/client-<PID>.sock`` for each client, so a relay and
+clients sharing one state dir never collide. The socket is made 0600 before ``listen`` (no
+window where another user could connect) and removed on exit; a stale socket (no listener) in
+its place is removed. A TCP address is used only when asked (``--admin HOST:PORT``).
+
+Requests are bounded (:data:`MAX_REQUEST` bytes, :data:`READ_TIMEOUT` seconds, at most
+:data:`MAX_CLIENTS` at once): hostile local input gets an error status, never a hang or a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from muxtunnel._version import __version__
+from muxtunnel.config import format_host_port, parse_host_port
+from muxtunnel.errors import ConfigError, MuxtunnelError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from muxtunnel.stats import Stats
+
+__all__ = [
+    "ADMIN_AUTO",
+    "ADMIN_OFF",
+    "AdminAddress",
+    "AdminError",
+    "StatusError",
+    "admin_dir",
+    "default_address",
+    "discover",
+    "parse_admin",
+    "query_status",
+    "resolve_admin",
+    "serve_admin",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``--admin`` value for the default Unix socket in the state dir.
+ADMIN_AUTO: Final = "auto"
+#: ``--admin`` value that turns the endpoint off.
+ADMIN_OFF: Final = "off"
+#: Directory in the state dir holding the admin sockets.
+ADMIN_DIR_NAME: Final = "admin"
+#: Largest request head accepted (bytes); more gets 431.
+MAX_REQUEST: Final = 4096
+#: Seconds a connection may take to send its request; then 408.
+READ_TIMEOUT: Final = 5.0
+#: Admin connections served at once; more are closed at once.
+MAX_CLIENTS: Final = 16
+#: Longest Unix socket path the kernel accepts (``sun_path`` minus the NUL).
+MAX_SOCKET_PATH: Final = 107
+#: After an error answer, input read and dropped before closing (bytes, seconds).
+LINGER_BYTES: Final = 65536
+LINGER_TIME: Final = 1.0
+#: Timeout of one status query (connect, request, answer).
+QUERY_TIMEOUT: Final = 5.0
+#: Largest status answer the client reads (bytes).
+MAX_ANSWER: Final = 16 * 1024 * 1024
+
+
+class AdminError(ConfigError):
+    """The admin endpoint cannot be set up (one readable line)."""
+
+
+class StatusError(MuxtunnelError):
+    """An admin endpoint cannot be queried, or none is running (one readable line)."""
+
+
+class StaleEndpointError(StatusError):
+    """Nothing listens on the admin socket (a process that did not remove it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAddress:
+    """A Unix socket path, or a TCP host and port."""
+
+    path: Path | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else format_host_port(self.host, self.port)
+
+
+def parse_admin(value: str, what: str = "--admin") -> AdminAddress:
+    """``PATH`` or ``HOST:PORT`` as an address: a value with ``/`` (or no ``:``) is a path.
+
+    Raises:
+        ConfigError: ``HOST:PORT`` with an invalid port, or an empty value.
+    """
+    text = value.strip()
+    if not text:
+        raise ConfigError(f"{what}: expected PATH, HOST:PORT or off")
+    if "/" in text or ":" not in text:
+        return AdminAddress(path=Path(text).expanduser())
+    host, port = parse_host_port(text, what, allow_zero=True)
+    return AdminAddress(host=host, port=port)
+
+
+def admin_dir(state_dir: Path) -> Path:
+    """The directory of the default admin sockets."""
+    return state_dir / ADMIN_DIR_NAME
+
+
+def default_address(state_dir: Path, role: str, pid: int | None = None) -> AdminAddress:
+    """``<state-dir>/admin/relay.sock`` or ``<state-dir>/admin/client-<PID>.sock``."""
+    name = "relay.sock" if role == "relay" else f"{role}-{os.getpid() if pid is None else pid}.sock"
+    return AdminAddress(path=admin_dir(state_dir) / name)
+
+
+def resolve_admin(value: str | None, state_dir: Path, role: str) -> AdminAddress | None:
+    """The address ``--admin`` asks for (None: off); ``auto`` is the default socket."""
+    if value is None or value == ADMIN_OFF:
+        return None
+    if value == ADMIN_AUTO:
+        return default_address(state_dir, role)
+    return parse_admin(value)
+
+
+# --------------------------------------------------------------------------------------------
+# server
+
+
+def _is_live(path: Path) -> bool:
+    """True if a process listens on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _remove_dead_clients(directory: Path) -> None:
+    """Remove ``client-<PID>.sock`` files whose process no longer exists."""
+    with contextlib.suppress(OSError):
+        for entry in directory.glob("client-*.sock"):
+            pid_text = entry.name[len("client-") : -len(".sock")]
+            if not pid_text.isdigit():
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            except OSError:
+                pass
+
+
+def _bind_unix(path: Path, *, default: bool) -> tuple[socket.socket, os.stat_result]:
+    """A listening Unix socket at ``path``, mode 0600 before ``listen``."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise AdminError(
+            f"admin socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
+            "pass a shorter --admin PATH (or --admin off)"
+        )
+    if default:
+        try:
+            path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(path.parent, 0o700)
+        except OSError as exc:
+            raise AdminError(
+                f"cannot create the admin directory {path.parent}: {exc.strerror or exc}"
+            ) from None
+        _remove_dead_clients(path.parent)
+    if path.is_socket() or path.exists():
+        if not path.is_socket():
+            raise AdminError(f"admin socket {path}: a file that is not a socket is in the way")
+        if _is_live(path):
+            raise AdminError(
+                f"admin socket {path} is in use by another running muxtunnel "
+                "(pass --admin PATH or --admin off)"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale: nobody listens
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)  # before listen: nobody can connect yet
+        sock.listen(MAX_CLIENTS)
+        st = os.stat(path)
+    except OSError as exc:
+        sock.close()
+        raise AdminError(f"cannot listen on admin socket {path}: {exc.strerror or exc}") from None
+    return sock, st
+
+
+async def serve_admin(
+    address: AdminAddress,
+    stats: Stats,
+    info: Mapping[str, object] | None = None,
+    *,
+    default: bool = False,
+    task_status: trio.TaskStatus[AdminAddress | None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /status`` on ``address`` until cancelled (the socket file is removed then).
+
+    ``info`` is added to every snapshot (e.g. the relay's listen address). ``default`` marks the
+    state dir's own socket: its directory is created, and if the socket cannot be set up the
+    process goes on without it (a warning; ``task_status.started`` gets None). Otherwise
+    ``task_status.started`` gets the bound address (the real port for ``HOST:0``).
+
+    Raises:
+        AdminError: An address that was asked for cannot be set up.
+    """
+    extra = dict(info or {})
+    path = address.path
+    listeners: list[trio.SocketListener] = []
+    st: os.stat_result | None = None
+    if path is not None:
+        try:
+            raw, st = _bind_unix(path, default=default)
+        except AdminError as exc:
+            if not default:
+                raise
+            logger.warning(
+                "no admin endpoint (muxtunnel status will not see this process): %s", exc
+            )
+            task_status.started(None)
+            return
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(raw)))
+        bound = address
+    else:
+        try:
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host or None)
+        except OSError as exc:
+            raise AdminError(
+                f"cannot listen on admin address {address}: {exc.strerror or exc}"
+            ) from None
+        sockname = listeners[0].socket.getsockname()
+        bound = AdminAddress(host=str(sockname[0]), port=int(sockname[1]))
+    extra["admin"] = str(bound)
+    limiter = trio.CapacityLimiter(MAX_CLIENTS)
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, listener, stats, extra, limiter)
+            logger.debug("admin endpoint on %s", bound)
+            task_status.started(bound)
+    finally:
+        for listener in listeners:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(listener)
+        if path is not None and st is not None:
+            _unlink_if_ours(path, st)
+
+
+def _unlink_if_ours(path: Path, st: os.stat_result) -> None:
+    """Remove the socket file unless another process has replaced it meanwhile."""
+    with contextlib.suppress(OSError):
+        now = os.stat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            path.unlink()
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    stats: Stats,
+    extra: Mapping[str, object],
+    limiter: trio.CapacityLimiter,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                conn = await listener.accept()
+            except OSError as exc:
+                logger.warning("admin endpoint: accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            try:
+                limiter.acquire_on_behalf_of_nowait(conn)
+            except trio.WouldBlock:
+                await trio.aclose_forcefully(conn)
+                continue
+            nursery.start_soon(_serve_one, conn, stats, extra, limiter)
+
+
+_REASONS: Final = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
+
+
+def _response(code: int, body: bytes, content_type: str) -> bytes:
+    head = (
+        f"HTTP/1.0 {code} {_REASONS[code]}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def _error(code: int, message: str) -> bytes:
+    body = json.dumps({"error": message}).encode() + b"\n"
+    return _response(code, body, "application/json")
+
+
+async def _read_head(conn: trio.SocketStream) -> bytes | int | None:
+    """The request head, an HTTP error code (400, 408, 431), or None (closed, nothing sent)."""
+    data = b""
+    with trio.move_on_after(READ_TIMEOUT):
+        while b"\r\n\r\n" not in data and b"\n\n" not in data:
+            if len(data) > MAX_REQUEST:
+                return 431
+            chunk = await conn.receive_some(MAX_REQUEST + 1)
+            if not chunk:
+                return 400 if data else None
+            data += chunk
+        return data
+    return 408
+
+
+def answer(head: bytes, stats: Stats, extra: Mapping[str, object]) -> bytes:
+    """The full HTTP response to request ``head`` (pure: no I/O)."""
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return _error(400, "malformed request line")
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if target not in (b"/status", b"/"):
+        return _error(404, "unknown path; try GET /status")
+    if method not in (b"GET", b"HEAD"):
+        return _error(405, "only GET is supported")
+    snapshot: dict[str, Any] = stats.snapshot()
+    snapshot.update(extra)
+    snapshot["pid"] = os.getpid()
+    snapshot["version"] = __version__
+    body = json.dumps(snapshot, indent=1).encode() + b"\n"
+    response = _response(200, body, "application/json")
+    if method == b"HEAD":
+        return response[: len(response) - len(body)]
+    return response
+
+
+async def _linger(conn: trio.SocketStream) -> None:
+    """After an error answer: FIN, then read and drop what the client still sends (bounded),
+    so closing does not reset the connection before the client has read the answer."""
+    await conn.send_eof()
+    left = LINGER_BYTES
+    with trio.move_on_after(LINGER_TIME):
+        while left > 0:
+            chunk = await conn.receive_some(min(left, 65536))
+            if not chunk:
+                return
+            left -= len(chunk)
+
+
+async def _serve_one(
+    conn: trio.SocketStream,
+    stats: Stats,
+    extra: Mapping[str, object],
+    limiter: trio.CapacityLimiter,
+) -> None:
+    try:
+        head = await _read_head(conn)
+        if head is None:
+            return
+        response = _error(head, _REASONS[head]) if isinstance(head, int) else None
+        if response is None:
+            assert isinstance(head, bytes)
+            try:
+                response = answer(head, stats, extra)
+            except Exception:
+                logger.exception("admin endpoint: internal error")
+                response = _error(500, "internal error")
+        with trio.move_on_after(READ_TIMEOUT):
+            await conn.send_all(response)
+            if isinstance(head, int):
+                await _linger(conn)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        limiter.release_on_behalf_of(conn)
+        await trio.aclose_forcefully(conn)
+
+
+# --------------------------------------------------------------------------------------------
+# client
+
+
+def discover(state_dir: Path) -> list[AdminAddress]:
+    """The admin sockets in ``state_dir``: the relay's first, then clients by PID."""
+    directory = admin_dir(state_dir)
+    try:
+        found = [p for p in directory.iterdir() if p.name.endswith(".sock") and p.is_socket()]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StatusError(f"cannot read {directory}: {exc.strerror or exc}") from None
+
+    def order(p: Path) -> tuple[int, int, str]:
+        pid = p.name[len("client-") : -len(".sock")]
+        return (p.name != "relay.sock", int(pid) if pid.isdigit() else 0, p.name)
+
+    return [AdminAddress(path=p) for p in sorted(found, key=order)]
+
+
+async def query_status(address: AdminAddress) -> dict[str, Any]:
+    """``GET /status`` from the endpoint at ``address``.
+
+    Raises:
+        StatusError: Nothing listens there, or the answer is not a status snapshot.
+    """
+    timeout = QUERY_TIMEOUT
+    try:
+        with trio.fail_after(timeout):
+            if address.path is not None:
+                stream = await trio.open_unix_socket(str(address.path))
+            else:
+                stream = await trio.open_tcp_stream(address.host, address.port)
+            async with stream:
+                await stream.send_all(b"GET /status HTTP/1.0\r\nHost: muxtunnel\r\n\r\n")
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                    if len(data) > MAX_ANSWER:
+                        raise StatusError(f"{address}: answer too large")
+    except trio.TooSlowError:
+        raise StatusError(f"{address}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            raise StaleEndpointError(f"{address}: nothing listens there (not running?)") from None
+        raise StatusError(f"{address}: {exc.strerror or exc}") from None
+    head, sep, body = data.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
+    if not sep or not status_line.startswith("HTTP/1.") or " 200 " not in f"{status_line} ":
+        raise StatusError(f"{address}: not a muxtunnel admin endpoint ({status_line[:80]!r})")
+    try:
+        snapshot = json.loads(body)
+    except ValueError:
+        raise StatusError(f"{address}: the answer is not JSON") from None
+    if not isinstance(snapshot, dict) or "sessions" not in snapshot:
+        raise StatusError(f"{address}: the answer is not a muxtunnel status")
+    return snapshot
+
+
+def socket_mode(path: Path) -> int:
+    """The permission bits of ``path`` (for checks and tests)."""
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+# --------------------------------------------------------------------------------------------
+# rendering (``muxtunnel status``)
+
+
+def format_bytes(n: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``3.2 MiB`` ..."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``5m03s``, ``2h05m``, ``3d04h``."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _rtt_text(rtt: object) -> str:
+    return f"{float(rtt) * 1000:.1f} ms" if isinstance(rtt, int | float) else "-"
+
+
+def _counter_name(key: str) -> str:
+    """``dial_failures:CONNECT_FAILED`` -> ``dial failures CONNECT_FAILED``."""
+    kind, _, detail = key.partition(":")
+    return f"{kind.replace('_', ' ')} {detail}".rstrip()
+
+
+def status_tables(snapshot: Mapping[str, Any], *, boxed: bool, now: float) -> list[Any]:
+    """Rich renderables for one endpoint's snapshot: a title line and the table."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    role = str(snapshot.get("role", "?"))
+    where = snapshot.get("listen") or snapshot.get("relay") or ""
+    title = Text(
+        f"{role} {where}".rstrip()
+        + f"  (pid {snapshot.get('pid', '?')}, up {format_age(float(snapshot.get('uptime', 0)))}"
+        + f", admin {snapshot.get('admin', '?')})",
+        style="bold",
+    )
+    table = Table(box=box.SIMPLE_HEAD if boxed else None, pad_edge=False, show_edge=False)
+    for name, justify in (
+        ("PEER", "left"),
+        ("TOKEN", "left"),
+        ("SINCE", "left"),
+        ("RTT", "right"),
+        ("PUBLIC", "left"),
+        ("LOCAL", "left"),
+        ("STATE", "left"),
+        ("OPEN", "right"),
+        ("TOTAL", "right"),
+        ("IN", "right"),
+        ("OUT", "right"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for session in snapshot.get("sessions", []):
+        since = float(session.get("since", now))
+        connected = f"{format_age(now - since)} ago"
+        if session.get("state", "up") != "up":  # a client between sessions
+            connected = str(session["state"])
+            if isinstance(session.get("retry_at"), int | float):
+                connected += f" (retry in {format_age(float(session['retry_at']) - now)})"
+        head = [
+            str(session.get("peer", "?")),
+            str(session.get("token") or "-"),
+            connected,
+            _rtt_text(session.get("rtt")),
+        ]
+        tunnels = session.get("tunnels", [])
+        if not tunnels:
+            table.add_row(*head, "-", "", "", "", "", "", "")
+        for i, tunnel in enumerate(tunnels):
+            state = str(tunnel.get("state", "?"))
+            if tunnel.get("last_error") and state != "up":
+                state += f" ({tunnel['last_error']})"
+            table.add_row(
+                *(head if i == 0 else ["", "", "", ""]),
+                str(tunnel.get("public", "?")),
+                str(tunnel.get("local") or "-"),
+                state,
+                str(tunnel.get("open", 0)),
+                str(tunnel.get("total", 0)),
+                format_bytes(int(tunnel.get("bytes_in", 0))),
+                format_bytes(int(tunnel.get("bytes_out", 0))),
+            )
+    totals = snapshot.get("totals", {})
+    table.add_section()
+    table.add_row(
+        f"total: {totals.get('sessions', 0)} sessions",
+        "",
+        "",
+        "",
+        f"{totals.get('tunnels', 0)} tunnels",
+        "",
+        "",
+        str(totals.get("streams_open", 0)),
+        str(totals.get("streams_total", 0)),
+        format_bytes(int(totals.get("bytes_in", 0))),
+        format_bytes(int(totals.get("bytes_out", 0))),
+        style="bold",
+    )
+    out: list[Any] = [title, table]
+    counters = {k: v for k, v in snapshot.get("counters", {}).items() if k != "sessions_total"}
+    if totals.get("refused"):
+        counters["refused"] = totals["refused"]
+    if counters:
+        out.append(Text(", ".join(f"{_counter_name(k)}: {v}" for k, v in counters.items())))
+    return out
+
+
+async def query_all(
+    addresses: list[AdminAddress],
+) -> tuple[list[dict[str, Any]], list[StatusError]]:
+    """Query every address at once: the snapshots (in order) and the errors."""
+    results: list[dict[str, Any] | StatusError | None] = [None] * len(addresses)
+
+    async def one(i: int, address: AdminAddress) -> None:
+        try:
+            results[i] = await query_status(address)
+        except StatusError as exc:
+            results[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i, address in enumerate(addresses):
+            nursery.start_soon(one, i, address)
+    snapshots = [r for r in results if isinstance(r, dict)]
+    errors = [r for r in results if isinstance(r, StatusError)]
+    return snapshots, errors
+
+
+def print_status(snapshots: list[dict[str, Any]]) -> None:
+    """Print the status tables to stdout: boxed on a terminal, plain columns otherwise."""
+    import sys
+    import time
+
+    from rich.console import Console
+
+    tty = sys.stdout.isatty()
+    console = Console(width=None if tty else 200, soft_wrap=not tty)
+    now = time.time()
+    for i, snapshot in enumerate(snapshots):
+        if i:
+            console.print()
+        for renderable in status_tables(snapshot, boxed=tty, now=now):
+            console.print(renderable)
