@@ -474,6 +474,9 @@ def server(
         _setup_logging(values, log_level, log_format)
         return fresh
 
+    # SIGHUP reloads once the relay runs (muxtunnel.reload); until its handler is installed a
+    # SIGHUP (an eager `systemctl reload`) is ignored instead of killing the relay.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _run_async(
         lambda shutdown: serve(cfg, shutdown=shutdown, report=out, reload_config=reload_config)
     )

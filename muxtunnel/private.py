@@ -40,7 +40,7 @@ from muxtunnel.connection import (
 from muxtunnel.errors import ErrorCode
 from muxtunnel.logsafe import peer_text
 from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamPolicy
-from muxtunnel.protocol.constants import OpenFailReason, ResultStatus, TunnelProto
+from muxtunnel.protocol.constants import OpenFailReason, ResultStatus
 from muxtunnel.protocol.frames import Address
 from muxtunnel.relaypolicy import StreamLimits
 
@@ -160,21 +160,11 @@ class PrivateTunnels:
     async def _bind(self, rs: RelaySession, event: BindRequested) -> tuple[ResultStatus, str]:
         options = event.options
         config = self.relay.config
-        if rs.draining:
-            return ResultStatus.DENIED, "relay is shutting down"
-        if event.proto != TunnelProto.TCP:
-            return ResultStatus.UNSUPPORTED_PROTO, f"protocol {event.proto} is not supported"
-        if options.unknown:
-            return ResultStatus.MALFORMED, f"unsupported BIND option 0x{options.unknown[0]:02x}"
+        common = rs.bind_precheck(event)
+        if common is not None:
+            return common
         if options.visit is not None and (options.allow or options.deny):
             return ResultStatus.MALFORMED, "ALLOW and DENY do not apply to a VISIT bind"
-        if event.tunnel_id in rs.tunnels or self.owns(rs, event.tunnel_id):
-            return ResultStatus.DUPLICATE_TUNNEL, f"tunnel {event.tunnel_id} is already bound"
-        if len(rs.tunnels) + self.count(rs) >= config.max_tunnels_per_client:
-            return (
-                ResultStatus.LIMIT_REACHED,
-                f"at most {config.max_tunnels_per_client} tunnels per client",
-            )
         token = rs.token
         limit = token.policy.max_tunnels
         if limit is None:

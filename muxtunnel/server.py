@@ -229,6 +229,32 @@ class RelaySession:
             elif isinstance(event, UnbindReceived):
                 self._unbind(event)
 
+    def bind_precheck(self, event: BindRequested) -> tuple[ResultStatus, str] | None:
+        """The checks every BIND gets first, in the order of protocol-spec.md §7.2 item 4
+        (public, private and visit binds alike); the refusal, or None."""
+        config = self.relay.config
+        tunnel_id = event.tunnel_id
+        if self.draining:
+            return ResultStatus.DENIED, "relay is shutting down"
+        if tunnel_id == 0:
+            return ResultStatus.MALFORMED, "tunnel id 0 is reserved"
+        if tunnel_id in self.tunnels or self.relay.private.owns(self, tunnel_id):
+            return ResultStatus.DUPLICATE_TUNNEL, f"tunnel {tunnel_id} is already bound"
+        if event.proto != TunnelProto.TCP:
+            return ResultStatus.UNSUPPORTED_PROTO, f"protocol {event.proto} is not supported"
+        if event.options.unknown:
+            # Never ignored: a dropped option could be a visitor rule (protocol-spec.md §6.12).
+            return (
+                ResultStatus.MALFORMED,
+                f"unsupported BIND option 0x{event.options.unknown[0]:02x}",
+            )
+        if len(self.tunnels) + self.relay.private.count(self) >= config.max_tunnels_per_client:
+            return (
+                ResultStatus.LIMIT_REACHED,
+                f"at most {config.max_tunnels_per_client} tunnels per client",
+            )
+        return None
+
     async def _bind(self, event: BindRequested, nursery: trio.Nursery) -> None:
         if event.options.private:
             # NAME / VISIT: no public listener (muxtunnel.private answers).
@@ -241,29 +267,9 @@ class RelaySession:
         options = event.options
         status: ResultStatus
         lease: PortLease | None = None
-        if self.draining:
-            status, message = ResultStatus.DENIED, "relay is shutting down"
-        elif options.unknown:
-            # Never ignored: a dropped option could be a visitor rule (protocol-spec.md §6.12).
-            status, message = (
-                ResultStatus.MALFORMED,
-                f"unsupported BIND option 0x{options.unknown[0]:02x}",
-            )
-        elif event.proto != TunnelProto.TCP:
-            status, message = (
-                ResultStatus.UNSUPPORTED_PROTO,
-                f"protocol {event.proto} is not supported",
-            )
-        elif event.tunnel_id in self.tunnels or self.relay.private.owns(self, event.tunnel_id):
-            status, message = (
-                ResultStatus.DUPLICATE_TUNNEL,
-                f"tunnel {event.tunnel_id} is already bound",
-            )
-        elif len(self.tunnels) + self.relay.private.count(self) >= config.max_tunnels_per_client:
-            status, message = (
-                ResultStatus.LIMIT_REACHED,
-                f"at most {config.max_tunnels_per_client} tunnels per client",
-            )
+        common = self.bind_precheck(event)
+        if common is not None:
+            status, message = common
         elif not policy.port_allowed(event.bind.port):
             status, message = (
                 ResultStatus.DENIED,

@@ -198,16 +198,18 @@ async def _visit_from(source: str, port: int, payload: bytes) -> bytes:
     """Connect from ``source`` to 127.0.0.1:port, send, half-close, read until EOF or reset."""
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     await sock.bind((source, 0))
-    await sock.connect(("127.0.0.1", port))
     received = bytearray()
-    async with trio.SocketStream(sock) as stream:
-        try:
+    try:
+        await sock.connect(("127.0.0.1", port))
+        async with trio.SocketStream(sock) as stream:
             await stream.send_all(payload)
             await stream.send_eof()
             while chunk := await stream.receive_some(65536):
                 received += chunk
-        except trio.BrokenResourceError:  # reset by the relay
-            pass
+    except (trio.BrokenResourceError, OSError):  # reset by the relay, at any step
+        pass
+    finally:
+        sock.close()
     return bytes(received)
 
 

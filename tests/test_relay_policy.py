@@ -411,6 +411,39 @@ async def test_unknown_bind_option_is_malformed(nursery: trio.Nursery, tmp_path:
     await conn.aclose()
 
 
+async def test_bind_checks_follow_the_spec_order(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """protocol-spec.md §7.2 item 4: tunnel id 0, a duplicate id, the protocol, then the
+    options; the first failing check answers, public and private binds alike."""
+    relay = await start_relay(nursery, tmp_path)
+    tcp = await trio.open_tcp_stream("127.0.0.1", relay.info.port)
+    stream = trio.SSLStream(tcp, client_ssl_context(None), server_hostname="127.0.0.1")
+    conn = MuxConnection(stream, make_session(Role.CLIENT), name="raw")
+    await nursery.start(conn.run)
+    assert await client_handshake(conn, TOKEN, [(1, 0, None)]) != []
+    odd = BindOptions(unknown=(0x7E,))
+    requests = [
+        (10, 0, 2, odd, ResultStatus.MALFORMED, "tunnel id 0 is reserved"),
+        (11, 1, 2, odd, ResultStatus.DUPLICATE_TUNNEL, "tunnel 1 is already bound"),
+        (12, 2, 2, odd, ResultStatus.UNSUPPORTED_PROTO, "protocol 2 is not supported"),
+        (13, 3, 1, odd, ResultStatus.MALFORMED, "unsupported BIND option 0x7e"),
+        (14, 0, 1, BindOptions(name="ssh-home"), ResultStatus.MALFORMED, "tunnel id 0"),
+        (15, 1, 1, BindOptions(visit="x"), ResultStatus.DUPLICATE_TUNNEL, "already bound"),
+    ]
+    for req_id, tunnel_id, proto, options, _, _ in requests:
+        conn.session.send_bind(req_id, tunnel_id, Address(None, 0), proto, options=options)
+    conn.wake_writer()
+    answers = {}
+    with trio.fail_after(10):
+        while len(answers) < len(requests):
+            event = await conn.next_control_event()
+            if isinstance(event, ResultReceived):
+                answers[event.req_id] = event
+    for req_id, _, _, _, status, text in requests:
+        assert answers[req_id].status == status, (req_id, answers[req_id])
+        assert text in answers[req_id].message
+    await conn.aclose()
+
+
 def _listening(lo: int, hi: int) -> list[int]:
     held = []
     for port in range(lo, hi + 1):
