@@ -420,7 +420,7 @@ async def _serve_one(
 ) -> None:
     try:
         head = await _read_head(conn)
-        if head == 0:
+        if isinstance(head, int) and head == 0:
             return
         if isinstance(head, int):
             response = _error(head, _REASONS[head])
