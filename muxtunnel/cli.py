@@ -982,7 +982,7 @@ def bench(
 token_app = typer.Typer(
     name="token",
     help="Manage the relay's named tokens (a TOML file holding hashes, not the tokens). "
-    "A running relay picks up changes when it is restarted.",
+    "A running relay picks up changes on a reload (SIGHUP) or a restart.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import random
 import socket
 from dataclasses import dataclass
@@ -850,7 +851,7 @@ class _Client:
         except OSError as exc:
             reason, detail = (
                 _open_fail_reason(exc),
-                f"connect to {target} failed: {exc.strerror or exc}",
+                f"connect to {target} failed: {_os_error_text(exc)}",
             )
         if tcp is None:
             assert reason is not None
@@ -900,6 +901,14 @@ class _Client:
                 trio.current_time(),
                 local=target,
             )
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``Connection refused``: the system's text for the error, without the address trio adds
+    (``Error connecting to ('127.0.0.1', 22): ...``); the target is named by the caller."""
+    if exc.errno is not None and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno)
+    return str(exc.strerror or exc)
 
 
 def _error_text(exc: BaseException) -> str:
