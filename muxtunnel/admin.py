@@ -22,6 +22,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,6 +31,7 @@ import trio
 from muxtunnel._version import __version__
 from muxtunnel.config import format_host_port, parse_host_port
 from muxtunnel.errors import ConfigError, MuxtunnelError
+from muxtunnel.localhttp import LocalEndpoint, response, route
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -252,11 +254,19 @@ async def serve_admin(
         sockname = listeners[0].socket.getsockname()
         bound = AdminAddress(host=str(sockname[0]), port=int(sockname[1]))
     extra["admin"] = str(bound)
-    limiter = trio.CapacityLimiter(MAX_CLIENTS)
+    endpoint = LocalEndpoint(
+        name="admin endpoint",
+        answer=partial(answer, stats=stats, extra=extra),
+        error=_error,
+        max_request=MAX_REQUEST,
+        read_timeout=READ_TIMEOUT,
+        max_clients=MAX_CLIENTS,
+        linger_bytes=LINGER_BYTES,
+        linger_time=LINGER_TIME,
+    )
     try:
         async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, stats, extra, limiter)
+            endpoint.start(nursery, listeners)
             logger.debug("admin endpoint on %s", bound)
             task_status.started(bound)
     finally:
@@ -275,131 +285,22 @@ def _unlink_if_ours(path: Path, st: os.stat_result) -> None:
             path.unlink()
 
 
-async def _accept_loop(
-    listener: trio.SocketListener,
-    stats: Stats,
-    extra: Mapping[str, object],
-    limiter: trio.CapacityLimiter,
-) -> None:
-    async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                conn = await listener.accept()
-            except OSError as exc:
-                logger.warning("admin endpoint: accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            try:
-                limiter.acquire_on_behalf_of_nowait(conn)
-            except trio.WouldBlock:
-                await trio.aclose_forcefully(conn)
-                continue
-            nursery.start_soon(_serve_one, conn, stats, extra, limiter)
-
-
-_REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-}
-
-
-def _response(code: int, body: bytes, content_type: str) -> bytes:
-    head = (
-        f"HTTP/1.0 {code} {_REASONS[code]}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
 def _error(code: int, message: str) -> bytes:
     body = json.dumps({"error": message}).encode() + b"\n"
-    return _response(code, body, "application/json")
-
-
-async def _read_head(conn: trio.SocketStream) -> bytes | int | None:
-    """The request head, an HTTP error code (400, 408, 431), or None (closed, nothing sent)."""
-    data = b""
-    with trio.move_on_after(READ_TIMEOUT):
-        while b"\r\n\r\n" not in data and b"\n\n" not in data:
-            if len(data) > MAX_REQUEST:
-                return 431
-            chunk = await conn.receive_some(MAX_REQUEST + 1)
-            if not chunk:
-                return 400 if data else None
-            data += chunk
-        return data
-    return 408
+    return response(code, body, "application/json")
 
 
 def answer(head: bytes, stats: Stats, extra: Mapping[str, object]) -> bytes:
     """The full HTTP response to request ``head`` (pure: no I/O)."""
-    line = head.split(b"\n", 1)[0].rstrip(b"\r")
-    parts = line.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-        return _error(400, "malformed request line")
-    method, target = parts[0], parts[1].split(b"?", 1)[0]
-    if target not in (b"/status", b"/"):
-        return _error(404, "unknown path; try GET /status")
-    if method not in (b"GET", b"HEAD"):
-        return _error(405, "only GET is supported")
+    code, text = route(head, (b"/status", b"/"), "GET /status")
+    if code != 200:
+        return _error(code, text)
     snapshot: dict[str, Any] = stats.snapshot()
     snapshot.update(extra)
     snapshot["pid"] = os.getpid()
     snapshot["version"] = __version__
     body = json.dumps(snapshot, indent=1).encode() + b"\n"
-    response = _response(200, body, "application/json")
-    if method == b"HEAD":
-        return response[: len(response) - len(body)]
-    return response
-
-
-async def _linger(conn: trio.SocketStream) -> None:
-    """After an error answer: FIN, then read and drop what the client still sends (bounded),
-    so closing does not reset the connection before the client has read the answer."""
-    await conn.send_eof()
-    left = LINGER_BYTES
-    with trio.move_on_after(LINGER_TIME):
-        while left > 0:
-            chunk = await conn.receive_some(min(left, 65536))
-            if not chunk:
-                return
-            left -= len(chunk)
-
-
-async def _serve_one(
-    conn: trio.SocketStream,
-    stats: Stats,
-    extra: Mapping[str, object],
-    limiter: trio.CapacityLimiter,
-) -> None:
-    try:
-        head = await _read_head(conn)
-        if head is None:
-            return
-        response = _error(head, _REASONS[head]) if isinstance(head, int) else None
-        if response is None:
-            assert isinstance(head, bytes)
-            try:
-                response = answer(head, stats, extra)
-            except Exception:
-                logger.exception("admin endpoint: internal error")
-                response = _error(500, "internal error")
-        with trio.move_on_after(READ_TIMEOUT):
-            await conn.send_all(response)
-            if isinstance(head, int):
-                await _linger(conn)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    finally:
-        limiter.release_on_behalf_of(conn)
-        await trio.aclose_forcefully(conn)
+    return response(200, body, "application/json", head_only=text == "HEAD")
 
 
 # --------------------------------------------------------------------------------------------

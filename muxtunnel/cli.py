@@ -106,6 +106,44 @@ StateDirOpt = Annotated[
         help="Where keys, tokens and pins live (default: $XDG_STATE_HOME/muxtunnel or ~/.local/state/muxtunnel).",
     ),
 ]
+# Options shared by `client` and `visit` (the relay connection).
+StallTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        metavar="SECONDS",
+        help="Reset a stream whose data waits this long unread when memory is short (default: 30).",
+    ),
+]
+ServerOpt = Annotated[
+    str | None,
+    typer.Option("--server", metavar="HOST[:PORT]", help="The relay (port default: 7835)."),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(metavar="TOKEN", help="The relay's token (default: $MUXTUNNEL_TOKEN)."),
+]
+ClientTokenFileOpt = Annotated[
+    Path | None, typer.Option(metavar="FILE", help="Read the token from this file.")
+]
+FingerprintOpt = Annotated[
+    str | None, typer.Option(metavar="FP", help="Pin the relay's certificate (sha256:...).")
+]
+CaOpt = Annotated[
+    Path | None, typer.Option(metavar="FILE", help="Verify the relay against this CA instead.")
+]
+MaxRetriesOpt = Annotated[
+    int | None,
+    typer.Option(metavar="N", help="Give up after N failed reconnects (default: never)."),
+]
+KeepaliveTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(metavar="SECONDS", help="Declare a silent relay dead after this (default: 30)."),
+]
+BackoffCapOpt = Annotated[
+    float | None,
+    typer.Option(metavar="SECONDS", help="Longest wait between reconnects (default: 30)."),
+]
+
 AdminOpt = Annotated[
     str | None,
     typer.Option(
@@ -391,14 +429,7 @@ def server(
             metavar="SECONDS", help="Time a client gets to answer a new stream (default: 30)."
         ),
     ] = None,
-    stall_timeout: Annotated[
-        float | None,
-        typer.Option(
-            metavar="SECONDS",
-            help="Reset a stream whose data waits this long unread when memory is short "
-            "(default: 30).",
-        ),
-    ] = None,
+    stall_timeout: StallTimeoutOpt = None,
     admin: AdminOpt = None,
     metrics: MetricsOpt = None,
     log_level: LogLevelOpt = None,
@@ -514,23 +545,11 @@ def client(
             show_default=False,
         ),
     ] = None,
-    server: Annotated[
-        str | None,
-        typer.Option("--server", metavar="HOST[:PORT]", help="The relay (port default: 7835)."),
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(metavar="TOKEN", help="The relay's token (default: $MUXTUNNEL_TOKEN)."),
-    ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(metavar="FILE", help="Read the token from this file.")
-    ] = None,
-    fingerprint: Annotated[
-        str | None, typer.Option(metavar="FP", help="Pin the relay's certificate (sha256:...).")
-    ] = None,
-    ca: Annotated[
-        Path | None, typer.Option(metavar="FILE", help="Verify the relay against this CA instead.")
-    ] = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: ClientTokenFileOpt = None,
+    fingerprint: FingerprintOpt = None,
+    ca: CaOpt = None,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
     allow: Annotated[
@@ -569,24 +588,13 @@ def client(
             "public port; reached with `muxtunnel visit NAME`.",
         ),
     ] = None,
-    max_retries: Annotated[
-        int | None,
-        typer.Option(metavar="N", help="Give up after N failed reconnects (default: never)."),
-    ] = None,
-    keepalive_timeout: Annotated[
-        float | None,
-        typer.Option(
-            metavar="SECONDS", help="Declare a silent relay dead after this (default: 30)."
-        ),
-    ] = None,
+    max_retries: MaxRetriesOpt = None,
+    keepalive_timeout: KeepaliveTimeoutOpt = None,
     connect_timeout: Annotated[
         float | None,
         typer.Option(metavar="SECONDS", help="Timeout dialing the local service (default: 10)."),
     ] = None,
-    backoff_cap: Annotated[
-        float | None,
-        typer.Option(metavar="SECONDS", help="Longest wait between reconnects (default: 30)."),
-    ] = None,
+    backoff_cap: BackoffCapOpt = None,
     max_streams_per_tunnel: Annotated[
         int | None,
         typer.Option(metavar="N", help="Most local connections per tunnel at once (default: 256)."),
@@ -603,14 +611,7 @@ def client(
             "(default: 5000).",
         ),
     ] = None,
-    stall_timeout: Annotated[
-        float | None,
-        typer.Option(
-            metavar="SECONDS",
-            help="Reset a stream whose data waits this long unread when memory is short "
-            "(default: 30).",
-        ),
-    ] = None,
+    stall_timeout: StallTimeoutOpt = None,
     admin: AdminOpt = None,
     metrics: MetricsOpt = None,
     console: Annotated[
@@ -683,39 +684,16 @@ def visit(
             show_default=False,
         ),
     ] = None,
-    server: Annotated[
-        str | None,
-        typer.Option("--server", metavar="HOST[:PORT]", help="The relay (port default: 7835)."),
-    ] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(metavar="TOKEN", help="The relay's token (default: $MUXTUNNEL_TOKEN)."),
-    ] = None,
-    token_file: Annotated[
-        Path | None, typer.Option(metavar="FILE", help="Read the token from this file.")
-    ] = None,
-    fingerprint: Annotated[
-        str | None, typer.Option(metavar="FP", help="Pin the relay's certificate (sha256:...).")
-    ] = None,
-    ca: Annotated[
-        Path | None, typer.Option(metavar="FILE", help="Verify the relay against this CA instead.")
-    ] = None,
+    server: ServerOpt = None,
+    token: TokenOpt = None,
+    token_file: ClientTokenFileOpt = None,
+    fingerprint: FingerprintOpt = None,
+    ca: CaOpt = None,
     state_dir: StateDirOpt = None,
     config: ConfigOpt = None,
-    max_retries: Annotated[
-        int | None,
-        typer.Option(metavar="N", help="Give up after N failed reconnects (default: never)."),
-    ] = None,
-    keepalive_timeout: Annotated[
-        float | None,
-        typer.Option(
-            metavar="SECONDS", help="Declare a silent relay dead after this (default: 30)."
-        ),
-    ] = None,
-    backoff_cap: Annotated[
-        float | None,
-        typer.Option(metavar="SECONDS", help="Longest wait between reconnects (default: 30)."),
-    ] = None,
+    max_retries: MaxRetriesOpt = None,
+    keepalive_timeout: KeepaliveTimeoutOpt = None,
+    backoff_cap: BackoffCapOpt = None,
     open_timeout: Annotated[
         float | None,
         typer.Option(

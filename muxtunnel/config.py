@@ -957,6 +957,42 @@ def _apply_tunnel_flags(src: _Source, tunnels: tuple[TunnelSpec, ...]) -> tuple[
     )
 
 
+def _relay_connection(
+    src: _Source,
+    config_path: Path | None,
+    file_values: Mapping[str, object],
+    flags: Mapping[str, object],
+    env: Mapping[str, str] | None,
+    missing_token: str,
+) -> tuple[str, int, str, str | None, Path | None]:
+    """What a client or visitor needs to reach the relay: host, port, token, pinned
+    fingerprint and CA file (at most one of the last two).
+
+    Raises:
+        ConfigError: No ``server``, no token (``missing_token`` says how to give one), or both a
+            fingerprint and a CA.
+    """
+    if "server" not in src.values:
+        raise ConfigError("missing --server HOST[:PORT] (or 'server' in the config file)")
+    host, port = parse_host_port(
+        _as_str(src.values["server"], src.what("server")),
+        src.what("server"),
+        default_port=DEFAULT_PORT,
+    )
+    tokens, _ = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
+    if not tokens:
+        raise ConfigError(missing_token)
+    fingerprint = _get(
+        src, "fingerprint", None, lambda v, w: normalize_fingerprint(_as_str(v, w), what=w)
+    )
+    ca_file = _get(src, "ca", None, _as_path)
+    if fingerprint is not None and ca_file is not None:
+        raise ConfigError(
+            f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both"
+        )
+    return host, port, tokens[0], fingerprint, ca_file
+
+
 def build_client_config(
     file_values: Mapping[str, object] | None = None,
     flags: Mapping[str, object] | None = None,
@@ -978,27 +1014,15 @@ def build_client_config(
     flags = dict(flags or {})
     _check_flag_keys(flags, _CLIENT_KEYS | _CLIENT_TUNNEL_FLAGS | {"private"})
     src = _merge(config_path, file_values, flags)
-    if "server" not in src.values:
-        raise ConfigError("missing --server HOST[:PORT] (or 'server' in the config file)")
-    host, port = parse_host_port(
-        _as_str(src.values["server"], src.what("server")),
-        src.what("server"),
-        default_port=DEFAULT_PORT,
+    host, port, token, fingerprint, ca_file = _relay_connection(
+        src,
+        config_path,
+        file_values,
+        flags,
+        env,
+        f"missing token: pass --token TOKEN, set {TOKEN_ENV}, or put 'token' in the config file "
+        "(the relay prints its token on first start and keeps it in its state dir, file 'token')",
     )
-    tokens, _ = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
-    if not tokens:
-        raise ConfigError(
-            f"missing token: pass --token TOKEN, set {TOKEN_ENV}, or put 'token' in the config file "
-            "(the relay prints its token on first start and keeps it in its state dir, file 'token')"
-        )
-    fingerprint = _get(
-        src, "fingerprint", None, lambda v, w: normalize_fingerprint(_as_str(v, w), what=w)
-    )
-    ca_file = _get(src, "ca", None, _as_path)
-    if fingerprint is not None and ca_file is not None:
-        raise ConfigError(
-            f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both"
-        )
     no_tunnels: tuple[TunnelSpec, ...] = ()
     tunnels = _apply_tunnel_flags(src, _get(src, "tunnel", no_tunnels, _as_tunnels))
     tunnels = _apply_private_flag(src, tunnels)
@@ -1010,7 +1034,7 @@ def build_client_config(
     return ClientConfig(
         server_host=host,
         server_port=port,
-        token=tokens[0],
+        token=token,
         fingerprint=fingerprint,
         ca_file=ca_file,
         state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),
@@ -1049,27 +1073,15 @@ def build_visit_config(
     flags = dict(flags or {})
     _check_flag_keys(flags, _VISIT_KEYS)
     src = _merge(config_path, file_values, flags)
-    if "server" not in src.values:
-        raise ConfigError("missing --server HOST[:PORT] (or 'server' in the config file)")
-    host, port = parse_host_port(
-        _as_str(src.values["server"], src.what("server")),
-        src.what("server"),
-        default_port=DEFAULT_PORT,
+    host, port, token, fingerprint, ca_file = _relay_connection(
+        src,
+        config_path,
+        file_values,
+        flags,
+        env,
+        f"missing token: pass --token-file FILE, set {TOKEN_ENV}, or put 'token' in the "
+        "config file",
     )
-    tokens, _ = _resolve_tokens(config_path, file_values, flags, os.environ if env is None else env)
-    if not tokens:
-        raise ConfigError(
-            f"missing token: pass --token-file FILE, set {TOKEN_ENV}, or put 'token' in the "
-            "config file"
-        )
-    fingerprint = _get(
-        src, "fingerprint", None, lambda v, w: normalize_fingerprint(_as_str(v, w), what=w)
-    )
-    ca_file = _get(src, "ca", None, _as_path)
-    if fingerprint is not None and ca_file is not None:
-        raise ConfigError(
-            f"{src.what('fingerprint')} and {src.what('ca')}: use either a pinned fingerprint or a CA, not both"
-        )
     if "name" not in src.values:
         raise ConfigError("missing the private tunnel's NAME (or 'name' in the config file)")
     name = as_tunnel_name(src.values["name"], src.what("name"))
@@ -1081,7 +1093,7 @@ def build_visit_config(
     return VisitConfig(
         server_host=host,
         server_port=port,
-        token=tokens[0],
+        token=token,
         fingerprint=fingerprint,
         ca_file=ca_file,
         state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),

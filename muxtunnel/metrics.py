@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -75,6 +76,7 @@ from prometheus_client.core import (
 
 from muxtunnel._version import __version__
 from muxtunnel.config import format_host_port
+from muxtunnel.localhttp import LocalEndpoint, response, route
 from muxtunnel.preflight import listen_error
 from muxtunnel.stats import STATES
 
@@ -347,117 +349,16 @@ def make_registry(stats: Stats) -> CollectorRegistry:
 # HTTP
 
 
-_REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-}
-
-
-def _response(code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    head = (
-        f"HTTP/1.0 {code} {_REASONS[code]}\r\n"
-        f"Content-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
 def _error(code: int, message: str) -> bytes:
-    return _response(code, f"{message}\n".encode())
+    return response(code, f"{message}\n".encode(), "text/plain; charset=utf-8")
 
 
 def answer(head: bytes, registry: CollectorRegistry) -> bytes:
     """The full HTTP response to the request head ``head`` (no I/O)."""
-    line = head.split(b"\n", 1)[0].rstrip(b"\r")
-    parts = line.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
-        return _error(400, "malformed request line")
-    method, target = parts[0], parts[1].split(b"?", 1)[0]
-    if target not in (b"/metrics", b"/"):
-        return _error(404, "unknown path; try GET /metrics")
-    if method not in (b"GET", b"HEAD"):
-        return _error(405, "only GET is supported")
-    body = generate_latest(registry)
-    response = _response(200, body, CONTENT_TYPE)
-    if method == b"HEAD":
-        return response[: len(response) - len(body)]
-    return response
-
-
-async def _read_head(conn: trio.SocketStream) -> bytes | int:
-    """The request head, or an HTTP error code (400, 408, 431); 0 if the peer sent nothing."""
-    data = b""
-    with trio.move_on_after(READ_TIMEOUT):
-        while b"\r\n\r\n" not in data and b"\n\n" not in data:
-            if len(data) > MAX_REQUEST:
-                return 431
-            chunk = await conn.receive_some(MAX_REQUEST + 1)
-            if not chunk:
-                return 400 if data else 0
-            data += chunk
-        return data
-    return 408
-
-
-async def _drain(conn: trio.SocketStream) -> None:
-    """After an error answer to an unread request: half-close, then read (bounded) until the
-    peer's EOF, so that closing with unread input does not reset the answer away."""
-    await conn.send_eof()
-    left = 16 * MAX_REQUEST
-    with trio.move_on_after(1.0):
-        while left > 0 and (chunk := await conn.receive_some(MAX_REQUEST)):
-            left -= len(chunk)
-
-
-async def _serve_one(
-    conn: trio.SocketStream, registry: CollectorRegistry, limiter: trio.CapacityLimiter
-) -> None:
-    try:
-        head = await _read_head(conn)
-        if isinstance(head, int) and head == 0:
-            return
-        if isinstance(head, int):
-            response = _error(head, _REASONS[head])
-        else:
-            try:
-                response = answer(head, registry)
-            except Exception:
-                logger.exception("metrics endpoint: internal error")
-                response = _error(500, "internal error")
-        with trio.move_on_after(READ_TIMEOUT):
-            await conn.send_all(response)
-            if isinstance(head, int):
-                await _drain(conn)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    finally:
-        limiter.release_on_behalf_of(conn)
-        await trio.aclose_forcefully(conn)
-
-
-async def _accept_loop(
-    listener: trio.SocketListener, registry: CollectorRegistry, limiter: trio.CapacityLimiter
-) -> None:
-    async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                conn = await listener.accept()
-            except OSError as exc:  # e.g. out of descriptors: keep serving
-                logger.warning("metrics endpoint: accept failed: %s", exc.strerror or exc)
-                await trio.sleep(0.1)
-                continue
-            try:
-                limiter.acquire_on_behalf_of_nowait(conn)
-            except trio.WouldBlock:
-                await trio.aclose_forcefully(conn)
-                continue
-            nursery.start_soon(_serve_one, conn, registry, limiter)
+    code, text = route(head, (b"/metrics", b"/"), "GET /metrics")
+    if code != 200:
+        return _error(code, text)
+    return response(200, generate_latest(registry), CONTENT_TYPE, head_only=text == "HEAD")
 
 
 async def serve_metrics(
@@ -480,12 +381,17 @@ async def serve_metrics(
         raise listen_error(host, port, "--metrics", exc) from None
     sockname = listeners[0].socket.getsockname()
     bound = (str(sockname[0]), int(sockname[1]))
-    registry = make_registry(stats)
-    limiter = trio.CapacityLimiter(MAX_CLIENTS)
+    endpoint = LocalEndpoint(
+        name="metrics endpoint",
+        answer=partial(answer, registry=make_registry(stats)),
+        error=_error,
+        max_request=MAX_REQUEST,
+        read_timeout=READ_TIMEOUT,
+        max_clients=MAX_CLIENTS,
+    )
     try:
         async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, registry, limiter)
+            endpoint.start(nursery, listeners)
             logger.info("metrics on http://%s/metrics", format_host_port(*bound))
             task_status.started(bound)
     finally:
