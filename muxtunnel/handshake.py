@@ -40,10 +40,8 @@ __all__ = [
     "BindOutcome",
     "authenticate_client",
     "client_handshake",
-    "compute_mac",
     "make_credential",
     "match_entry",
-    "match_token",
     "token_id",
 ]
 
@@ -53,25 +51,12 @@ logger = logging.getLogger(__name__)
 AUTH_REQ_ID = 1
 
 
-#: HMAC-SHA256 of the auth context and both nonces, keyed with the token (method 1).
-compute_mac = auth.mac
-
-
 def make_credential(token: str, server_nonce: bytes, method: int = AuthMethod.HMAC_SHA256) -> bytes:
     """The AUTH credential for ``method`` (1 or 2): a fresh client nonce, then the MAC or proof."""
     client_nonce = secrets.token_bytes(AUTH_NONCE_SIZE)
     if method == AuthMethod.HMAC_SHA256_STORED_KEY:
         return auth.stored_key_credential(token, server_nonce, client_nonce)
     return auth.hmac_credential(token, server_nonce, client_nonce)
-
-
-def match_token(tokens: Sequence[str], server_nonce: bytes, credential: bytes) -> str | None:
-    """Method 1: return the configured token that produced ``credential``, or None.
-
-    Every token is checked with ``hmac.compare_digest`` (no early exit).
-    """
-    index = auth.check_mac(tokens, server_nonce, credential)
-    return None if index is None else tokens[index]
 
 
 def match_entry(
