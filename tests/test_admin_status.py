@@ -275,10 +275,10 @@ def test_admin_option_in_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--admin"):
         build_client_config({}, {**base, "admin": "127.0.0.1:99999"}, env={})
     toml = tmp_path / "c.toml"
-    toml.write_text('[server]\nadmin = "off"\n[client]\nadmin = "/tmp/x.sock"\n')
+    toml.write_text('[server]\nadmin = "off"\n[client]\nadmin = "/run/muxtunnel/x.sock"\n')
     assert build_server_config(load_toml(toml, "server"), {}, env={}).admin is None
     client_values = load_toml(toml, "client")
-    assert build_client_config(client_values, base, env={}).admin == "/tmp/x.sock"
+    assert build_client_config(client_values, base, env={}).admin == "/run/muxtunnel/x.sock"
 
 
 async def test_status_of_private_tunnel_and_its_visits(
