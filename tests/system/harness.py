@@ -175,6 +175,8 @@ class EchoServer:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self.connections = 0
+        #: Every byte each connection sent, in accept order.
+        self.received: list[bytearray] = []
         self._acceptor = threading.Thread(target=self._accept_loop, name="echo-accept", daemon=True)
         self._acceptor.start()
 
@@ -186,14 +188,16 @@ class EchoServer:
                 continue
             except OSError:
                 return
+            buffer = bytearray()
             with self._lock:
                 self.connections += 1
                 self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+                self.received.append(buffer)
+            thread = threading.Thread(target=self._serve, args=(conn, buffer), daemon=True)
             self._threads.append(thread)
             thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, buffer: bytearray) -> None:
         conn.settimeout(60.0)
         try:
             while not self._stop.is_set():
@@ -201,11 +205,18 @@ class EchoServer:
                 if not data:
                     conn.shutdown(socket.SHUT_WR)
                     break
+                with self._lock:
+                    buffer += data
                 conn.sendall(data)
         except OSError:
             pass
         finally:
             conn.close()
+
+    def saw(self, marker: bytes) -> bool:
+        """True if any connection ever sent ``marker``."""
+        with self._lock:
+            return any(marker in bytes(buffer) for buffer in self.received)
 
     def close(self) -> None:
         """Stop accepting, close every connection and join the threads (bounded)."""

@@ -10,18 +10,17 @@ client-side ``--allow``/``--deny`` flags give one tunnel its own rule the same w
 
 from __future__ import annotations
 
-import contextlib
 import re
 import secrets
 import socket
-import threading
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import pytest
 
 from muxtunnel.protocol.auth import stored_key
 
 from .harness import (
+    EchoServer,
     HarnessError,
     ManagedProcess,
     random_port_range,
@@ -42,84 +41,9 @@ ALLOWED = "127.0.0.2"
 OTHER = "127.0.0.3"
 
 
-class RecordingEcho:
-    """A threaded TCP echo service that keeps every byte each connection sent it."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.received: list[bytearray] = []
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            buffer = bytearray()
-            with self._lock:
-                self.received.append(buffer)
-                self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn, buffer), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket, buffer: bytearray) -> None:
-        conn.settimeout(30.0)
-        try:
-            while not self._stop.is_set():
-                data = conn.recv(65536)
-                if not data:
-                    conn.shutdown(socket.SHUT_WR)
-                    break
-                with self._lock:
-                    buffer += data
-                conn.sendall(data)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return len(self.received)
-
-    def saw(self, marker: bytes) -> bool:
-        """True if any connection ever carried ``marker``."""
-        with self._lock:
-            return any(marker in bytes(buffer) for buffer in self.received)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-        self._acceptor.join(timeout=5)
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 @pytest.fixture
-def service() -> Iterator[RecordingEcho]:
-    with RecordingEcho() as server:
+def service() -> Iterator[EchoServer]:
+    with EchoServer() as server:
         yield server
 
 
@@ -157,9 +81,7 @@ def assert_echoed(source: str, port: int, *procs: ManagedProcess) -> None:
         )
 
 
-def assert_refused(
-    source: str, port: int, service: RecordingEcho, relay: Relay, reason: str
-) -> None:
+def assert_refused(source: str, port: int, service: EchoServer, relay: Relay, reason: str) -> None:
     """A visitor from ``source`` gets nothing; the service sees nothing; the relay says why."""
     before = service.connections
     marker = b"refused-visitor-" + secrets.token_hex(8).encode()
@@ -183,7 +105,7 @@ def token_file(path: Path, body: str) -> Path:
 
 
 def test_token_allow_list_and_ports_from_the_token_file(
-    procs: ProcessGroup, tmp_path: Path, service: RecordingEcho
+    procs: ProcessGroup, tmp_path: Path, service: EchoServer
 ) -> None:
     office = secrets.token_urlsafe(24)
     relay_range = random_port_range(16)
@@ -238,7 +160,7 @@ ports = ["{lo}-{lo + 3}"]
 
 
 def test_client_allow_and_deny_flags(
-    procs: ProcessGroup, tmp_path: Path, service: RecordingEcho
+    procs: ProcessGroup, tmp_path: Path, service: EchoServer
 ) -> None:
     relay = start_relay(procs, tmp_path, token=secrets.token_urlsafe(24))
     allow = start_client(
