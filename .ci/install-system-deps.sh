@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the system packages the system tests (tests/system/) need: OpenSSH server/client,
 # PostgreSQL server/client, nginx with its stream module (a real PROXY protocol consumer),
-# iproute2 + nftables (network-namespace tests), a C toolchain and systemd (only for
+# iproute2 + nftables + a C toolchain (the fault tests in tests/faults/: hosts in network
+# namespaces, loss with nftables, delay with benchmarks/tools/netdelay.c; they also need root
+# and /dev/net/tun, and fail under CI=true without them), systemd (only for
 # `systemd-analyze verify` of contrib/systemd/; nothing runs systemd as init) and tmux (a
 # pseudo-terminal for the client's live console test).
 # Run as root on Debian 12 after `apt-get update`. Services are NOT started or enabled here:

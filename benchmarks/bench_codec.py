@@ -37,19 +37,23 @@ def _connected_pair() -> tuple[Session, Session, int]:
     server = Session(Role.SERVER)
     client = Session(Role.CLIENT)
     server.send_challenge(bytes(32))
-    client.receive_data(server.data_to_send())
+    client.receive_data(server.data_to_send(), 0.0)
     client.send_auth(1, AuthMethod.HMAC_SHA256, bytes(64))
-    server.receive_data(client.data_to_send())
+    client.send_bind(2, 1, _ADDR)  # the relay opens streams only for bound tunnels (§9.2)
+    server.receive_data(client.data_to_send(), 0.0)
     server.send_result(1, ResultStatus.OK)
-    client.receive_data(server.data_to_send())
+    server.receive_data(b"", 0.0)  # the BIND held behind the AUTH
+    server.send_result(2, ResultStatus.OK, bound=_ADDR)
+    client.receive_data(server.data_to_send(), 0.0)
     # An RTT sample (as the adapter's first PING gives), so the windows auto-tune.
     client.ping(0.0)
     server.receive_data(client.data_to_send(), 0.0)
     client.receive_data(server.data_to_send(), 0.001)
     sid = server.open_stream(1, _ADDR, _ADDR)
-    client.receive_data(server.data_to_send())
+    client.receive_data(server.data_to_send(), 0.001)
     client.accept_stream(sid)
-    server.receive_data(client.data_to_send())
+    server.receive_data(client.data_to_send(), 0.001)
+    assert client.stream_is_open(sid)
     return server, client, sid
 
 
@@ -85,7 +89,7 @@ def bench_small_frames(count: int) -> float:
     for _ in range(rounds):
         events = client.receive_data(chunk, 0.0)
         n += len(events)
-        client.acknowledge(sid, 64 * len(events))
+        client.acknowledge(sid, 64 * len(events), 0.0)
     elapsed = time.perf_counter() - start
     assert n == rounds * per_chunk
     return n / elapsed
@@ -108,7 +112,7 @@ def bench_pair_bulk(total: int) -> float:
                 if type(event) is DataReceived:
                     n = len(event.data)
                     received += n
-                    client.acknowledge(sid, n)
+                    client.acknowledge(sid, n, 0.0)
         back = client.data_to_send()
         if back:
             server.receive_data(back, 0.0)

@@ -111,10 +111,6 @@ class AddressRule:
             return "not in the allow list"
         return None
 
-    def permits(self, host: str | None) -> bool:
-        """True if a visitor from ``host`` may connect."""
-        return self.refusal(host) is None
-
 
 def format_ports(ranges: tuple[tuple[int, int], ...]) -> str:
     """``2200-2299, 3000`` for ``((2200, 2299), (3000, 3000))``."""

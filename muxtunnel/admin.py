@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,6 +47,7 @@ __all__ = [
     "default_address",
     "discover",
     "parse_admin",
+    "process_info",
     "query_status",
     "resolve_admin",
     "serve_admin",
@@ -290,8 +290,40 @@ def _error(code: int, message: str) -> bytes:
     return response(code, body, "application/json")
 
 
+def _count_tasks(task: trio.lowlevel.Task) -> int:
+    """``task`` and every task below it in the nursery tree."""
+    return 1 + sum(
+        _count_tasks(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+    )
+
+
+def process_info() -> dict[str, int | None]:
+    """Resource use of this process: open file descriptors, trio tasks, resident memory.
+
+    ``fds`` counts ``/proc/self/fd`` (None where there is no procfs), ``tasks`` every task of the
+    running trio run (None outside one), ``rss`` is ``VmRSS`` in bytes (None where unknown).
+    Leak checks compare these before and after a load.
+    """
+    fds: int | None
+    try:
+        fds = len(os.listdir("/proc/self/fd")) - 1  # minus the descriptor of the listing itself
+    except OSError:
+        fds = None
+    tasks: int | None = None
+    with contextlib.suppress(RuntimeError):
+        root = trio.lowlevel.current_root_task()
+        tasks = None if root is None else _count_tasks(root)
+    rss: int | None = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+                break
+    return {"fds": fds, "tasks": tasks, "rss": rss}
+
+
 def answer(head: bytes, stats: Stats, extra: Mapping[str, object]) -> bytes:
-    """The full HTTP response to request ``head`` (pure: no I/O)."""
+    """The full HTTP response to request ``head`` (no I/O but reading this process's ``/proc`` figures)."""
     code, text = route(head, (b"/status", b"/"), "GET /status")
     if code != 200:
         return _error(code, text)
@@ -299,6 +331,7 @@ def answer(head: bytes, stats: Stats, extra: Mapping[str, object]) -> bytes:
     snapshot.update(extra)
     snapshot["pid"] = os.getpid()
     snapshot["version"] = __version__
+    snapshot["process"] = process_info()
     body = json.dumps(snapshot, indent=1).encode() + b"\n"
     return response(200, body, "application/json", head_only=text == "HEAD")
 
@@ -361,11 +394,6 @@ async def query_status(address: AdminAddress) -> dict[str, Any]:
     if not isinstance(snapshot, dict) or "sessions" not in snapshot:
         raise StatusError(f"{address}: the answer is not a muxtunnel status")
     return snapshot
-
-
-def socket_mode(path: Path) -> int:
-    """The permission bits of ``path`` (for checks and tests)."""
-    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 # --------------------------------------------------------------------------------------------

@@ -200,9 +200,7 @@ class Admission:
             return
         ticket.active = False
         self.total -= 1
-        record = self._sources.get(ticket.source)
-        if record is None:  # pragma: no cover - records with pending tickets are never dropped
-            return
+        record = self._sources[ticket.source]  # records with pending tickets are never dropped
         record.pending.pop(ticket, None)
         if not record.pending:
             self._busy.pop(ticket.source, None)

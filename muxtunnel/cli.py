@@ -356,7 +356,9 @@ def server(
     lease: Annotated[
         float | None,
         typer.Option(
-            metavar="SECONDS", help="Keep a gone client's ports reserved this long (default: 60)."
+            metavar="SECONDS",
+            help="Keep a gone client's ports reserved this long, across relay restarts "
+            "(default: 60).",
         ),
     ] = None,
     drain_timeout: Annotated[
@@ -925,7 +927,7 @@ def bench(
     ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Benchmark muxtunnel against direct TCP and ssh -R (scenarios 1-7)."""
+    """Benchmark muxtunnel against direct TCP and ssh -R (scenarios 1-8; 8 is pgbench through each)."""
     try:
         from muxtunnel.benchsuite import main as bench_main
     except ImportError as exc:

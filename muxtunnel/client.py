@@ -21,6 +21,16 @@ public ports again, including the ones the relay picked the first time. A sessio
 within ``STABLE_SESSION`` of coming up counts like a failed attempt for the backoff, so a relay
 that drops every session cannot make the client reconnect in a tight loop.
 
+The backoff protects the relay from clients it answered (refused the connection, failed the
+TLS handshake, ended the session). When nothing answered at all, the path is what failed, and
+an attempt costs the relay nothing: no SYN reached it. So a session that ended because the relay
+went silent (the keepalive timeout, protocol-spec §10.1) and attempts that got no answer (TCP
+connect timed out after :data:`RELAY_DIAL_TIMEOUT`, no route, host or network unreachable)
+wait at most :data:`PATH_RETRY_CAP` before the next attempt. Each attempt sends a fresh SYN
+instead of waiting on the kernel's doubling SYN retransmissions (1, 3, 7, 15 s ...), so a
+client whose network comes back is connected again within about ``RELAY_DIAL_TIMEOUT -
+1 s + PATH_RETRY_CAP`` plus the handshake (the fault suite holds it to 5 s: tests/faults).
+
 A tunnel the relay refuses for a reason that can pass (:data:`RETRYABLE`: the port is held by
 another client, by a live session of the same token or by another program) is "pending": it
 is asked for again on the live session with backoff (:data:`RETRY_BASE` doubling to
@@ -39,7 +49,7 @@ import random
 import socket
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -68,6 +78,7 @@ from muxtunnel.errors import (
 )
 from muxtunnel.handshake import BindOutcome, client_handshake
 from muxtunnel.logsafe import peer_text
+from muxtunnel.netopts import cap_retransmit_timeout
 from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamInfo, StreamPolicy
 from muxtunnel.protocol.constants import OpenFailReason, ResultStatus, Role
 from muxtunnel.protocol.events import GoAwayReceived, ResultReceived, UnbindReceived
@@ -96,6 +107,21 @@ _T = TypeVar("_T")
 BACKOFF_BASE = 0.5
 #: Time allowed for TCP connect + TLS handshake + AUTH/BIND answers.
 HANDSHAKE_TIMEOUT = 15.0
+#: One TCP connect attempt to the relay (after name resolution): long enough for the kernel's
+#: first SYN retransmission (1 s) and its answer, short enough that a path that comes back is
+#: tried again with a fresh SYN soon (the next retransmission would wait until 3 s).
+RELAY_DIAL_TIMEOUT = 2.5
+#: Longest wait before the next attempt when nothing answered (see the module docstring).
+PATH_RETRY_CAP = 2.0
+#: Happy eyeballs (RFC 8305): a relay name with several addresses gets a new connect attempt
+#: every this many seconds until one connects.
+DIAL_STAGGER = 0.25
+#: ``errno`` values of an attempt that got no answer from the relay's host.
+_NO_ANSWER = frozenset(
+    {errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+)
+#: What ``_Client.run_session`` returns when its session ended because the relay fell silent.
+PEER_SILENT = "peer silent"
 #: On shutdown, how long open streams may take to finish before the session is closed.
 DRAIN_TIMEOUT = 10.0
 #: A session that ends sooner than this after coming up counts towards the reconnect backoff.
@@ -180,7 +206,7 @@ async def connect_relay(
         OSError: The TCP connection failed.
     """
     try:
-        tcp = await trio.open_tcp_stream(config.server_host, config.server_port)
+        tcp = await _dial_relay(config.server_host, config.server_port)
     except OSError as exc:
         raise _connect_error(exc, config.server_key) from None
     stream = wrap_tls(tcp, ssl_context, server_hostname=config.server_host)
@@ -212,6 +238,59 @@ async def connect_relay(
         await trio.aclose_forcefully(stream)
         raise
     return stream, fingerprint
+
+
+async def _dial_relay(host: str, port: int) -> trio.SocketStream:
+    """TCP connect to the relay: every address of ``host`` (happy eyeballs, :data:`DIAL_STAGGER`)
+    within :data:`RELAY_DIAL_TIMEOUT` after the name is resolved.
+
+    Raises:
+        TimeoutError: No address answered in time (``errno.ETIMEDOUT``).
+        OSError: Resolution failed, or every address failed (the first address's error).
+    """
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    targets = list(dict.fromkeys((info[0], info[4]) for info in infos))
+    winner: list[trio.SocketStream] = []
+    errors: list[OSError] = []
+
+    async def attempt(family: socket.AddressFamily, address: Any, delay: float) -> None:
+        await trio.sleep(delay)
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        cap_retransmit_timeout(sock)  # resume soon after an outage (muxtunnel.netopts)
+        try:
+            await sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            return
+        except BaseException:
+            sock.close()
+            raise
+        if winner:
+            sock.close()
+            return
+        winner.append(trio.SocketStream(sock))
+        nursery.cancel_scope.cancel()
+
+    with trio.move_on_after(RELAY_DIAL_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for i, (family, address) in enumerate(targets):
+                nursery.start_soon(attempt, family, address, i * DIAL_STAGGER)
+    if winner:
+        return winner[0]
+    if errors and len(errors) == len(targets):  # without trio's "error connecting to" prefix
+        first = errors[0]
+        raise OSError(first.errno, os.strerror(first.errno) if first.errno else str(first))
+    raise TimeoutError(
+        errno.ETIMEDOUT, f"no answer within {RELAY_DIAL_TIMEOUT:g} s (connection timed out)"
+    )
+
+
+def _no_answer(exc: BaseException) -> bool:
+    """True if ``exc`` says nothing answered: the path failed, not the relay."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN
+    return isinstance(exc, OSError) and exc.errno in _NO_ANSWER
 
 
 #: ``ssl.SSLError.reason`` values meaning the peer's first bytes are not a TLS record.
@@ -389,8 +468,9 @@ class _Client:
         self,
         shutdown: trio.Event,
         on_up: Callable[[ClientInfo], None],
-    ) -> bool:
-        """One session; returns True if it got as far as authenticated."""
+    ) -> bool | str:
+        """One session; returns :data:`PEER_SILENT` if it ended because the relay fell silent
+        (the keepalive timeout), else True (it got as far as authenticated)."""
         config = self.config
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream, fingerprint = await self.connect()
@@ -433,12 +513,12 @@ class _Client:
                         except ValueError:
                             # Session.send_bind refuses options a minor-0 relay would not
                             # understand: never bind those tunnels without their restriction.
-                            if conn.session.minor >= 1 or all(b[2] is None for b in binds):
+                            if conn.minor >= 1 or all(b[2] is None for b in binds):
                                 raise
                             raise TunnelError(
                                 f"the relay at {config.server_key} does not support "
                                 f"{_option_features(self.specs.values())} "
-                                f"(protocol 1.{conn.session.minor}); upgrade it"
+                                f"(protocol 1.{conn.minor}); upgrade it"
                             ) from None
                     authenticated = True
                     retry = [
@@ -547,7 +627,11 @@ class _Client:
             logger.warning(
                 "session with relay %s ended: %s", config.server_key, _inert(conn.close_reason)
             )
-        return True
+        # Our keepalive's verdict (nothing received for the idle timeout), not a relay's
+        # CLOSE(TIMEOUT): a relay that ends sessions itself keeps the full backoff.
+        idle = conn.idle_timeout
+        silent = idle is not None and trio.current_time() - conn.last_receive >= idle
+        return PEER_SILENT if conn.close_code == ErrorCode.TIMEOUT and silent else True
 
     def _record_binds(self, outcomes: Iterable[BindOutcome], *, counted: bool = True) -> None:
         """Stats: each tunnel up (with its public address), pending (refused for a reason that
@@ -587,10 +671,9 @@ class _Client:
         for i, tid in enumerate(tunnel_ids):
             options = _bind_options(self.specs[tid])
             if options is None:
-                conn.session.send_bind(base + i, tid, Address(None, 0))
+                conn.send_bind(base + i, tid, Address(None, 0))
             else:
-                conn.session.send_bind(base + i, tid, Address(None, 0), options=options)
-        conn.wake_writer()
+                conn.send_bind(base + i, tid, Address(None, 0), options=options)
         results: list[BindOutcome] = []
         while len(results) < len(tunnel_ids):
             event = await conn.next_control_event()
@@ -653,9 +736,9 @@ class _Client:
             bind = Address(None, 0) if port == 0 else Address("0.0.0.0", port)
             try:
                 if options is None:
-                    conn.session.send_bind(req_id, tunnel_id, bind)
+                    conn.send_bind(req_id, tunnel_id, bind)
                 else:
-                    conn.session.send_bind(req_id, tunnel_id, bind, options=options)
+                    conn.send_bind(req_id, tunnel_id, bind, options=options)
             except (SessionClosedError, ValueError) as exc:
                 # The session is closing (the next one binds again), or the BIND cannot be
                 # sent at all (the handshake sent the same one): stop retrying.
@@ -663,7 +746,6 @@ class _Client:
                 if ts is not None and not isinstance(exc, SessionClosedError):
                     ts.set_state("down", _inert(str(exc)))
                 return
-            conn.wake_writer()
             # No timeout of our own: a BIND asked again before its RESULT could meet our own
             # lease (DUPLICATE_TUNNEL); a silent relay is the keepalive's business, and the
             # end of the session cancels this task.
@@ -1011,7 +1093,9 @@ async def reconnect(
 
     A session calls ``on_up(info)`` once it is up; the first ``info`` goes to
     ``task_status.started``. Failed attempts back off exponentially with jitter (capped at
-    ``backoff_cap``); so do sessions that end within ``STABLE_SESSION`` of coming up.
+    ``backoff_cap``); so do sessions that end within ``STABLE_SESSION`` of coming up. After an
+    attempt nothing answered (:func:`_no_answer`) or a session that returned
+    :data:`PEER_SILENT`, the wait is capped at :data:`PATH_RETRY_CAP` instead.
 
     Raises:
         AuthError, IdentityMismatchError, ConfigError, TunnelError: From a session (never
@@ -1042,14 +1126,16 @@ async def reconnect(
     while not shutdown.is_set():
         error: BaseException | None = None
         up_at.clear()
+        path_lost = False
         try:
-            await run_session(shutdown, on_up)
+            path_lost = await run_session(shutdown, on_up) == PEER_SILENT
         except (AuthError, IdentityMismatchError, ConfigError, TunnelError):
             raise
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, MuxtunnelError) as exc:
             if isinstance(exc, NotARelayError) and not started:
                 raise  # a wrong --server from the start: retrying cannot help
             error = exc
+            path_lost = _no_answer(exc)
             text = _describe(exc)
             repeats = repeats + 1 if text == last_text and not up_at else 1
             last_text = text
@@ -1078,6 +1164,8 @@ async def reconnect(
                 + (f": {_describe(error)}" if error is not None else "")
             )
         delay = min(backoff_cap, BACKOFF_BASE * 2 ** (max(failures, flaps) - 1))
+        if path_lost:  # nothing reached the relay: no load to spare it, try again soon
+            delay = min(delay, PATH_RETRY_CAP)
         delay *= random.uniform(0.5, 1.0)
         logger.log(
             logging.DEBUG if repeats > 1 else logging.INFO,

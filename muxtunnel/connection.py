@@ -16,11 +16,29 @@ caller owns (``await nursery.start(conn.run)``):
   ``session.data_to_send()`` (control frames first, then DATA by deficit round robin, all
   coalesced into one batch) and sleeps on an event when there is nothing to send. A failed or
   cancelled ``send_all`` leaves an unknown frame boundary on the wire, so it ends the
-  connection; it is never retried.
+  connection; it is never retried. While the writer sleeps, whoever queues a frame (a stream's
+  ``send_all``, the reader's acknowledgements) sends it at once from its own task over
+  :meth:`TLSStream.send_nowait <muxtunnel.tlsstream.TLSStream.send_nowait>` (no waiting; what
+  the socket does not take is left to the writer), so a quiet connection has no task hop. While
+  several streams are open, the writer waits for the socket to drain below trio's
+  ``TCP_NOTSENT_LOWAT`` after each big batch, so bulk waits in the session, where the scheduler
+  orders it, and not in the kernel ahead of an interactive frame.
+* a stream may name a **direct sink** (a splice's local socket): DATA that arrives while the
+  stream's reader waits with nothing buffered is written there by the reader itself.
 * the **keepalive** task sends a PING after ``idle/4`` of receive silence and declares the peer
-  dead after ``idle`` of receive silence; any inbound byte counts as life (protocol-spec §10.1). While bytes
-  flow, another PING each :data:`RTT_SAMPLE_INTERVAL` keeps the RTT estimate (which drives
-  window auto-tuning) current.
+  dead after ``idle`` of receive silence; any inbound byte counts as life (protocol-spec §10.1).
+* the **RTT sampler** sleeps until a stream sends or receives DATA, then sends a PING unless
+  one went out within :data:`RTT_SAMPLE_INTERVAL`, and waits out that interval: while streams
+  carry data the RTT estimate (which drives window auto-tuning) stays current, and an idle
+  session sends nothing but the keepalive's PINGs (and one PING when the peer's HELLO
+  arrives, for an early sample).
+
+The session is private: control frames go out through the connection's ``send_*`` methods,
+which queue the frame and wake the writer in one step, and callers read what they need
+through read-only properties (``minor``, ``peer_settings``, ``rtt`` ...). Streams talk to the
+connection through a few small methods (``send_room``, ``queue_data``, ``queue_fin``,
+``acknowledge``, ``reset_stream`` ...) and the connection to its streams through
+``deliver_*``, ``wake_sender`` and ``fail``; neither touches the other's fields.
 
 While several streams send, the writer asks for batches of at most :data:`WRITE_BATCH` (64 KiB),
 so an interactive frame waits behind at most one such batch plus the kernel's 16 KiB
@@ -41,9 +59,9 @@ never pin more than :data:`PIN_FACTOR` times their size. ``send_eof`` queues FIN
 stream's data (protocol-spec §9.4); the peer's RESET raises :class:`MuxStreamResetError` (a
 ``StreamResetError`` that is also a ``trio.BrokenResourceError``), never a clean EOF (protocol-spec §9.8).
 
-The **timer** task enforces two local bounds (both off when None): ``open_timeout`` resets a
-stream we opened with RESET(CANCEL) when the peer has not answered its OPEN in time (spec §9.2
-item 6), which frees its pending-open slot; ``stall_timeout`` applies the stall policy of spec
+The **timer** task enforces two local bounds (both off when None): ``open_timeout`` (default
+:data:`DEFAULT_OPEN_TIMEOUT`, 30 s) resets a stream we opened with RESET(CANCEL) when the peer
+has not answered its OPEN in time (spec §9.2 item 6), which frees its pending-open slot; ``stall_timeout`` applies the stall policy of spec
 §8.7: while the bytes held unconsumed exceed the session's receive budget, the stream whose
 data has waited longest without being consumed is reset with CANCEL once it has waited that
 long.
@@ -54,11 +72,14 @@ stream; otherwise it sends FIN, and data that arrives later resets the stream (t
 
 When the connection ends (CLOSE sent or received, EOF, transport error, idle timeout) every
 stream that is not finished fails with :class:`MuxSessionClosedError` and both channels close.
+Why a stream failed is :attr:`MuxStream.failure`, a :class:`StreamFailure` (kind, error code,
+message, OPEN_FAIL reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import math
 import operator
@@ -76,7 +97,7 @@ from muxtunnel.errors import (
     StreamResetError,
 )
 from muxtunnel.policy import StreamInfo
-from muxtunnel.protocol.constants import OpenFailReason, Role
+from muxtunnel.protocol.constants import OpenFailReason, Role, TunnelProto
 from muxtunnel.protocol.events import (
     ConnectionClosed,
     DataReceived,
@@ -99,10 +120,12 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from types import TracebackType
 
-    from muxtunnel.protocol.frames import Address
+    from muxtunnel.protocol.constants import ResultStatus
+    from muxtunnel.protocol.frames import Address, BindOptions, Settings
 
 __all__ = [
     "BULK_WRITE_BATCH",
+    "DEFAULT_OPEN_TIMEOUT",
     "FAST_TLS",
     "PIN_FACTOR",
     "RECEIVE_SIZE",
@@ -112,11 +135,13 @@ __all__ = [
     "SEND_LOW_WATER",
     "SEND_MIN_ROOM",
     "WRITE_BATCH",
+    "FailureKind",
     "MuxConnection",
     "MuxSessionClosedError",
     "MuxStream",
     "MuxStreamResetError",
     "OpenRejectedError",
+    "StreamFailure",
     "make_session",
     "open_mux_connection",
     "wrap_tls",
@@ -161,6 +186,15 @@ FAST_TLS_RECEIVE_SIZE: Final = 256 * 1024
 #: per byte, see its module docs) instead of ``trio.SSLStream`` for the tunnel's TLS connection.
 #: ``MUXTUNNEL_FAST_TLS=0`` in the environment selects trio.SSLStream (A/B runs).
 FAST_TLS = os.environ.get("MUXTUNNEL_FAST_TLS", "1") == "1"
+#: After a writer batch of at least this many bytes, while more than one stream is open, the
+#: writer waits until the transport is writable (below trio's 16 KiB ``TCP_NOTSENT_LOWAT``)
+#: before it takes the next batch.
+DRAIN_THRESHOLD: Final = 16 * 1024
+#: Whether a frame queued while the writer sleeps is sent by the queuing task itself
+#: (``MUXTUNNEL_INLINE_FLUSH=0`` turns it off, for A/B measurements).
+INLINE_FLUSH = os.environ.get("MUXTUNNEL_INLINE_FLUSH", "1") == "1"
+#: Switch for that wait (``MUXTUNNEL_WRITER_DRAIN=0`` turns it off, for A/B measurements).
+DRAIN_BEFORE_BATCH = os.environ.get("MUXTUNNEL_WRITER_DRAIN", "1") == "1"
 #: Soft size of one writer batch (one ``transport.send_all``) while several streams send.
 #: trio TLS was measured at 418 MB/s with 64 KiB writes and 423 MB/s with 256 KiB:
 #: larger batches buy little there but make an interactive frame wait longer behind bulk data
@@ -176,9 +210,13 @@ BULK_WRITE_BATCH: Final = 256 * 1024
 #: Interactive latency does not suffer: a newly active stream goes first in the next batch and
 #: a batch is at most WRITE_BATCH.
 SCHEDULER_QUANTUM: Final = 64 * 1024
-#: While bytes keep arriving, a PING goes out this often (seconds) so the smoothed RTT that
-#: drives window auto-tuning reflects the loaded path, not only the idle one (protocol-spec §8.6).
+#: While streams carry data (DATA sent or received), a PING goes out at most this often
+#: (seconds) so the smoothed RTT that drives window auto-tuning reflects the loaded path
+#: (protocol-spec §8.6, §10.1); an idle session sends only the keepalive's PINGs.
 RTT_SAMPLE_INTERVAL: Final = 1.0
+#: Seconds the peer gets to answer our OPEN before the stream is reset with CANCEL (spec
+#: §9.2 item 6): longer than the acceptor's own 10 s connect timeout.
+DEFAULT_OPEN_TIMEOUT: Final = 30.0
 #: How long a closing connection may take to flush its CLOSE and TLS close_notify.
 CLOSE_GRACE: Final = 2.0
 
@@ -190,13 +228,55 @@ class MuxStreamResetError(StreamResetError, trio.BrokenResourceError):
 class OpenRejectedError(MuxStreamResetError):
     """The peer refused to open our stream (OPEN_FAIL); no byte reached its target."""
 
-    def __init__(self, message: str, reason: int) -> None:
+    def __init__(self, message: str, reason: int, detail: str = "") -> None:
         super().__init__(message, ErrorCode.REFUSED_STREAM)
+        #: The OPEN_FAIL reason (an ``OpenFailReason`` value).
         self.reason = reason
+        #: The OPEN_FAIL message as sent (peer text: log it via ``logsafe.peer_text``).
+        self.detail = detail
 
 
 class MuxSessionClosedError(SessionClosedError, trio.BrokenResourceError):
     """Stream I/O after the session ended (CLOSE, EOF, transport error or idle timeout)."""
+
+
+class FailureKind(enum.Enum):
+    """Why a :class:`MuxStream` failed (see :class:`StreamFailure`)."""
+
+    #: RESET from the peer, or a local reset (``MuxStream.reset``, open timeout).
+    RESET = "reset"
+    #: Reset here by the stall policy: received data not consumed in time (spec §8.7).
+    STALLED = "stalled"
+    #: The peer refused our OPEN (OPEN_FAIL), or we refused the peer's.
+    REJECTED = "rejected"
+    #: The connection ended before the stream finished.
+    SESSION = "session"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamFailure:
+    """Why a stream failed; ``str()`` gives one line: ``KIND CODE: message``."""
+
+    kind: FailureKind
+    code: ErrorCode
+    message: str = ""
+    #: The OPEN_FAIL reason (an ``OpenFailReason`` value) when ``kind`` is REJECTED, else 0.
+    reason: int = 0
+    #: The OPEN_FAIL message as sent when ``kind`` is REJECTED (peer text if the peer refused).
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = f": {self.message}" if self.message else ""
+        return f"{self.kind.value} {self.code.name}{text}"
+
+    def error(self, stream_id: int) -> trio.BrokenResourceError:
+        """The exception that stream I/O raises for this failure."""
+        text = f"stream {stream_id}: {self.message}" if self.message else f"stream {stream_id}"
+        if self.kind is FailureKind.REJECTED:
+            return OpenRejectedError(text, self.reason, self.detail)
+        if self.kind is FailureKind.SESSION:
+            return MuxSessionClosedError(text, self.code)
+        return MuxStreamResetError(text, self.code)
 
 
 class _ConflictDetector:
@@ -265,8 +345,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._recv_eof = False  # peer FIN received
         self._eof_sent = False  # our FIN queued
         self._closed = False  # aclose()/reset() called
-        # Why I/O fails: None, or (kind, code, message, reject_reason)
-        self._failure: tuple[str, ErrorCode, str, int] | None = None
+        self._failure: StreamFailure | None = None  # why I/O fails
         self._recv_waiter: trio.Event | None = None
         self._send_waiter: trio.Event | None = None
         self._opened_waiter: trio.Event | None = None
@@ -274,6 +353,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
         #: connection's stall policy, session end), so that a task blocked elsewhere (a
         #: splice writing to a local socket that does not read) can give up at once.
         self.on_failure: Callable[[], None] | None = None
+        #: Optional direct consumer (a splice's local socket): while the receiving task waits
+        #: with nothing buffered, arriving DATA is offered to it first, from the reader, and the
+        #: bytes it takes (its return value) are consumed and acknowledged at once: no task
+        #: hop. It must not block or raise.
+        self.direct_sink: Callable[[memoryview], int] | None = None
         self._send_conflict = _ConflictDetector("another task is already sending on this stream")
         self._recv_conflict = _ConflictDetector("another task is already receiving on this stream")
 
@@ -285,17 +369,29 @@ class MuxStream(trio.abc.HalfCloseableStream):
     # -- state helpers -------------------------------------------------------------------
 
     @property
-    def failure(self) -> str | None:
+    def failure(self) -> StreamFailure | None:
         """Why the stream failed (reset, rejection or session end), or None."""
-        if self._failure is None:
-            return None
-        kind, code, message, _ = self._failure
-        return f"{kind} {code.name}{': ' + message if message else ''}"
+        return self._failure
 
     @property
     def receive_finished(self) -> bool:
         """True once the peer's FIN has arrived."""
         return self._recv_eof
+
+    @property
+    def send_finished(self) -> bool:
+        """True once our FIN is queued (``send_eof`` or a clean ``aclose``)."""
+        return self._eof_sent
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet (``receive_*``)."""
+        return self._buffered
+
+    @property
+    def unsent(self) -> int:
+        """Bytes given to ``send_all`` that the session still holds (not framed yet)."""
+        return self._conn.unsent(self.stream_id)
 
     @property
     def pending(self) -> bool:
@@ -304,13 +400,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def _make_error(self) -> trio.BrokenResourceError:
         assert self._failure is not None
-        kind, code, message, reason = self._failure
-        text = f"stream {self.stream_id}: {message}" if message else f"stream {self.stream_id}"
-        if kind == "rejected":
-            return OpenRejectedError(text, reason)
-        if kind == "reset":
-            return MuxStreamResetError(text, code)
-        return MuxSessionClosedError(text, code)
+        return self._failure.error(self.stream_id)
 
     def _wake_all(self) -> None:
         for ev in (self._recv_waiter, self._send_waiter, self._opened_waiter):
@@ -322,14 +412,21 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """Discard unread bytes, acknowledging them so the connection window is not lost (protocol-spec §8.5)."""
         n = self._buffered + self._unacked
         if n:
-            self._conn._acknowledge(self.stream_id, n)
+            self._conn.acknowledge(self.stream_id, n)
             self._buffered = self._unacked = 0
             self._chunks.clear()
 
-    def _fail(self, kind: str, code: ErrorCode, message: str, reason: int = 0) -> None:
+    # -- called by the connection (its reader, timer and teardown) ------------------------
+
+    def fail(self, failure: StreamFailure) -> None:
+        """Fail the stream (MuxConnection: reset, rejection, session end); wakes every waiter.
+
+        The first failure stands. Unread bytes are dropped (and credited) unless the session
+        ended: then what arrived before the end may still be read.
+        """
         if self._failure is None:
-            self._failure = (kind, code, message, reason)
-        if kind != "session":
+            self._failure = failure
+        if failure.kind is not FailureKind.SESSION:
             self._drop_buffer()
         self._pending = False
         self._wake_all()
@@ -343,18 +440,30 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._failure is not None:
             raise self._make_error()
         if not self._conn.usable:
-            raise MuxSessionClosedError(self._conn._ended_message(), self._conn.close_code)
+            raise self._conn.ended_error()
 
-    # -- called by the connection's reader -----------------------------------------------
-
-    def _on_data(self, data: bytes | memoryview) -> None:
+    def deliver_data(self, data: bytes | memoryview) -> None:
+        """Buffer a DATA payload for the reader (MuxConnection's reader)."""
         n = len(data)
         if self._closed or self._failure is not None:
             # Data for a stream the application closed: like TCP, answer with a reset.
-            self._conn._acknowledge(self.stream_id, n)
+            self._conn.acknowledge(self.stream_id, n)
             if self._failure is None:
-                self._conn._reset(self, ErrorCode.CANCEL, "data after close")
+                self._conn.reset_stream(
+                    self, StreamFailure(FailureKind.RESET, ErrorCode.CANCEL, "data after close")
+                )
             return
+        sink = self.direct_sink
+        if sink is not None and self._recv_waiter is not None and not self._chunks:
+            view = data if isinstance(data, memoryview) else memoryview(data)
+            taken = sink(view)
+            if taken > 0:
+                self.info.bytes_in += taken
+                self._conn.acknowledge(self.stream_id, taken)
+                if taken >= n:
+                    return
+                data = view[taken:]
+                n -= taken
         # A small payload is copied rather than keeping the whole decrypted read alive.
         self._chunks.append(_unpinned(data) if isinstance(data, memoryview) else memoryview(data))
         self._buffered += n
@@ -363,21 +472,24 @@ class MuxStream(trio.abc.HalfCloseableStream):
             self._recv_waiter = None
             ev.set()
 
-    def _on_end(self) -> None:
+    def deliver_eof(self) -> None:
+        """The peer's FIN arrived (MuxConnection's reader)."""
         self._recv_eof = True
         ev = self._recv_waiter
         if ev is not None:
             self._recv_waiter = None
             ev.set()
 
-    def _on_accepted(self) -> None:
+    def deliver_accepted(self) -> None:
+        """The peer's OPEN_ACK arrived (MuxConnection's reader)."""
         self._pending = False
         ev = self._opened_waiter
         if ev is not None:
             self._opened_waiter = None
             ev.set()
 
-    def _writable(self) -> None:
+    def wake_sender(self) -> None:
+        """The stream may have send room again (MuxConnection's writer)."""
         ev = self._send_waiter
         if ev is not None:
             self._send_waiter = None
@@ -396,11 +508,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if self._failure is not None:
             raise self._make_error()
         if not self._conn.usable:
-            raise MuxSessionClosedError(self._conn._ended_message(), self._conn.close_code)
+            raise self._conn.ended_error()
         if self._pending:
             self._pending = False
-            self._conn._session.accept_stream(self.stream_id)
-            self._conn._wake_writer()
+            self._conn.accept_open(self.stream_id)
 
     def reject(self, reason: OpenFailReason, message: str = "") -> None:
         """Refuse a stream the peer opened (queue OPEN_FAIL); the stream is closed after it.
@@ -414,16 +525,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._pending = False
         self._closed = True
         self._drop_buffer()
-        if self._failure is None and self._conn.usable:
-            self._conn._session.reject_stream(self.stream_id, reason, message)
-            self._conn._wake_writer()
-        self._failure = self._failure or (
-            "rejected",
-            ErrorCode.REFUSED_STREAM,
-            message,
-            int(reason),
-        )
-        self._conn._forget(self)
+        if self._failure is None:
+            self._failure = StreamFailure(
+                FailureKind.REJECTED, ErrorCode.REFUSED_STREAM, message, int(reason), message
+            )
+            self._conn.reject_open(self, reason, message)
+        else:
+            self._conn.forget(self)
         self._wake_all()
 
     async def wait_opened(self) -> None:
@@ -444,32 +552,22 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     # -- trio.abc.SendStream -------------------------------------------------------------
 
-    def _room(self) -> int:
-        """Bytes the session may take for this stream now; < SEND_MIN_ROOM means wait."""
-        session = self._conn._session
-        sid = self.stream_id
-        pending = session.pending_bytes(sid)
-        credit = session.send_credit(sid)
-        room = min(SEND_HIGH_WATER, SEND_LOW_WATER + credit) - pending
-        if pending and room < SEND_MIN_ROOM:
-            return 0
-        return room
-
     @property
     def send_blocked(self) -> bool:
         """True if :meth:`send_room` would wait (the peer has not made room for more)."""
-        return self._failure is None and self._conn.usable and self._room() <= 0
+        conn = self._conn
+        return self._failure is None and conn.usable and conn.send_room(self.stream_id) <= 0
 
     async def _wait_writable(self) -> tuple[int, bool]:
         """Wait until the stream has send room; return (room, whether it had to wait)."""
         waited = False
         while True:
             self._check_send()
-            room = self._room()
+            room = self._conn.send_room(self.stream_id)
             if room > 0:
                 return room, waited
             ev = self._send_waiter = trio.Event()
-            self._conn._blocked.add(self)
+            self._conn.watch_send_room(self)
             await ev.wait()
             waited = True
 
@@ -488,6 +586,30 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return room
+
+    @property
+    def send_room_now(self) -> int:
+        """What :meth:`send_room` would return without waiting; 0 if it would wait."""
+        if self._failure is not None or self._closed or self._eof_sent:
+            return 0
+        return max(0, self._conn.send_room(self.stream_id))
+
+    def send_nowait(self, data: bytes) -> int:
+        """Queue as much of ``data`` as the send room takes now; return how many bytes.
+
+        No schedule point (a copy loop that waits elsewhere on every round uses it to hand
+        over what it just read). Raises like :meth:`send_all` does without waiting.
+        """
+        with self._send_conflict:
+            self._check_send()
+            n = min(len(data), self._conn.send_room(self.stream_id))
+            if n <= 0:
+                return 0
+            if self.incoming and self._pending:
+                self.accept()
+            self._conn.queue_data(self.stream_id, data if n == len(data) else data[:n])
+            self.info.bytes_out += n
+            return n
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` on the stream; waits while too much of it is still unsent.
@@ -512,18 +634,16 @@ class MuxStream(trio.abc.HalfCloseableStream):
             total = len(view)
             offset = 0
             waited = False
-            session = self._conn._session
+            conn = self._conn
             while offset < total:
                 room, did_wait = await self._wait_writable()
                 waited |= did_wait
                 n = min(total - offset, room)
                 if self.incoming and self._pending:
                     self.accept()
-                session.send_data(self.stream_id, view[offset : offset + n])
+                conn.queue_data(self.stream_id, view[offset : offset + n])
                 offset += n
                 self.info.bytes_out += n
-                self._conn._senders.add(self.stream_id)
-                self._conn._wake_writer()
             if not waited:
                 # After queueing: the writer gets to run before this task goes on.
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -556,13 +676,11 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if self._failure is not None:
                 raise self._make_error()
             if not self._conn.usable:
-                raise MuxSessionClosedError(self._conn._ended_message(), self._conn.close_code)
+                raise self._conn.ended_error()
             if self.incoming and self._pending:
                 self.accept()
             self._eof_sent = True
-            self._conn._session.end_stream(self.stream_id)
-            self._conn._wake_writer()
-            self._conn._maybe_forget(self)
+            self._conn.queue_fin(self)
 
     # -- trio.abc.ReceiveStream ----------------------------------------------------------
 
@@ -597,7 +715,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         n = min(n, self._unacked)
         if n > 0:
             self._unacked -= n
-            self._conn._acknowledge(self.stream_id, n)
+            self._conn.acknowledge(self.stream_id, n)
 
     async def _receive(
         self, max_bytes: int, *, batch: bool, ack: bool = True
@@ -631,7 +749,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         self._buffered -= n
         self.info.bytes_in += n
         if ack:
-            self._conn._acknowledge(self.stream_id, n)
+            self._conn.acknowledge(self.stream_id, n)
         else:
             self._unacked += n
 
@@ -688,9 +806,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
     def reset(self, code: ErrorCode = ErrorCode.CANCEL, message: str = "") -> None:
         """Abort the stream (RESET to the peer); further local I/O raises ClosedResourceError."""
+        self.reset_with(StreamFailure(FailureKind.RESET, code, message or "reset locally"))
+
+    def reset_with(self, failure: StreamFailure) -> None:
+        """Abort the stream for ``failure`` (RESET with its code); like :meth:`reset`."""
         self._closed = True
         if self._failure is None:
-            self._conn._reset(self, code, message or "reset locally")
+            self._conn.reset_stream(self, failure)
         self._drop_buffer()
         self._wake_all()
 
@@ -712,15 +834,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
                 self.reject(OpenFailReason.REFUSED, "closed before accept")
                 return
             if self._chunks:
-                self._conn._reset(self, ErrorCode.CANCEL, "closed with unread data")
+                conn.reset_stream(
+                    self,
+                    StreamFailure(FailureKind.RESET, ErrorCode.CANCEL, "closed with unread data"),
+                )
+            elif not self._eof_sent:
+                self._eof_sent = True
+                conn.queue_fin(self)
             else:
-                if not self._eof_sent:
-                    self._eof_sent = True
-                    conn._session.end_stream(self.stream_id)
-                    conn._wake_writer()
-                conn._maybe_forget(self)
+                conn.forget_if_finished(self)
         else:
-            conn._forget(self)
+            conn.forget(self)
         self._drop_buffer()
         self._wake_all()
 
@@ -734,7 +858,8 @@ class MuxConnection:
         name: Used in log lines (e.g. the peer address).
         token_id: Stored in every stream's :class:`StreamInfo`.
         open_timeout: Seconds the peer gets to answer our OPEN before the stream is reset
-            with CANCEL (spec §9.2 item 6); None: no bound.
+            with CANCEL (spec §9.2 item 6; default :data:`DEFAULT_OPEN_TIMEOUT`); None: no
+            bound.
         stall_timeout: Seconds a stream's received data may wait unconsumed, while the
             receive budget is exceeded, before the stream is reset with CANCEL (spec §8.7);
             None: never.
@@ -748,10 +873,14 @@ class MuxConnection:
         name: str = "",
         token_id: str | None = None,
         receive_size: int | None = None,
-        open_timeout: float | None = None,
+        open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
         stall_timeout: float | None = None,
     ) -> None:
         self.transport = transport
+        #: The transport when it can send without waiting (``_flush_or_wake``), else None.
+        self._fast_transport = (
+            transport if INLINE_FLUSH and isinstance(transport, TLSStream) else None
+        )
         #: See the class docstring.
         self.open_timeout = open_timeout
         self.stall_timeout = stall_timeout
@@ -774,6 +903,8 @@ class MuxConnection:
         self._slot_waiter: trio.Event | None = None
         self._rx_waiter: trio.Event | None = None
         self._keepalive_waiter: trio.Event | None = None
+        #: Set (by the first DATA sent or received) while the RTT sampler waits for traffic.
+        self._activity_waiter: trio.Event | None = None
         self._control_send, self._control_recv = trio.open_memory_channel[Event](math.inf)
         self._incoming_send, self._incoming_recv = trio.open_memory_channel[MuxStream](math.inf)
         self._closing = trio.Event()  # teardown started
@@ -790,7 +921,8 @@ class MuxConnection:
         self._last_ping = -math.inf
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.rtt: float | None = None
+        #: PINGs sent (keepalive, RTT samples, probes).
+        self.pings_sent = 0
         #: Called with each RTT sample (seconds) when a PONG arrives (e.g. a histogram).
         self.on_rtt: Callable[[float], None] | None = None
         #: Called each time the stall policy resets a stream (spec §8.7; e.g. a counter).
@@ -815,9 +947,29 @@ class MuxConnection:
     # -- public API ----------------------------------------------------------------------
 
     @property
-    def session(self) -> Session:
-        """The sans-IO session. Call :meth:`wake_writer` after queueing anything on it."""
-        return self._session
+    def minor(self) -> int:
+        """The negotiated protocol minor version (valid once the peer's HELLO arrived)."""
+        return self._session.minor
+
+    @property
+    def local_settings(self) -> Settings:
+        """The receive limits we declared in our HELLO."""
+        return self._session.local_settings
+
+    @property
+    def peer_settings(self) -> Settings | None:
+        """The peer's HELLO settings (our send limits); None until it arrived."""
+        return self._session.peer_settings
+
+    @property
+    def rtt(self) -> float | None:
+        """The smoothed round-trip time in seconds; None before the first RTT sample."""
+        return self._session.rtt
+
+    @property
+    def authenticated(self) -> bool:
+        """Relay: RESULT(OK) sent for the AUTH. Client: RESULT(OK) received for ours."""
+        return self._session.authenticated
 
     @property
     def closed(self) -> bool:
@@ -834,17 +986,58 @@ class MuxConnection:
         """``trio.current_time()`` when bytes last arrived."""
         return self._last_receive
 
-    def wake_writer(self) -> None:
-        """Tell the writer that the session may have bytes to send."""
-        if self._session.closed and not self._closing.is_set():
-            self._begin_close("session closed", self.close_code)
-        self._wake_writer()
+    # -- control frames: each queues its frame and wakes the writer ----------------------
+
+    def send_challenge(self, nonce: bytes) -> None:
+        """Relay: send CHALLENGE with our 32-byte nonce (``Session.send_challenge``)."""
+        self._session.send_challenge(nonce)
+        self._queued()
+
+    def send_auth(self, req_id: int, method: int, credential: bytes) -> None:
+        """Client: send AUTH (``Session.send_auth``)."""
+        self._session.send_auth(req_id, method, credential)
+        self._queued()
+
+    def send_bind(
+        self,
+        req_id: int,
+        tunnel_id: int,
+        bind: Address,
+        proto: int = TunnelProto.TCP,
+        options: BindOptions | None = None,
+    ) -> None:
+        """Client: send BIND (``Session.send_bind``; held back while 16 requests are out).
+
+        Raises:
+            ValueError: ``req_id`` is outstanding or ``options`` need protocol minor 1.
+            SessionClosedError: the session is closed.
+        """
+        self._session.send_bind(req_id, tunnel_id, bind, proto, options)
+        self._queued()
+
+    def send_unbind(
+        self, req_id: int, tunnel_id: int, code: ErrorCode = ErrorCode.NO_ERROR
+    ) -> None:
+        """Client: request UNBIND. Relay: notify a revocation (``req_id`` 0)."""
+        self._session.send_unbind(req_id, tunnel_id, code)
+        self._queued()
+
+    def send_result(
+        self, req_id: int, status: ResultStatus, message: str = "", bound: Address | None = None
+    ) -> None:
+        """Relay: answer a request (``Session.send_result``; a no-op once the session closed).
+
+        A refused AUTH, or one refused request too many (spec §12), also closes the session:
+        the connection then flushes the CLOSE and ends.
+        """
+        self._session.send_result(req_id, status, message, bound)
+        self._queued()
 
     def process_held(self) -> None:
         """Process frames the server session held behind the AUTH (after ``send_result``)."""
         if not self.closed:
             self._feed(b"", trio.current_time())
-        self.wake_writer()
+        self._queued()
 
     @property
     def usable(self) -> bool:
@@ -877,7 +1070,7 @@ class MuxConnection:
             if ev is not None and len(self._open_deadlines) == 1:
                 self._timer_waiter = None
                 ev.set()
-        self._wake_writer()
+        self._flush_or_wake()
         return stream
 
     def open_slot_available(self) -> bool:
@@ -925,7 +1118,7 @@ class MuxConnection:
         try:
             return await self._incoming_recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise MuxSessionClosedError(self._ended_message(), self.close_code) from None
+            raise self.ended_error() from None
 
     async def next_control_event(self) -> Event:
         """Return the next control event (challenge, auth, bind, result, goaway ...).
@@ -936,7 +1129,7 @@ class MuxConnection:
         try:
             return await self._control_recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise MuxSessionClosedError(self._ended_message(), self.close_code) from None
+            raise self.ended_error() from None
 
     def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Queue GOAWAY: we open no new streams (the peer may finish its own)."""
@@ -965,9 +1158,7 @@ class MuxConnection:
             await trio.lowlevel.checkpoint()
             return False
         start = trio.current_time()
-        if self._session.ping(start) is not None:
-            self._last_ping = start
-            self._wake_writer()
+        self._ping(start)
         with trio.move_on_after(within):
             while not self.closed:
                 if self._last_receive > start:
@@ -984,6 +1175,7 @@ class MuxConnection:
             adapter_streams=len(self._streams),
             adapter_blocked_senders=len(self._blocked),
             open_timeouts=self.open_timeouts,
+            pings_sent=self.pings_sent,
             stall_resets=self.stall_resets,
             transport_bytes_received=self.bytes_received,
             transport_bytes_sent=self.bytes_sent,
@@ -1018,7 +1210,99 @@ class MuxConnection:
             await trio.aclose_forcefully(self.transport)
             self._closed.set()
 
+    # -- for MuxStream: its requests to the session ---------------------------------------
+
+    def send_room(self, stream_id: int) -> int:
+        """Bytes the session may take for the stream now; <= 0 means wait (see module docs)."""
+        session = self._session
+        pending = session.pending_bytes(stream_id)
+        room = min(SEND_HIGH_WATER, SEND_LOW_WATER + session.send_credit(stream_id)) - pending
+        if pending and room < SEND_MIN_ROOM:
+            return 0
+        return room
+
+    def unsent(self, stream_id: int) -> int:
+        """Bytes queued on the stream that the session has not framed yet."""
+        return self._session.pending_bytes(stream_id)
+
+    def watch_send_room(self, stream: MuxStream) -> None:
+        """Call ``stream.wake_sender()`` once the stream has send room again."""
+        self._blocked.add(stream)
+
+    def queue_data(self, stream_id: int, data: bytes | memoryview) -> None:
+        """Queue stream bytes (within :meth:`send_room`) and wake the writer."""
+        self._session.send_data(stream_id, data)
+        self._senders.add(stream_id)
+        ev = self._activity_waiter
+        if ev is not None:
+            self._activity_waiter = None
+            ev.set()
+        self._flush_or_wake()
+
+    def queue_fin(self, stream: MuxStream) -> None:
+        """Queue the stream's FIN (after its data) and wake the writer."""
+        self._session.end_stream(stream.stream_id)
+        self._flush_or_wake()
+        self.forget_if_finished(stream)
+
+    def accept_open(self, stream_id: int) -> None:
+        """Queue OPEN_ACK for a stream the peer opened."""
+        self._session.accept_stream(stream_id)
+        self._flush_or_wake()
+
+    def reject_open(self, stream: MuxStream, reason: OpenFailReason, message: str) -> None:
+        """Queue OPEN_FAIL for a stream the peer opened (if still possible); forget it."""
+        if self.usable:
+            self._session.reject_stream(stream.stream_id, reason, message)
+            self._wake_writer()
+        self.forget(stream)
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """Return the credit of ``n`` bytes the application consumed (spec §8.5)."""
+        if n and not self._session.closed:
+            self._session.acknowledge(stream_id, n, trio.current_time())
+            if self._session.wants_write():
+                self._wake_writer()
+
+    def reset_stream(self, stream: MuxStream, failure: StreamFailure) -> None:
+        """Queue RESET(``failure.code``) for the stream, fail it and forget it."""
+        if self.usable:
+            self._session.reset_stream(stream.stream_id, failure.code)
+            self._wake_writer()
+        stream.fail(failure)
+        self.forget(stream)
+
+    def forget(self, stream: MuxStream) -> None:
+        """Drop a finished or failed stream from the connection's tables."""
+        if self._streams.pop(stream.stream_id, None) is not None:
+            self._wake_slot()
+        self._blocked.discard(stream)
+
+    def forget_if_finished(self, stream: MuxStream) -> None:
+        """Forget the stream once both FINs went (ours queued, the peer's received)."""
+        if stream.receive_finished and stream.send_finished:
+            self.forget(stream)
+
+    def ended_error(self) -> MuxSessionClosedError:
+        """The error for stream I/O once the connection is no longer usable."""
+        return MuxSessionClosedError(
+            f"{self.name}: connection ended ({self.close_reason or 'closing'})", self.close_code
+        )
+
     # -- internals: wakeups --------------------------------------------------------------
+
+    def _queued(self) -> None:
+        """A control frame was queued: wake the writer; a session it closed ends the connection."""
+        if self._session.closed and not self._closing.is_set():
+            self._begin_close("session closed", self.close_code)
+        self._wake_writer()
+
+    def _ping(self, now: float) -> None:
+        """Queue a PING (unless 4 are outstanding) and note when."""
+        if self.usable and self._session.ping(now) is not None:
+            self.pings_sent += 1
+            self._wake_writer()
+        self._last_ping = now
 
     def _wake_writer(self) -> None:
         ev = self._writer_waiter
@@ -1026,45 +1310,62 @@ class MuxConnection:
             self._writer_waiter = None
             ev.set()
 
+    def _flush_or_wake(self) -> None:
+        """Send what the session has queued right here if the writer is idle, else wake it.
+
+        An idle writer (parked on its event, nothing in flight) means no bulk is queued ahead:
+        the frames go straight to the socket from the calling task (``TLSStream.send_nowait``,
+        no waiting, no task hop). What the socket does not take, and everything while the
+        writer is busy, is left to the writer task, which keeps the order.
+        """
+        transport = self._fast_transport
+        ev = self._writer_waiter
+        if (
+            transport is None
+            or ev is None
+            or self._dead is not None
+            or self._closing.is_set()
+            or not transport.can_send_nowait
+        ):
+            self._wake_writer()
+            return
+        senders = self._senders
+        out = self._session.data_to_send(BULK_WRITE_BATCH if len(senders) <= 1 else WRITE_BATCH)
+        senders.clear()
+        if not out:
+            return
+        if self._blocked:
+            self._release_blocked()
+        self.bytes_sent += len(out)
+        if not transport.send_nowait(out):
+            self._wake_writer()  # sends the rest (or reports the error)
+
     def _wake_slot(self) -> None:
         ev = self._slot_waiter
         if ev is not None:
             self._slot_waiter = None
             ev.set()
 
-    def _acknowledge(self, stream_id: int, n: int) -> None:
-        if n and not self._session.closed:
-            self._session.acknowledge(stream_id, n, trio.current_time())
-            if self._session.wants_write():
-                self._wake_writer()
-
-    def _reset(self, stream: MuxStream, code: ErrorCode, message: str) -> None:
-        if self.usable:
-            self._session.reset_stream(stream.stream_id, code)
-            self._wake_writer()
-        stream._fail("reset", code, message)
-        self._forget(stream)
-
-    def _forget(self, stream: MuxStream) -> None:
-        if self._streams.pop(stream.stream_id, None) is not None:
-            self._wake_slot()
-        self._blocked.discard(stream)
-
-    def _maybe_forget(self, stream: MuxStream) -> None:
-        if stream._recv_eof and stream._eof_sent:
-            self._forget(stream)
-
-    def _ended_message(self) -> str:
-        return f"{self.name}: connection ended ({self.close_reason or 'closing'})"
-
     # -- internals: tasks ----------------------------------------------------------------
 
     async def _writer_loop(self) -> None:
         session = self._session
         transport = self.transport
+        drain = False
         while True:
             if self._dead is not None:
                 return
+            if drain and DRAIN_BEFORE_BATCH:
+                # After a big batch: wait until the kernel's unsent bytes are below trio's
+                # TCP_NOTSENT_LOWAT before taking the next batch, so bulk queues in the session
+                # (where the scheduler orders it) and not in the socket's FIFO, ahead of an
+                # interactive frame.
+                drain = False
+                try:
+                    await transport.wait_send_all_might_not_block()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._mark_dead(f"transport write failed: {exc!r}")
+                    return
             senders = self._senders
             out = session.data_to_send(BULK_WRITE_BATCH if len(senders) <= 1 else WRITE_BATCH)
             senders.clear()
@@ -1080,6 +1381,20 @@ class MuxConnection:
                     self._mark_dead("write cancelled")
                     raise
                 self.bytes_sent += len(out)
+                # Only with other streams open: a lone bulk stream keeps the kernel full.
+                drain = len(out) >= DRAIN_THRESHOLD and len(self._streams) > 1
+                continue
+            fast = self._fast_transport
+            if fast is not None and fast.backlog:
+                # What ``send_nowait`` left over goes out first (``send_all`` sends it).
+                try:
+                    await transport.send_all(b"")
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._mark_dead(f"transport write failed: {exc!r}")
+                    return
+                except trio.Cancelled:
+                    self._mark_dead("write cancelled")
+                    raise
                 continue
             if self._blocked:
                 self._release_blocked()
@@ -1092,10 +1407,11 @@ class MuxConnection:
             await ev.wait()
 
     def _release_blocked(self) -> None:
-        ready = [s for s in self._blocked if s._room() > 0]
+        room = self.send_room
+        ready = [s for s in self._blocked if room(s.stream_id) > 0]
         for stream in ready:
             self._blocked.discard(stream)
-            stream._writable()
+            stream.wake_sender()
 
     async def _reader_loop(self) -> None:
         transport = self.transport
@@ -1144,7 +1460,7 @@ class MuxConnection:
                 self._begin_close(self.close_reason or "session closed", self.close_code)
             return False
         if session.wants_write():
-            self._wake_writer()
+            self._flush_or_wake()
         return True
 
     async def _keepalive_loop(self) -> None:
@@ -1165,22 +1481,24 @@ class MuxConnection:
                 return
             ping_at = max(self._last_receive, self._last_ping) + idle / 4
             if now >= ping_at:
-                if self.usable and self._session.ping(now) is not None:
-                    self._wake_writer()
-                self._last_ping = now
+                self._ping(now)
                 ping_at = now + idle / 4
             await trio.sleep_until(min(ping_at, self._last_receive + idle))
 
     async def _rtt_sampler(self) -> None:
-        seen = self.bytes_received
+        """While streams carry data, PING at most every RTT_SAMPLE_INTERVAL (spec §10.1).
+
+        Waits for the first DATA sent or received, pings at once unless a PING (keepalive,
+        probe, the previous sample) went out within the interval, then sleeps out the
+        interval. An idle session therefore sends only the keepalive's PINGs.
+        """
         while not self.closed:
-            await trio.sleep(RTT_SAMPLE_INTERVAL)
-            if self.bytes_received != seen and self.usable:
-                seen = self.bytes_received
-                now = trio.current_time()
-                if self._session.ping(now) is not None:
-                    self._last_ping = now
-                    self._wake_writer()
+            ev = self._activity_waiter = trio.Event()
+            await ev.wait()
+            now = trio.current_time()
+            if now - self._last_ping >= RTT_SAMPLE_INTERVAL:
+                self._ping(now)
+            await trio.sleep_until(self._last_ping + RTT_SAMPLE_INTERVAL)
 
     async def _timer_loop(self) -> None:
         """Enforce ``open_timeout`` and ``stall_timeout`` (see the class docstring)."""
@@ -1193,7 +1511,7 @@ class MuxConnection:
             while deadlines and deadlines[0][0] <= now:
                 _, sid = deadlines.popleft()
                 stream = self._streams.get(sid)
-                if stream is not None and stream._pending and stream._failure is None:
+                if stream is not None and stream.pending:
                     self.open_timeouts += 1
                     logger.info(
                         "%s: stream %d: no answer to OPEN within %.0f s; reset",
@@ -1232,7 +1550,10 @@ class MuxConnection:
             )
             stream = self._streams.get(sid)
             if stream is not None:
-                stream.reset(ErrorCode.CANCEL, "stalled: received data not consumed")
+                failure = StreamFailure(
+                    FailureKind.STALLED, ErrorCode.CANCEL, "received data not consumed"
+                )
+                stream.reset_with(failure)
             if session.stream_is_open(sid):
                 session.reset_stream(sid, ErrorCode.CANCEL)
                 self._wake_writer()
@@ -1252,7 +1573,7 @@ class MuxConnection:
         self._fail_streams()
         self._wake_writer()
         self._wake_slot()
-        for ev in (self._keepalive_waiter, self._timer_waiter):
+        for ev in (self._keepalive_waiter, self._timer_waiter, self._activity_waiter):
             if ev is not None:
                 ev.set()
 
@@ -1263,9 +1584,13 @@ class MuxConnection:
 
     def _fail_streams(self) -> None:
         """The session is gone: every stream still in the table fails (buffered data stays)."""
-        code = self.close_code or ErrorCode.INTERNAL_ERROR
+        failure = StreamFailure(
+            FailureKind.SESSION,
+            self.close_code or ErrorCode.INTERNAL_ERROR,
+            f"connection ended ({self.close_reason})",
+        )
         for stream in list(self._streams.values()):
-            stream._fail("session", code, f"connection ended ({self.close_reason})")
+            stream.fail(failure)
         self._streams.clear()
         self._blocked.clear()
         self._wake_slot()
@@ -1276,7 +1601,9 @@ class MuxConnection:
             self.close_reason = "connection task ended"
         self._closing.set()
         self._fail_streams()
-        code = self.close_code or ErrorCode.INTERNAL_ERROR
+        failure = StreamFailure(
+            FailureKind.SESSION, self.close_code or ErrorCode.INTERNAL_ERROR, "connection ended"
+        )
         self._control_send.close()
         self._incoming_send.close()
         # Streams the peer opened that nobody picked up are dropped with the connection.
@@ -1285,7 +1612,7 @@ class MuxConnection:
                 orphan = self._incoming_recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            orphan._fail("session", code, "connection ended")
+            orphan.fail(failure)
 
     # -- event handlers (called by the reader; never block) ------------------------------
 
@@ -1293,9 +1620,13 @@ class MuxConnection:
         stream = self._streams.get(event.stream_id)
         if stream is None:
             # The stream is gone on our side: discard, but credit the connection window (protocol-spec §9.6).
-            self._acknowledge(event.stream_id, len(event.data))
+            self.acknowledge(event.stream_id, len(event.data))
             return
-        stream._on_data(event.data)
+        ev = self._activity_waiter
+        if ev is not None:
+            self._activity_waiter = None
+            ev.set()
+        stream.deliver_data(event.data)
 
     def _on_window(self, event: WindowUpdated) -> None:
         self._wake_writer()
@@ -1303,15 +1634,16 @@ class MuxConnection:
     def _on_end(self, event: StreamEnded) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
-            stream._on_end()
-            self._maybe_forget(stream)
+            stream.deliver_eof()
+            self.forget_if_finished(stream)
 
     def _on_reset(self, event: StreamReset) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
             who = "peer" if event.remote else "session"
-            stream._fail("reset", event.error_code, f"reset by {who} ({event.error_code.name})")
-            self._forget(stream)
+            text = f"reset by {who} ({event.error_code.name})"
+            stream.fail(StreamFailure(FailureKind.RESET, event.error_code, text))
+            self.forget(stream)
         else:
             self._wake_slot()
 
@@ -1331,7 +1663,7 @@ class MuxConnection:
     def _on_accepted(self, event: StreamAccepted) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
-            stream._on_accepted()
+            stream.deliver_accepted()
         self._wake_slot()
 
     def _on_rejected(self, event: StreamRejected) -> None:
@@ -1342,8 +1674,11 @@ class MuxConnection:
             except ValueError:
                 reason_name = str(event.reason)
             text = f"open refused by peer: {reason_name}{': ' + event.message if event.message else ''}"
-            stream._fail("rejected", ErrorCode.REFUSED_STREAM, text, event.reason)
-            self._forget(stream)
+            failure = StreamFailure(
+                FailureKind.REJECTED, ErrorCode.REFUSED_STREAM, text, event.reason, event.message
+            )
+            stream.fail(failure)
+            self.forget(stream)
         self._wake_slot()
 
     def _on_hello(self, event: HelloReceived) -> None:
@@ -1351,14 +1686,11 @@ class MuxConnection:
         ev = self._keepalive_waiter
         if ev is not None:
             ev.set()
-        # An RTT sample from the start, so window auto-tuning can begin early (protocol-spec §8.6).
-        now = trio.current_time()
-        if self.usable and self._session.ping(now) is not None:
-            self._last_ping = now
+        # One RTT sample from the start, so window auto-tuning can begin early (spec §8.6).
+        self._ping(trio.current_time())
         self._control_send.send_nowait(event)
 
     def _on_pong(self, event: PongReceived) -> None:
-        self.rtt = self._session.rtt
         if self.on_rtt is not None:
             self.on_rtt(event.rtt)
 

@@ -1,8 +1,11 @@
 """The one exception hierarchy of muxtunnel.
 
 Every error that muxtunnel raises on purpose derives from :class:`MuxtunnelError`.
-Peer faults on the wire are :class:`ProtocolError` subclasses and carry the wire error
-code (``protocol-spec.md`` §11) that the session sent to the peer in its CLOSE frame.
+As in h11, the sans-IO session tells the two kinds of protocol fault apart: the *peer's*
+faults on the wire are :class:`ProtocolError` subclasses (alias :data:`RemoteProtocolError`)
+and carry the wire error code (``protocol-spec.md`` §11) that the session sent to the peer in
+its CLOSE frame; *our own* misuse of the session (a call the current state does not allow)
+is a :class:`LocalProtocolError`, raised before anything is queued, with no wire code.
 Each class also names the process exit code the CLI uses when it ends a command.
 
 This module imports nothing from trio, ssl or socket, so the sans-IO core may use it.
@@ -23,10 +26,12 @@ __all__ = [
     "FrameSizeError",
     "HandshakeError",
     "IdentityMismatchError",
+    "LocalProtocolError",
     "MuxtunnelError",
     "NotARelayError",
     "PrefaceError",
     "ProtocolError",
+    "RemoteProtocolError",
     "SessionClosedError",
     "StateFileError",
     "StreamLimitError",
@@ -108,6 +113,18 @@ class ProtocolError(MuxtunnelError):
         super().__init__(message)
         if error_code is not None:
             self.error_code = error_code
+
+
+#: The h11 name of :class:`ProtocolError`: a fault of the peer.
+RemoteProtocolError = ProtocolError
+
+
+class LocalProtocolError(MuxtunnelError, ValueError):
+    """Our own misuse of the session: the call is not allowed in the current state.
+
+    Nothing was queued and the session is unchanged. (A ``ValueError`` too, since the
+    arguments do not fit the session's state; plainly bad arguments raise ``ValueError``.)
+    """
 
 
 class FrameSizeError(ProtocolError):

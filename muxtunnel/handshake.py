@@ -88,9 +88,7 @@ async def authenticate_client(conn: MuxConnection, entries: Sequence[TokenEntry]
         HandshakeError: The connection ended before AUTH.
     """
     nonce = secrets.token_bytes(AUTH_NONCE_SIZE)
-    session = conn.session
-    session.send_challenge(nonce)
-    conn.wake_writer()
+    conn.send_challenge(nonce)
     while True:
         try:
             event = await conn.next_control_event()
@@ -103,17 +101,15 @@ async def authenticate_client(conn: MuxConnection, entries: Sequence[TokenEntry]
                 f"peer closed the connection before authentication ({event.error_code.name})"
             )
     if event.method not in _METHODS:
-        session.send_result(
-            event.req_id, ResultStatus.UNSUPPORTED_METHOD, "unsupported auth method"
-        )
+        conn.send_result(event.req_id, ResultStatus.UNSUPPORTED_METHOD, "unsupported auth method")
         conn.close(ErrorCode.AUTH_FAILED, "unsupported auth method")
         raise AuthError(f"unsupported auth method {event.method}")
     entry = match_entry(entries, event.method, nonce, event.credential)
     if entry is None:
-        session.send_result(event.req_id, ResultStatus.AUTH_FAILED, "authentication failed")
+        conn.send_result(event.req_id, ResultStatus.AUTH_FAILED, "authentication failed")
         conn.close(ErrorCode.AUTH_FAILED, "authentication failed")
         raise AuthError("wrong token")
-    session.send_result(event.req_id, ResultStatus.OK, "")
+    conn.send_result(event.req_id, ResultStatus.OK, "")
     # The session held the frames pipelined after AUTH (BINDs ...): process them now.
     conn.process_held()
     return entry
@@ -168,7 +164,6 @@ async def client_handshake(
         AuthError: The relay refused the token.
         HandshakeError: The connection ended or the relay answered nonsense.
     """
-    session = conn.session
     while True:
         try:
             event = await conn.next_control_event()
@@ -182,18 +177,17 @@ async def client_handshake(
             raise HandshakeError(
                 f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
-    method = AuthMethod.HMAC_SHA256_STORED_KEY if session.minor >= 1 else AuthMethod.HMAC_SHA256
-    session.send_auth(AUTH_REQ_ID, method, make_credential(token, event.nonce, method))
+    method = AuthMethod.HMAC_SHA256_STORED_KEY if conn.minor >= 1 else AuthMethod.HMAC_SHA256
+    conn.send_auth(AUTH_REQ_ID, method, make_credential(token, event.nonce, method))
     requests: dict[int, tuple[int, int]] = {}
     for index, (tunnel_id, port, options) in enumerate(binds):
         req_id = AUTH_REQ_ID + 1 + index
         requests[req_id] = (tunnel_id, port)
         bind = Address(None, 0) if port == 0 else Address("0.0.0.0", port)
         if options is None:
-            session.send_bind(req_id, tunnel_id, bind)
+            conn.send_bind(req_id, tunnel_id, bind)
         else:
-            session.send_bind(req_id, tunnel_id, bind, options=options)
-    conn.wake_writer()
+            conn.send_bind(req_id, tunnel_id, bind, options=options)
     outcomes: dict[int, BindOutcome] = {}
     authenticated = False
     while not authenticated or len(outcomes) < len(requests):

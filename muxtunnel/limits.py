@@ -209,7 +209,7 @@ class OpenShares:
         self._total = 0
 
     def _limit(self) -> int:
-        peer = self._conn.session.peer_settings
+        peer = self._conn.peer_settings
         return peer.max_pending_opens if peer is not None else 128
 
     def held(self, tunnel_id: int) -> int:

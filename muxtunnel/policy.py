@@ -13,7 +13,6 @@ lists, bandwidth limits, PROXY protocol headers and metrics are later subclasses
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -50,8 +49,6 @@ class StreamInfo:
     target: Address
     #: ``trio.current_time()`` when the stream was opened or announced.
     started: float
-    #: Wall-clock time (``time.time()``) of the same moment, for logs.
-    started_wall: float = field(default_factory=time.time)
     #: Payload bytes received from the peer and handed to the application.
     bytes_in: int = 0
     #: Payload bytes the application gave to the stream for the peer.

@@ -141,7 +141,7 @@ class PrivateTunnels:
             return
         name = event.options.name or event.options.visit or ""
         if status == ResultStatus.OK:
-            conn.session.send_result(event.req_id, status, "", Address(name, 0))
+            conn.send_result(event.req_id, status, "", Address(name, 0))
         else:
             logger.log(
                 logging.INFO if status == ResultStatus.LIMIT_REACHED else logging.WARNING,
@@ -154,8 +154,7 @@ class PrivateTunnels:
                 message,
                 extra={"ratelimit_key": rs.token.name},
             )
-            conn.session.send_result(event.req_id, status, message)
-        conn.wake_writer()
+            conn.send_result(event.req_id, status, message)
 
     async def _bind(self, rs: RelaySession, event: BindRequested) -> tuple[ResultStatus, str]:
         options = event.options
@@ -255,8 +254,7 @@ class PrivateTunnels:
             return False
         self._drop_tunnel(rs, event.tunnel_id, "unbound by the client")
         if event.req_id != 0:
-            rs.conn.session.send_result(event.req_id, ResultStatus.OK, "")
-            rs.conn.wake_writer()
+            rs.conn.send_result(event.req_id, ResultStatus.OK, "")
         return True
 
     def session_ended(self, rs: RelaySession) -> None:
@@ -521,9 +519,7 @@ class PrivateTunnels:
             reason = OpenFailReason(exc.reason)
         except ValueError:
             reason = OpenFailReason.REFUSED
-        # "stream N: open refused by peer: REASON: text" -> "text"
-        text = str(exc).partition("open refused by peer: ")[2]
-        text = text.partition(": ")[2] or reason.name
+        text = exc.detail or reason.name
         message = f"private tunnel {name}: {peer_text(text, MESSAGE_LIMIT)}"
         logger.info(
             "client %s: visit stream %d to %s refused by the publisher: %s",

@@ -528,17 +528,9 @@ def rows_for(mismatches: list[str] | None = None) -> list[tuple[str, str, list[R
 
 def _bench_rows(path: str) -> list[Row]:
     """A command that passes its arguments on (``bench``): its own parser's options."""
-    try:
-        from muxtunnel import benchsuite
-    except ImportError:  # pragma: no cover - the suite ships with the package
-        return []
-    make = getattr(benchsuite, "_parser", None)
-    if make is None:  # pragma: no cover - the suite moved to typer options
-        return []
-    parser = make()
-    if not isinstance(parser, argparse.ArgumentParser):  # pragma: no cover
-        return []
-    return _argparse_rows(parser)
+    from muxtunnel import benchsuite
+
+    return _argparse_rows(benchsuite._parser())
 
 
 def _file_only_rows(ctx: _Context, keys: Iterable[str], help_by_key: dict[str, str]) -> list[Row]:

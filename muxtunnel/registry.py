@@ -25,12 +25,19 @@ searched. A new listener also needs room in the relay's
 A lease also keeps what belongs to the tunnel rather than to one session: the visitor rule of
 its BIND (ALLOW/DENY options, protocol-spec.md §6.12), the count of visitors refused, and the
 tunnel's bandwidth buckets.
+
+Leases outlive the relay process (protocol-spec.md §10.5): every change calls ``on_change``
+(the relay writes :meth:`PortRegistry.records` to its state dir, :mod:`muxtunnel.leasestore`)
+and a starting relay binds the stored ports again with :meth:`PortRegistry.restore`, as
+detached leases. Another token asking for a port held for a token is refused with
+ADDRESS_IN_USE ``port N is reserved for another token for N s``; port 0 never picks it.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import random
 import weakref
 from dataclasses import dataclass, field
@@ -40,10 +47,11 @@ import trio
 
 from muxtunnel.access import AddressRule, clip_ports, format_ports
 from muxtunnel.bandwidth import DuplexMeter
+from muxtunnel.leasestore import StoredLease
 from muxtunnel.protocol.constants import ResultStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable, Mapping
 
     from muxtunnel.limits import DescriptorBudget
 
@@ -149,6 +157,12 @@ class PortRegistry:
         #: The same leases by token (port -> lease), attached and detached.
         self._by_token: dict[str, dict[int, PortLease]] = {}
         self._probes: weakref.WeakKeyDictionary[LeaseOwner, _Probe] = weakref.WeakKeyDictionary()
+        #: Called after every change of a lease (owner, tunnel id, expiry, added, released).
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def held_by(self, token_id: str) -> int:
         """How many ports ``token_id`` holds (bound or kept for a gone session)."""
@@ -218,6 +232,13 @@ class PortRegistry:
             if lease is not None:
                 if await self._can_take(lease, owner):
                     return self._attach(lease, owner, tunnel_id)
+                if lease.token_id != owner.token_id and (
+                    lease.owner is None or not lease.owner.alive
+                ):
+                    raise BindError(
+                        ResultStatus.ADDRESS_IN_USE,
+                        f"port {port} is reserved for another token for {self._left(lease)} s",
+                    )
                 raise BindError(
                     ResultStatus.ADDRESS_IN_USE, f"port {port} is in use by another client"
                 )
@@ -238,6 +259,12 @@ class PortRegistry:
                 return self._attach(lease, owner, tunnel_id)
         self._check_new(owner, limit)
         return self._attach(await self._bind_any(owner, tunnel_id, ports, limit), owner, tunnel_id)
+
+    def _left(self, lease: PortLease) -> int:
+        """Whole seconds until a detached lease expires (at least 1)."""
+        if lease.expires_at is None:
+            return max(1, math.ceil(self.lease_seconds))
+        return max(1, math.ceil(lease.expires_at - self._clock()))
 
     def _check_token_limit(self, owner: LeaseOwner, limit: int | None) -> None:
         if limit is not None and self.held_by(owner.token_id) >= limit:
@@ -287,6 +314,7 @@ class PortRegistry:
         lease.expires_at = None
         lease.changed.set()
         lease.changed = trio.Event()
+        self._changed()
         return lease
 
     async def _open(self, port: int) -> list[trio.SocketListener]:
@@ -314,9 +342,12 @@ class PortRegistry:
             for listener in listeners:
                 listener.socket.close()
             raise
-        lease = PortLease(port, owner.token_id, tunnel_id, listeners)
-        self.leases[port] = lease
-        self._by_token.setdefault(owner.token_id, {})[port] = lease
+        return self._add(PortLease(port, owner.token_id, tunnel_id, listeners))
+
+    def _add(self, lease: PortLease) -> PortLease:
+        self.leases[lease.port] = lease
+        self._by_token.setdefault(lease.token_id, {})[lease.port] = lease
+        self._changed()
         return lease
 
     async def _bind_any(
@@ -376,6 +407,7 @@ class PortRegistry:
         lease.expires_at = self._clock() + self.lease_seconds
         lease.changed.set()
         lease.changed = trio.Event()
+        self._changed()
         logger.info("port %d kept for its token for %.0f s", lease.port, self.lease_seconds)
 
     def release(self, lease: PortLease, owner: LeaseOwner | None = None) -> None:
@@ -392,6 +424,7 @@ class PortRegistry:
                 del mine[lease.port]
                 if not mine:
                     del self._by_token[lease.token_id]
+            self._changed()
         lease.owner = None
         lease.close()
         lease.changed.set()
@@ -411,6 +444,63 @@ class PortRegistry:
         return nxt
 
     def close_all(self) -> None:
-        """Release every lease (relay shutdown)."""
+        """Release every lease (relay shutdown); set ``on_change`` to None first to keep them
+        on disk."""
         for lease in list(self.leases.values()):
             self.release(lease)
+
+    def close_listeners(self) -> None:
+        """Stop taking visitors on every port (shutdown drain) but keep the leases: sessions
+        still detach from them, so the stored leases run from the end of each session."""
+        for lease in self.leases.values():
+            lease.close()
+
+    # -- persistence ---------------------------------------------------------------------
+
+    def records(self, wall: float, keys: Mapping[str, str]) -> list[StoredLease]:
+        """Every lease as stored on disk, with ``wall`` = ``time.time()`` now and ``keys``
+        the :func:`~muxtunnel.leasestore.key_id` of each token's stored key."""
+        offset = wall - self._clock()
+        host = self.bind_host
+        return [
+            StoredLease(
+                lease.port,
+                lease.token_id,
+                keys.get(lease.token_id, "-"),
+                host,
+                lease.tunnel_id,
+                None if lease.expires_at is None else lease.expires_at + offset,
+            )
+            for lease in self.leases.values()
+        ]
+
+    async def restore(self, records: Iterable[StoredLease], wall: float) -> list[str]:
+        """Bind the ports of ``records`` again as detached leases (relay start).
+
+        A lease stored while a session held it (``expires`` None) runs ``lease_seconds`` from
+        now; no lease runs longer than that. Returns why ports could not be bound again
+        (``"20001: address in use"``), one entry per port; the others are restored.
+        """
+        failed: list[str] = []
+        for record in records:
+            port = record.port
+            if port in self.leases:
+                failed.append(f"{port}: listed twice")
+                continue
+            if self.descriptors is not None and not self.descriptors.room(2):
+                failed.append(f"{port}: short of file descriptors")
+                continue
+            try:
+                listeners = await self._open(port)
+            except OSError as exc:
+                failed.append(f"{port}: {exc.strerror or exc}")
+                continue
+            if self.descriptors is not None:
+                self.descriptors.opened(len(listeners))
+            left = self.lease_seconds
+            if record.expires is not None:
+                left = min(left, record.expires - wall)
+            lease = PortLease(port, record.token, record.tunnel_id, listeners)
+            lease.expires_at = self._clock() + max(0.0, left)
+            self._add(lease)
+        return failed

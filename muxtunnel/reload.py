@@ -159,9 +159,12 @@ def apply_reload(relay: _Relay, new: ServerConfig) -> str:
         elif rs.alive:
             _revoke(relay, rs)
             closed += 1
-    # Ports kept for a gone session of a removed token: free now, not after the lease.
+    # Ports kept for a gone session of a removed (or re-keyed) token: free now, not after
+    # the lease (and dropped from the state dir's leases file).
     for lease in list(relay.registry.leases.values()):
-        if lease.token_id not in entries:
+        entry = entries.get(lease.token_id)
+        previous = old_entries.get(lease.token_id)
+        if entry is None or (previous is not None and previous.stored_key != entry.stored_key):
             relay.registry.release(lease)
 
     added = sorted(set(entries) - set(old_entries))

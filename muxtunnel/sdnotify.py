@@ -69,11 +69,6 @@ class Notifier:
         self._failed = False
         self._last_status: str | None = None
 
-    @property
-    def enabled(self) -> bool:
-        """True when ``$NOTIFY_SOCKET`` names a socket."""
-        return self.address is not None
-
     def send(self, *assignments: str, wait: float = 0.0) -> bool:
         """Send ``KEY=VALUE`` assignments in one datagram; False if it could not be sent.
 

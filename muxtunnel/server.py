@@ -24,10 +24,12 @@ its accept loops, let open streams finish for up to ``drain_timeout``, then CLOS
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import socket
 import struct
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -52,6 +54,7 @@ from muxtunnel.connection import (
 )
 from muxtunnel.errors import AuthError, ConfigError, ErrorCode, HandshakeError
 from muxtunnel.handshake import authenticate_client
+from muxtunnel.leasestore import LEASES_FILE_NAME, LeaseStore, key_id, select
 from muxtunnel.limits import (
     DescriptorBudget,
     OpenShares,
@@ -60,11 +63,12 @@ from muxtunnel.limits import (
     reset_connection,
 )
 from muxtunnel.logsafe import peer_text
+from muxtunnel.netopts import cap_retransmit_timeout
 from muxtunnel.policy import DEFAULT_POLICY, StreamInfo, StreamPolicy
 from muxtunnel.preflight import listen_error
 from muxtunnel.private import PrivateTunnels
 from muxtunnel.protocol.constants import ALPN, OpenFailReason, ResultStatus, Role, TunnelProto
-from muxtunnel.protocol.events import BindRequested, UnbindReceived
+from muxtunnel.protocol.events import BindRequested, GoAwayReceived, UnbindReceived
 from muxtunnel.protocol.frames import Address
 from muxtunnel.registry import BindError, PortLease, PortRegistry
 from muxtunnel.relaypolicy import RelayPolicy, StreamLimits
@@ -77,6 +81,8 @@ from muxtunnel.tlsstream import RECEIVE_SIZE as TLS_RECEIVE_SIZE, TLSStream
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable
+
+    from muxtunnel.leasestore import StoredLease
 
 __all__ = ["RelaySession", "ServerInfo", "serve"]
 
@@ -144,6 +150,8 @@ class RelaySession:
         self.tunnels: dict[int, PortLease] = {}
         self.active_streams = 0
         self.draining = False
+        #: The client sent GOAWAY: its ports and names went back to its token (§10.2).
+        self.client_draining = False
         #: Fair share of the client's pending-open slots between the tunnels.
         self.shares = OpenShares(conn)
         #: One log line per interval for visitors refused by a limit.
@@ -228,14 +236,26 @@ class RelaySession:
                 await self._bind(event, nursery)
             elif isinstance(event, UnbindReceived):
                 self._unbind(event)
+            elif isinstance(event, GoAwayReceived):
+                self._client_draining()
+
+    def _client_draining(self) -> None:
+        """The client sent GOAWAY (protocol-spec.md §10.2 item 9): it takes no new stream, so
+        its ports and private names go back to its token at once, as if the session had
+        ended (a new session of the token gets them without a liveness probe); the session's
+        open streams go on."""
+        if self.client_draining:
+            return
+        self.client_draining = True
+        for lease in self.tunnels.values():
+            self.relay.registry.detach(lease, self)
+        self.relay.private.session_ended(self)
 
     def bind_precheck(self, event: BindRequested) -> tuple[ResultStatus, str] | None:
         """The checks every BIND gets first, in the order of protocol-spec.md §7.2 item 4
         (public, private and visit binds alike); the refusal, or None."""
         config = self.relay.config
         tunnel_id = event.tunnel_id
-        if self.draining:
-            return ResultStatus.DENIED, "relay is shutting down"
         if tunnel_id == 0:
             return ResultStatus.MALFORMED, "tunnel id 0 is reserved"
         if tunnel_id in self.tunnels or self.relay.private.owns(self, tunnel_id):
@@ -248,10 +268,24 @@ class RelaySession:
                 ResultStatus.MALFORMED,
                 f"unsupported BIND option 0x{event.options.unknown[0]:02x}",
             )
+        if event.options.visit is not None and (event.options.allow or event.options.deny):
+            return ResultStatus.MALFORMED, "ALLOW and DENY do not apply to a VISIT bind"
         if len(self.tunnels) + self.relay.private.count(self) >= config.max_tunnels_per_client:
             return (
                 ResultStatus.LIMIT_REACHED,
                 f"at most {config.max_tunnels_per_client} tunnels per client",
+            )
+        # Policy (DENIED) from here on; port range and port use come after (the callers).
+        if self.draining:
+            return ResultStatus.DENIED, "relay is shutting down"
+        if self.client_draining:
+            return ResultStatus.DENIED, "this session is going away (the client sent GOAWAY)"
+        host = event.bind.host
+        if host is not None and not _same_host(host, config.bind_host):
+            # This relay binds on its configured host only (protocol-spec.md §7.2 item 3).
+            return (
+                ResultStatus.DENIED,
+                f"this relay binds tunnels on {config.bind_host} only, not on {peer_text(host)}",
             )
         return None
 
@@ -261,7 +295,7 @@ class RelaySession:
             await self.relay.private.bind(self, event)
             return
         config = self.relay.config
-        session = self.conn.session
+        conn = self.conn
         token = self.token
         policy = token.policy
         options = event.options
@@ -303,18 +337,14 @@ class RelaySession:
                 message,
                 extra={"ratelimit_key": self.token_id},
             )
-            session.send_result(event.req_id, status, message)
-            self.conn.wake_writer()
+            conn.send_result(event.req_id, status, message)
             return
         lease.access = AddressRule(options.allow, options.deny)
         self.tunnels[event.tunnel_id] = lease
         if self.stats is not None:
             self.stats.add_tunnel(event.tunnel_id, format_host_port(config.bind_host, lease.port))
         await nursery.start(self._accept_loop, lease, nursery)
-        session.send_result(
-            event.req_id, ResultStatus.OK, "", Address(config.bind_host, lease.port)
-        )
-        self.conn.wake_writer()
+        conn.send_result(event.req_id, ResultStatus.OK, "", Address(config.bind_host, lease.port))
         logger.info(
             "client %s: tunnel %d bound on %s",
             self.peer,
@@ -331,16 +361,13 @@ class RelaySession:
         if event.req_id == 0:
             return
         if lease is None:
-            self.conn.session.send_result(
-                event.req_id, ResultStatus.UNKNOWN_TUNNEL, "no such tunnel"
-            )
+            self.conn.send_result(event.req_id, ResultStatus.UNKNOWN_TUNNEL, "no such tunnel")
         else:
             self.relay.registry.release(lease, self)
-            self.conn.session.send_result(event.req_id, ResultStatus.OK, "")
+            self.conn.send_result(event.req_id, ResultStatus.OK, "")
             logger.info(
                 "client %s: tunnel %d on port %d released", self.peer, event.tunnel_id, lease.port
             )
-        self.conn.wake_writer()
 
     async def _accept_loop(
         self,
@@ -529,6 +556,21 @@ class RelaySession:
             )
 
 
+def _same_host(host: str, bind_host: str) -> bool:
+    """True if a BIND's ``host`` means the relay's ``bind_host``: an unspecified address
+    (0.0.0.0, ::), or the same address or name (protocol-spec.md §7.2 item 3)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower() == bind_host.lower()
+    if address.is_unspecified:
+        return True
+    try:
+        return address == ipaddress.ip_address(bind_host)
+    except ValueError:
+        return False
+
+
 def _open_fail_name(reason: int | None) -> str:
     """The name of an OPEN_FAIL reason (``OTHER`` for a code this version does not know)."""
     try:
@@ -656,6 +698,51 @@ class _Relay:
         self._preauth_scopes: dict[Ticket, trio.CancelScope] = {}
         self._clients: trio.Nursery | None = None
         self._report = _PreauthReport(self)
+        #: The leases on disk (protocol-spec.md §10.5); written after every change once
+        #: :meth:`restore_leases` has run.
+        self.lease_store = LeaseStore(config.state_dir / LEASES_FILE_NAME, self._lease_records)
+        self._lease_keys: tuple[object, dict[str, str]] = ((), {})
+
+    def lease_keys(self) -> dict[str, str]:
+        """Token name -> :func:`~muxtunnel.leasestore.key_id` of its stored key (cached)."""
+        entries = self.config.accepted_tokens()
+        if self._lease_keys[0] is not entries:
+            self._lease_keys = (entries, {e.name: key_id(e.stored_key) for e in entries})
+        return self._lease_keys[1]
+
+    def _lease_records(self) -> list[StoredLease]:
+        return self.registry.records(time.time(), self.lease_keys())
+
+    async def restore_leases(self) -> None:
+        """Bind the ports leased before a restart again (one log line), then keep the file
+        up to date."""
+        store = self.lease_store
+        stored = await trio.to_thread.run_sync(store.load)
+        config = self.config
+        kept, dropped = select(
+            stored,
+            keys=self.lease_keys(),
+            host=config.bind_host,
+            port_range=config.port_range,
+            now=time.time(),
+        )
+        failed = await self.registry.restore(kept, time.time())
+        if stored:
+            notes = [f"{n} {why}" for why, n in sorted(dropped.items())]
+            if failed:
+                more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+                shown = ", ".join(failed[:5]) + more
+                notes.append(f"{len(failed)} not bound again ({shown})")
+            logger.log(
+                logging.WARNING if failed else logging.INFO,
+                "restored %d port leases from %s%s",
+                len(kept) - len(failed),
+                store.path,
+                f"; dropped: {'; '.join(notes)}" if notes else "",
+            )
+        self.registry.on_change = store.changed
+        if stored:
+            store.changed()  # without the dropped ones, and with the expiries set at load
 
     def usage_of(self, tid: str) -> _TokenUsage:
         """The usage record of token ``tid`` (created on first use)."""
@@ -787,6 +874,7 @@ class _Relay:
     async def _handle_client(self, tcp: trio.SocketStream, pending: _Pending) -> None:
         config = self.config
         peer = pending.peer
+        cap_retransmit_timeout(tcp.socket)  # resume soon after an outage (muxtunnel.netopts)
         # Small buffers until authenticated (protocol-spec §5.3 bounds pre-AUTH input too).
         if muxtunnel.connection.FAST_TLS:
             stream: trio.SSLStream[trio.SocketStream] | TLSStream = TLSStream(
@@ -922,7 +1010,7 @@ class _Relay:
             return
         rs = admitted
         refresh_token(self, rs)  # a reload during authentication may have changed the token
-        session_stats = rs.stats = self.stats.add_session(peer, tid, rtt=lambda: conn.session.rtt)
+        session_stats = rs.stats = self.stats.add_session(peer, tid, rtt=lambda: conn.rtt)
         conn.on_rtt = self.stats.observe_rtt
         conn.on_stall = partial(self.stats.count, "stalls")
         logger.info("client %s authenticated (token %s)", peer, tid)
@@ -943,8 +1031,9 @@ class _Relay:
         self.shutting_down = True
         for rs in list(self.sessions):
             rs.begin_drain()
-        # Visitors that connect now get a refused connection, not a hang.
-        self.registry.close_all()
+        # Visitors that connect now get a refused connection, not a hang. The leases stay:
+        # each runs from the end of its session and is written to disk (§10.5).
+        self.registry.close_listeners()
         with trio.move_on_after(self.config.drain_timeout):
             for rs in list(self.sessions):
                 await rs.wait_idle()
@@ -996,6 +1085,8 @@ async def serve(
         sockname = listeners[0].socket.getsockname()
         host, port = str(sockname[0]), int(sockname[1])
         async with trio.open_nursery() as nursery:
+            await relay.restore_leases()
+            nursery.start_soon(relay.lease_store.run)
             nursery.start_soon(relay.reap_leases)
             if config.metrics is not None:  # the Prometheus endpoint (muxtunnel.metrics)
                 from muxtunnel.metrics import serve_metrics
@@ -1034,11 +1125,16 @@ async def serve(
                     await listener.aclose()
                 logger.info("shutting down: draining for up to %.1f s", config.drain_timeout)
                 await relay.drain()
+                # The leases as the sessions left them, before they are released below.
+                await relay.lease_store.write()
+                relay.registry.on_change = None
                 clients.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
         logger.info("relay stopped")
     finally:
         notifier.close()
+        # Not written: the file keeps the leases for the next start (like a kill -9).
+        relay.registry.on_change = None
         relay.registry.close_all()
         for listener in listeners:
             await trio.aclose_forcefully(listener)

@@ -21,13 +21,14 @@ The fresh ``bytes`` read is passed to the session without another copy.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from dataclasses import dataclass
 
 import trio
 
-from muxtunnel.connection import MuxStream, MuxStreamResetError, OpenRejectedError
+from muxtunnel.connection import FailureKind, MuxStream, MuxStreamResetError, OpenRejectedError
 from muxtunnel.errors import ErrorCode
 from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamPolicy
 
@@ -41,6 +42,12 @@ COPY_CHUNK = 256 * 1024
 #: The mux->TCP direction writes a batch in pieces of this size and returns each piece's credit
 #: once it is written.
 ACK_PIECE = 64 * 1024
+#: Whether local reads and writes are tried on the raw socket first (``MUXTUNNEL_SPLICE_RAW=0``
+#: turns it off, for A/B measurements).
+RAW_SOCKET = os.environ.get("MUXTUNNEL_SPLICE_RAW", "1") == "1"
+#: A local read shorter than this suggests interactive traffic: the next read waits for
+#: readability first (a bulk sender's socket usually has more, so it is read at once).
+SMALL_READ = 16 * 1024
 _LINGER_RST = struct.pack("ii", 1, 0)
 #: While a stream is blocked on its peer's window, how often (seconds) a readable local socket
 #: is checked for a reset.
@@ -83,7 +90,11 @@ async def abort_tcp(stream: trio.abc.AsyncResource) -> None:
 
 class _Splice:
     def __init__(
-        self, tcp: trio.abc.HalfCloseableStream, mux: MuxStream, policy: StreamPolicy
+        self,
+        tcp: trio.abc.HalfCloseableStream,
+        mux: MuxStream,
+        policy: StreamPolicy,
+        direct: bool = False,
     ) -> None:
         self.tcp = tcp
         self.mux = mux
@@ -91,6 +102,16 @@ class _Splice:
         self.result = SpliceResult()
         self.scope: trio.CancelScope | None = None
         self.sock = tcp.socket if isinstance(tcp, trio.SocketStream) else None
+        #: The non-blocking stdlib socket under ``tcp`` (None for other streams): reads and
+        #: writes are tried on it directly and wait only when the kernel says so.
+        self.raw = _stdlib_socket(self.sock) if RAW_SOCKET else None
+        #: The last local read was small (interactive traffic): the socket is most likely empty,
+        #: so the next read waits for readability first instead of failing with EAGAIN.
+        self.short_read = False
+        #: Whether the last ``_receive_local`` waited for readability (a schedule point).
+        self.waited = False
+        #: Let the connection's reader write arriving bytes straight into the local socket.
+        self.direct = direct and self.raw is not None
 
     def _fail(self, error: str, *, mux_code: ErrorCode | None) -> None:
         if self.result.error is None:
@@ -106,10 +127,10 @@ class _Splice:
 
     def stream_failed(self) -> None:
         """The mux stream failed under us (see :attr:`MuxStream.on_failure`)."""
-        failure = self.mux.failure or "session ended"
-        if failure.startswith("rejected"):
+        failure = self.mux.failure
+        if failure is not None and failure.kind is FailureKind.REJECTED:
             return  # not open yet: both directions wait on the stream and see the rejection
-        self._fail(f"mux stream failed: {failure}", mux_code=None)
+        self._fail(f"mux stream failed: {failure or 'session ended'}", mux_code=None)
 
     def _rejected(self, exc: OpenRejectedError) -> None:
         self.result.rejected = True
@@ -117,10 +138,18 @@ class _Splice:
         self._fail(str(exc), mux_code=None)
 
     async def tcp_to_mux(self) -> None:
-        tcp, mux, policy, info = self.tcp, self.mux, self.policy, self.mux.info
+        mux, policy, info = self.mux, self.policy, self.mux.info
+        raw = self.raw
         while True:
+            # With a raw socket: no schedule point when there is room already and the read
+            # waits anyway (an idle stream's round is one task run); one checkpoint a round
+            # otherwise, so a busy stream still lets the others run.
+            room = mux.send_room_now if raw is not None else 0
+            yielded = room <= 0
             try:
-                if mux.send_blocked and self.sock is not None:
+                if room > 0:
+                    pass
+                elif mux.send_blocked and self.sock is not None:
                     room = await self._send_room_watching_reset(self.sock)
                 else:
                     room = await mux.send_room()
@@ -131,7 +160,7 @@ class _Splice:
                 self._fail(f"mux stream failed: {exc}", mux_code=None)
                 return
             try:
-                data = await tcp.receive_some(min(room, COPY_CHUNK))
+                data = await self._receive_local(min(room, COPY_CHUNK))
             except (trio.BrokenResourceError, OSError) as exc:
                 self._fail(f"local read failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
                 return
@@ -144,7 +173,14 @@ class _Splice:
                         self.result.first_eof = "tcp"
                     await mux.send_eof()
                     return
-                await mux.send_all(data)
+                if raw is None:
+                    await mux.send_all(data)
+                else:
+                    taken = mux.send_nowait(bytes(data) if type(data) is not bytes else data)
+                    if taken < len(data):
+                        await mux.send_all(data[taken:])
+                    elif not (yielded or self.waited):
+                        await trio.lowlevel.checkpoint()
             except OpenRejectedError as exc:
                 self._rejected(exc)
                 return
@@ -152,6 +188,64 @@ class _Splice:
                 self._fail(f"mux stream failed: {exc}", mux_code=None)
                 return
             await policy.throttle(info, Direction.OUT, len(data))
+
+    async def _receive_local(self, max_bytes: int) -> bytes | bytearray:
+        """``tcp.receive_some(max_bytes)`` without its extra schedule point.
+
+        Reading from the raw socket is safe without one: every loop around this call has a
+        schedule point (``send_room`` and ``send_all`` on the mux stream).
+        """
+        raw = self.raw
+        if raw is None:
+            return await self.tcp.receive_some(max_bytes)
+        self.waited = self.short_read
+        if self.short_read:
+            await _wait_readable(raw)
+        while True:
+            try:
+                data = raw.recv(max_bytes)
+            except BlockingIOError:
+                self.waited = True
+                await _wait_readable(raw)
+                continue
+            except OSError as exc:
+                if raw.fileno() == -1:
+                    raise trio.ClosedResourceError("the local socket was closed") from exc
+                raise
+            self.short_read = len(data) < SMALL_READ
+            return data
+
+    async def _send_local(self, data: memoryview) -> None:
+        """``tcp.send_all(data)``, trying the raw socket first (no schedule point when it takes
+        everything: the loop's ``receive_batch`` has one)."""
+        raw = self.raw
+        if raw is not None:
+            try:
+                sent = raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                if raw.fileno() == -1:
+                    raise trio.ClosedResourceError("the local socket was closed") from exc
+                raise
+            if sent == len(data):
+                return
+            data = data[sent:]
+        await self.tcp.send_all(data)
+
+    def _sink(self, data: memoryview) -> int:
+        """:attr:`MuxStream.direct_sink`: what the local socket takes now without waiting.
+
+        Errors and a full socket take nothing: the bytes are then buffered in the stream and
+        this task's own write meets the error (or waits) as usual.
+        """
+        raw = self.raw
+        if raw is None or self.result.error is not None:
+            return 0
+        try:
+            return raw.send(data)
+        except OSError:
+            return 0
 
     async def _send_room_watching_reset(self, sock: trio.socket.SocketType) -> int:
         """``mux.send_room()``, while watching the local socket for a reset.
@@ -170,8 +264,18 @@ class _Splice:
                 self._fail("local connection reset", mux_code=ErrorCode.CONNECT_ERROR)
 
             nursery.start_soon(watch)
-            room = await self.mux.send_room()
+            failure: Exception | None = None
+            room = 0
+            try:
+                room = await self.mux.send_room()
+            except Exception as exc:
+                # Raised out of the nursery, the stream's error would come wrapped in an
+                # ExceptionGroup that the caller's ``except`` does not match (and would end
+                # the whole session's handler): hand it over as it is.
+                failure = exc
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return room
 
     async def mux_to_tcp(self) -> None:
@@ -183,6 +287,8 @@ class _Splice:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._fail(f"local write failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
             return
+        if self.direct:
+            mux.direct_sink = self._sink
         while True:
             try:
                 chunk = await mux.receive_batch(COPY_CHUNK, acknowledge=False)
@@ -203,7 +309,7 @@ class _Splice:
                 view = memoryview(chunk)
                 for start in range(0, len(view), ACK_PIECE):
                     piece = view[start : start + ACK_PIECE]
-                    await tcp.send_all(piece)
+                    await self._send_local(piece)
                     mux.acknowledge(len(piece))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._fail(f"local write failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
@@ -216,13 +322,22 @@ async def splice(
     mux: MuxStream,
     *,
     policy: StreamPolicy = DEFAULT_POLICY,
+    direct: bool | None = None,
 ) -> SpliceResult:
     """Copy both ways until both directions finished or one side failed; close both.
 
     Never raises for I/O errors: they are returned in the result (and turned into RESET / RST).
     Cancellation resets the mux stream and aborts the TCP side.
+
+    With ``direct`` (default: when ``policy`` never throttles, i.e. its ``throttle`` is
+    ``StreamPolicy``'s), the connection's reader writes arriving bytes straight into the
+    local socket while this splice waits for them (:attr:`MuxStream.direct_sink`); only what
+    the socket does not take at once goes through the stream's buffer and this task. Pass
+    ``direct=True`` only for a policy whose ``throttle`` never waits.
     """
-    state = _Splice(tcp, mux, policy)
+    if direct is None:
+        direct = type(policy).throttle is StreamPolicy.throttle
+    state = _Splice(tcp, mux, policy, direct)
     clean = False
     try:
         async with trio.open_nursery() as nursery:
@@ -236,6 +351,7 @@ async def splice(
         clean = state.result.error is None
     finally:
         mux.on_failure = None
+        mux.direct_sink = None
         if clean:
             await _graceful_close(tcp)
             await mux.aclose()
@@ -250,16 +366,24 @@ async def splice(
     return state.result
 
 
+def _stdlib_socket(sock: trio.socket.SocketType | None) -> socket.socket | None:
+    """The non-blocking stdlib socket inside a trio socket, or None."""
+    raw = getattr(sock, "_sock", None)
+    return raw if isinstance(raw, socket.socket) and not raw.getblocking() else None
+
+
+async def _wait_readable(raw: socket.socket) -> None:
+    if raw.fileno() == -1:
+        raise trio.ClosedResourceError("the local socket was closed")
+    await trio.lowlevel.wait_readable(raw)
+
+
 def _mux_failure(mux: MuxStream) -> str:
     """Classify why ``mux`` failed (see :attr:`SpliceResult.mux_failure`)."""
-    failure = mux.failure  # "KIND CODE: message"
+    failure = mux.failure
     if failure is None:  # I/O refused because the connection is no longer usable
         return "session"
-    kind = failure.partition(" ")[0]
-    if kind in ("session", "rejected"):
-        return kind
-    # MuxConnection resets a stream whose received data is not consumed with this message.
-    return "stalled" if "stalled:" in failure else "reset"
+    return failure.kind.value  # "reset", "stalled", "rejected" or "session"
 
 
 async def _wait_reset(sock: trio.socket.SocketType) -> None:

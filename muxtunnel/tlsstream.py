@@ -34,6 +34,7 @@ blocks on it.
 from __future__ import annotations
 
 import operator
+import socket
 import ssl
 import threading
 from enum import Enum
@@ -61,6 +62,14 @@ CLOSE_TIMEOUT: Final = 2.0
 _RECORD: Final = 16384
 
 _T = TypeVar("_T")
+
+
+def _stdlib_socket(transport: trio.abc.Stream) -> socket.socket | None:
+    """The stdlib socket of a ``trio.SocketStream`` (trio keeps it non-blocking), else None."""
+    if not isinstance(transport, trio.SocketStream):
+        return None
+    raw = getattr(transport.socket, "_sock", None)
+    return raw if isinstance(raw, socket.socket) and not raw.getblocking() else None
 
 
 class _State(Enum):
@@ -141,6 +150,17 @@ class TLSStream(trio.abc.Stream):
         )
         self._rbuf = bytearray(receive_size)
         self._rview = memoryview(self._rbuf)
+        #: The non-blocking stdlib socket under a ``trio.SocketStream`` transport, for sends
+        #: tried before any waiting (None for other transports).
+        self._raw_socket: socket.socket | None = _stdlib_socket(transport_stream)
+        #: Ciphertext read buffer of that socket (reused; its bytes are copied into the BIO).
+        self._inbuf = bytearray(receive_size if self._raw_socket is not None else 0)
+        self._inview = memoryview(self._inbuf)
+        self._short_read = False
+        self._recv_yielded = False
+        #: Ciphertext :meth:`send_nowait` could not hand to the socket; sent first by the next
+        #: ``send_all``.
+        self._backlog = b""
 
     # ----------------------------------------------------------------------------------------
     # Introspection (like trio.SSLStream; valid after the handshake)
@@ -168,6 +188,9 @@ class TLSStream(trio.abc.Stream):
         if value != len(self._rbuf):
             self._rbuf = bytearray(value)
             self._rview = memoryview(self._rbuf)
+            if self._raw_socket is not None:
+                self._inbuf = bytearray(value)
+                self._inview = memoryview(self._inbuf)
         self._receive_size = value
 
     @property
@@ -241,6 +264,29 @@ class TLSStream(trio.abc.Stream):
         return await trio.to_thread.run_sync(self._locked, fn, *args), True
 
     async def _transport_send(self, data: bytes) -> None:
+        sock = self._raw_socket
+        if sock is not None:
+            # Try the send first: a socket with room takes the whole record at once, with one
+            # schedule point afterwards (as ``trio.SocketStream.send_all`` has) and no waiting.
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                raise self._transport_error(exc) from exc
+            if sent == len(data):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+            rest = memoryview(data)[sent:]
+            try:
+                await self.transport_stream.send_all(rest)
+            except trio.Cancelled:
+                if self._state is _State.OK:
+                    self._state = _State.BROKEN
+                raise
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise self._transport_error(exc) from exc
+            return
         try:
             await self.transport_stream.send_all(data)
         except trio.Cancelled:
@@ -251,13 +297,48 @@ class TLSStream(trio.abc.Stream):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._transport_error(exc) from exc
 
-    async def _transport_receive(self) -> bytes | bytearray:
+    async def _transport_receive(self) -> bytes | bytearray | memoryview:
+        """Up to ``receive_size`` bytes from the transport (b"" at EOF).
+
+        On a socket transport the bytes land in a reused buffer (valid until the next call)
+        and the read waits for readability first when the previous one was small.
+        Sets ``_recv_yielded``: whether this call reached a schedule point.
+        """
+        sock = self._raw_socket
+        if sock is None:
+            self._recv_yielded = True
+            return await self._transport_receive_stream()
+        view = self._inview
+        self._recv_yielded = False
+        try:
+            if self._short_read:
+                await self._wait_readable(sock)
+            while True:
+                try:
+                    n = sock.recv_into(view)
+                except BlockingIOError:
+                    await self._wait_readable(sock)
+                    continue
+                break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._transport_error(exc) from exc
+        # A small read (interactive traffic) likely emptied the socket: wait first next time.
+        self._short_read = n < _RECORD
+        return view[:n]
+
+    async def _wait_readable(self, sock: socket.socket) -> None:
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("the transport socket was closed")
+        self._recv_yielded = True
+        await trio.lowlevel.wait_readable(sock)
+
+    async def _transport_receive_stream(self) -> bytes | bytearray:
         try:
             return await self.transport_stream.receive_some(self._receive_size)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._transport_error(exc) from exc
 
-    def _feed(self, data: bytes | bytearray) -> None:
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
         # The caller holds the SSL lock.
         if data:
             self._incoming.write(data)
@@ -268,6 +349,9 @@ class TLSStream(trio.abc.Stream):
         """Send everything in the outgoing BIO; the caller holds ``_send_lock``."""
         # ``pending`` is read without the SSL lock: at worst a stale 0 while a worker decrypts,
         # and whoever holds ``_send_lock`` next flushes what that worker added.
+        if self._backlog:
+            backlog, self._backlog = self._backlog, b""
+            await self._transport_send(backlog)
         while self._outgoing.pending:
             out, _ = await self._call(False, self._outgoing.read)
             await self._transport_send(out)
@@ -374,7 +458,7 @@ class TLSStream(trio.abc.Stream):
             pos += n
         return bytes(view[:pos])
 
-    def _feed_and_decrypt(self, data: bytes | bytearray, max_bytes: int) -> bytes:
+    def _feed_and_decrypt(self, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
         # The caller holds the SSL lock.
         if data:
             self._incoming.write(data)
@@ -404,7 +488,7 @@ class TLSStream(trio.abc.Stream):
                 await trio.lowlevel.checkpoint()
                 return b""
             data = b""
-            incoming: bytes | bytearray | None = None
+            incoming: bytes | bytearray | memoryview | None = None
             while True:
                 try:
                     if self._deferred_error is not None:
@@ -431,7 +515,7 @@ class TLSStream(trio.abc.Stream):
                     await self._flush_if_free()
                     yielded = True
                 incoming = await self._transport_receive()
-                yielded = True
+                yielded |= self._recv_yielded
             if not yielded:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
@@ -459,13 +543,23 @@ class TLSStream(trio.abc.Stream):
             if type(data) is memoryview and data.itemsize != 1:
                 data = data.cast("B")
             total = len(data)
-            if not total:
+            if not total and not self._backlog:
                 if not yielded:
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 return
             view = data if total <= SEND_CHUNK else memoryview(data).cast("B")
-            async with self._send_lock:
+            lock = self._send_lock
+            try:
+                # Uncontended (the usual case: one writer task): take the lock without a
+                # schedule point, so the record reaches the socket in this very run of the task.
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 self._check_status()
+                if self._backlog:
+                    backlog, self._backlog = self._backlog, b""
+                    await self._transport_send(backlog)
                 offload = self._offload
                 for start in range(0, total, SEND_CHUNK):
                     piece = view[start : start + SEND_CHUNK]
@@ -476,6 +570,56 @@ class TLSStream(trio.abc.Stream):
                         raise self._transport_error(exc) from exc
                     await self._transport_send(out)
                 await self._flush_locked()
+            finally:
+                lock.release()
+
+    @property
+    def can_send_nowait(self) -> bool:
+        """True if :meth:`send_nowait` may be called now: a socket transport, the handshake
+        done, no crypto thread, no send in progress and nothing left over from the last one."""
+        return (
+            self._raw_socket is not None
+            and self._state is _State.OK
+            and self._handshake_done
+            and self._offload is None
+            and not self._backlog
+            and not self._send_lock.locked()
+        )
+
+    @property
+    def backlog(self) -> int:
+        """Ciphertext bytes :meth:`send_nowait` left for the next ``send_all`` to send."""
+        return len(self._backlog)
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Encrypt ``data`` and give it to the socket without waiting (see ``can_send_nowait``).
+
+        Returns True if the socket took all of it. Otherwise the rest waits in :attr:`backlog`
+        and the caller must make sure a ``send_all`` follows (with ``b""`` if nothing else is
+        to be sent), which sends it first. Never raises: a TLS or socket error breaks the
+        stream, and the next ``send_all`` reports it.
+        """
+        sock = self._raw_socket
+        if not self.can_send_nowait or sock is None or not self._ssl_lock.acquire(blocking=False):
+            raise trio.BusyResourceError("send_nowait is not possible now (see can_send_nowait)")
+        try:
+            out = self._encrypt(data)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            self._transport_error(exc)
+            return False
+        finally:
+            self._ssl_lock.release()
+        try:
+            sent = sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._transport_error(exc)
+            return False
+        if sent < len(out):
+            self._backlog = out[sent:]
+            return False
+        return True
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait until the transport can take more data (see ``trio.abc.SendStream``)."""
@@ -517,6 +661,7 @@ class TLSStream(trio.abc.Stream):
                 with trio.move_on_after(self._close_timeout):
                     async with self._send_lock:
                         out, _ = await self._call(False, self._shutdown)
+                        out, self._backlog = self._backlog + out, b""
                         if out:
                             await transport.send_all(out)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -261,7 +261,7 @@ class _Visitor:
             while True:
                 await self.up.wait()
                 conn = self.conn
-                if conn is None:  # pragma: no cover - up and conn change together
+                if conn is None:  # pragma: no cover - the session went down before this task ran
                     await trio.sleep(0.05)
                     continue
                 try:

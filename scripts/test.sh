@@ -5,7 +5,7 @@
 #
 # 1. a virtualenv in build/venv-ci (recreated when CI=true or with --fresh, else reused),
 # 2. pip install -e '.[test]' from this checkout,
-# 3. ruff format --check, ruff check, mypy (strict, config in pyproject.toml),
+# 3. ruff format --check, ruff check, mypy (strict, muxtunnel/ and tests/; config in pyproject.toml),
 # 4. the test suite: python -bb -m coverage run -m pytest (JUnit report in build/),
 # 5. gates: at least one test passed and none failed; 100% line+branch coverage of
 #    muxtunnel/protocol/; a coverage floor for the package (benchsuite/ aside).
@@ -61,7 +61,7 @@ step "ruff format --check ."
 "$VENV/bin/ruff" format --check .
 step "ruff check ."
 "$VENV/bin/ruff" check .
-step "mypy"
+step "mypy (muxtunnel/ and tests/, files listed in pyproject.toml)"
 "$VENV/bin/mypy"
 
 step "pytest under coverage"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import socket
@@ -23,9 +24,10 @@ from muxtunnel.protocol.events import BindRequested
 from muxtunnel.protocol.frames import Address
 from muxtunnel.server import ServerInfo, serve
 from muxtunnel.tokens import plaintext_entry
+from tests.waiting import LogWatch, ReportLines
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
 TOKEN = "test-token-0123456789abcdef"
@@ -90,8 +92,7 @@ async def _authenticate_and_bind(server: MuxConnection) -> None:
         event = await server.next_control_event()
         assert isinstance(event, BindRequested)
         bound = Address("127.0.0.1", 40000 + event.tunnel_id)
-        server.session.send_result(event.req_id, ResultStatus.OK, "", bound)
-        server.wake_writer()
+        server.send_result(event.req_id, ResultStatus.OK, "", bound)
 
 
 async def mux_stream_pair(
@@ -116,7 +117,7 @@ class Relay:
     shutdown: trio.Event
     scope: trio.CancelScope
     done: trio.Event
-    lines: list[str] = field(default_factory=list)
+    lines: ReportLines = field(default_factory=ReportLines)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Client:
     shutdown: trio.Event
     scope: trio.CancelScope
     done: trio.Event
-    lines: list[str] = field(default_factory=list)
+    lines: ReportLines = field(default_factory=ReportLines)
     error: BaseException | None = None
 
     def port(self, index: int = 0) -> int:
@@ -153,11 +154,11 @@ async def _run_cancellable(
 
 async def _start_entry_point(
     nursery: trio.Nursery, entry: Callable[..., Awaitable[None]], config: object
-) -> tuple[object, trio.Event, trio.CancelScope, trio.Event, list[str]]:
+) -> tuple[object, trio.Event, trio.CancelScope, trio.Event, ReportLines]:
     """Start ``entry(config, shutdown=..., report=...)`` in ``nursery``; wait for its start value."""
     shutdown = trio.Event()
     done = trio.Event()
-    lines: list[str] = []
+    lines = ReportLines()
     holder: dict[str, object] = {}
     info = await nursery.start(
         _run_cancellable,
@@ -306,3 +307,15 @@ def random_bytes(n: int, seed: int) -> bytes:
 @pytest.fixture
 async def echo_port(nursery: trio.Nursery) -> int:
     return await start_echo(nursery)
+
+
+@pytest.fixture
+async def logs(caplog: pytest.LogCaptureFixture) -> AsyncIterator[LogWatch]:
+    """The ``muxtunnel`` log messages (INFO and above) of the test, awaitable (tests/waiting.py).
+
+    The level is lowered through ``caplog`` first: it restores the logger's original level after
+    the test even when the test calls ``caplog.set_level`` too (the first saved level wins).
+    """
+    caplog.set_level(logging.INFO, logger="muxtunnel")
+    with LogWatch() as watch:
+        yield watch

@@ -29,6 +29,8 @@ from tests.conftest import TOKEN, Relay, start_relay
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tests.waiting import LogWatch
+
 SERVER_LOGGER = "muxtunnel.server"
 
 
@@ -263,17 +265,19 @@ class Attack:
 
 
 async def test_idle_flood_from_one_source_does_not_lock_out_another(
-    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, logs: LogWatch
 ) -> None:
     """300 idle connections from 127.0.0.1, reopened as shed; 127.0.0.2 still gets in."""
     caplog.set_level(logging.INFO, logger="muxtunnel")
     relay = await start_relay(nursery, tmp_path)  # default max-startups 256, 10 per source
-    attack = Attack(relay.info.port, "127.0.0.1", 300, pause=0.2)
+    # Reached once a shed connection was reopened: the flood is at full strength.
+    attack = Attack(relay.info.port, "127.0.0.1", 300, pause=0.2, goal=301)
     with trio.CancelScope() as attack_scope:
         nursery.start_soon(attack.run)
         with trio.fail_after(20):
             await attack.reached.wait()
-            await trio.sleep(0.5)  # let the relay accept the backlog (the attack keeps going)
+            # The relay is shedding the flood (the attack keeps going).
+            await logs.wait_for("too many handshakes from this source")
             start = trio.current_time()
             await authenticate_from(relay, "127.0.0.2")
             elapsed = trio.current_time() - start
@@ -344,9 +348,8 @@ async def test_full_table_evicts_heaviest_source_and_refuses_source_at_limit(
 
     try:
         with trio.fail_after(20):
-            first = [await open_from("127.0.0.1")]
-            await trio.sleep(0.05)  # the first one is the oldest handshake on the relay
-            first += [await open_from("127.0.0.1") for _ in range(2)]
+            # The relay admits in the kernel's accept-queue order: first[0] is the oldest.
+            first = [await open_from("127.0.0.1") for _ in range(3)]
             other = [await open_from("127.0.0.3") for _ in range(3)]
             # A source at its limit is refused at once (before TLS).
             assert await refused_at_once(port)

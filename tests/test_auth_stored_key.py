@@ -199,7 +199,7 @@ async def _handshake(
             async with trio.open_nursery() as inner:
                 inner.start_soon(relay_side)
                 inner.start_soon(client_side)
-        minor = client.session.minor
+        minor = client.minor
         server.close()
         client.close()
         nursery.cancel_scope.cancel()

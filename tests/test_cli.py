@@ -248,7 +248,20 @@ def test_primary_error_unwraps_exception_groups() -> None:
     )
 
 
-def test_signals_drain_then_force() -> None:
+class _OnLog(logging.Handler):
+    """Sets a trio.Event when a record containing ``text`` is logged (in the trio thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def test_signals_drain_then_force(caplog: pytest.LogCaptureFixture) -> None:
     """First SIGTERM/SIGINT sets ``shutdown``; a second one cancels; without drain the first cancels."""
 
     async def drains(shutdown: trio.Event) -> str:
@@ -260,25 +273,35 @@ def test_signals_drain_then_force() -> None:
     assert trio.run(cli._with_signals, drains, True) == "drained"
 
     survived_duplicate: list[bool] = []
+    # The repeat window is measured on trio's clock: a mock clock that only moves when told to
+    # (or when the run is stuck for 1 s, which then trips fail_after).
+    clock = trio.testing.MockClock(autojump_threshold=1.0)
+    duplicate = _OnLog("again at once")
+    caplog.set_level(logging.DEBUG, logger="muxtunnel.cli")
+    logging.getLogger("muxtunnel.cli").addHandler(duplicate)
 
     async def stubborn(shutdown: trio.Event) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         with trio.fail_after(5):
             await shutdown.wait()
         os.kill(os.getpid(), signal.SIGINT)  # a duplicate (timeout(1) sends two): ignored
-        await trio.sleep(cli.SIGNAL_REPEAT_WINDOW + 0.2)
+        with trio.fail_after(5):
+            await duplicate.seen.wait()
+        clock.jump(cli.SIGNAL_REPEAT_WINDOW + 0.2)
         survived_duplicate.append(True)
         os.kill(os.getpid(), signal.SIGTERM)
-        await trio.sleep(30)  # cancelled by the second request
+        await trio.sleep_forever()  # cancelled by the second request
 
-    with pytest.raises(cli._ForcedStop):
-        trio.run(cli._with_signals, stubborn, True)
+    try:
+        with pytest.raises(cli._ForcedStop):
+            trio.run(cli._with_signals, stubborn, True, clock=clock)
+    finally:
+        logging.getLogger("muxtunnel.cli").removeHandler(duplicate)
     assert survived_duplicate == [True]
 
     async def no_drain(shutdown: trio.Event) -> str:
         os.kill(os.getpid(), signal.SIGTERM)
-        await trio.sleep(30)  # cancelled by the first signal
-        return "not reached"
+        await trio.sleep_forever()  # cancelled by the first signal
 
     assert trio.run(cli._with_signals, no_drain, False) is None
 

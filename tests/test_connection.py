@@ -9,11 +9,13 @@ import trio.testing
 from muxtunnel.connection import (
     SEND_CHUNK,
     SEND_LOW_WATER,
+    FailureKind,
     MuxConnection,
     MuxSessionClosedError,
     MuxStream,
     MuxStreamResetError,
     OpenRejectedError,
+    StreamFailure,
 )
 from muxtunnel.errors import ErrorCode, StreamResetError
 from muxtunnel.protocol.constants import OpenFailReason
@@ -93,10 +95,10 @@ async def test_buffering_is_bounded_by_low_water(nursery: trio.Nursery) -> None:
         n.start_soon(sender)
         await trio.testing.wait_all_tasks_blocked()
         # Nobody reads: the receiver holds at most its window, the sender at most low water + chunk.
-        window = client.session.local_settings.initial_stream_window
-        assert server.session.pending_bytes(s.stream_id) <= SEND_LOW_WATER + SEND_CHUNK
+        window = client.local_settings.initial_stream_window
+        assert s.unsent <= SEND_LOW_WATER + SEND_CHUNK
         assert sent <= window + SEND_LOW_WATER + SEND_CHUNK + 10_000
-        assert c._buffered <= window
+        assert c.buffered <= window
         n.cancel_scope.cancel()
 
 
@@ -294,3 +296,110 @@ async def test_open_mux_connection_context_manager() -> None:
             assert await c.receive_some() == b"ctx"
         assert server.closed
         assert client.closed
+
+
+async def test_an_idle_session_pings_only_for_keepalive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # protocol-spec §10.1: no PING on an idle session before T/4 (7.5 s with the default
+    # 30 s idle timeout); after that only the keepalive's PINGs.
+    async with trio.open_nursery() as nursery:
+        server, client = await mux_connection_pair(nursery)
+        await trio.sleep(0.5)  # the handshake (and its one early RTT PING) is over
+        sent = (server.bytes_sent, client.bytes_sent)
+        before = (server.pings_sent, client.pings_sent)
+        await trio.sleep(6.5)
+        assert (server.bytes_sent, client.bytes_sent) == sent  # not one byte, so no PING
+        await trio.sleep(23.0)
+        # Each side pings when it has received nothing for 7.5 s: at most 4 times in 30 s.
+        pings = (server.pings_sent - before[0], client.pings_sent - before[1])
+        assert sum(pings) >= 1
+        assert max(pings) <= 4
+        assert not server.closed
+        assert not client.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_rtt_samples_at_most_once_a_second_while_data_flows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        server, client = await mux_connection_pair(nursery)
+        s, c = await mux_stream_pair(server, client)
+        before = (server.pings_sent, client.pings_sent)
+        for _ in range(100):  # 10 s of traffic relay -> client
+            await s.send_all(b"x" * 1000)
+            assert len(await c.receive_some()) == 1000
+            await trio.sleep(0.1)
+        server_pings = server.pings_sent - before[0]
+        client_pings = client.pings_sent - before[1]
+        # The sender and the receiver of the DATA each sample the RTT about once a second.
+        assert 5 <= server_pings <= 11
+        assert 5 <= client_pings <= 11
+        assert server.rtt is not None
+        assert client.rtt is not None
+        # Once the data stops, so do the samples.
+        await trio.sleep(1.5)
+        sent = (server.bytes_sent, client.bytes_sent)
+        await trio.sleep(5.5)
+        assert (server.bytes_sent, client.bytes_sent) == sent
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_unanswered_open_is_reset_after_the_default_open_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # protocol-spec §9.2 item 6: the opener resets a stream its peer never answers (30 s).
+    async with trio.open_nursery() as nursery:
+        server, client = await mux_connection_pair(nursery)
+        start = trio.current_time()
+        s = server.open_stream(1, Address("127.0.0.1", 1), Address("127.0.0.1", 2))
+        incoming = await client.accept_stream()  # never accepted nor rejected
+        with trio.fail_after(120), pytest.raises(MuxStreamResetError, match="no answer to OPEN"):
+            await s.wait_opened()
+        assert 30.0 <= trio.current_time() - start < 31.0
+        assert server.statistics()["open_timeouts"] == 1
+        assert not server.closed  # one slow open never ends the session
+        with trio.fail_after(5), pytest.raises(MuxStreamResetError) as info:
+            await incoming.receive_some(1)
+        assert info.value.error_code == ErrorCode.CANCEL
+        nursery.cancel_scope.cancel()
+
+
+async def test_stream_failures_are_typed(nursery: trio.Nursery) -> None:
+    server, client = await mux_connection_pair(nursery)
+    s, c = await mux_stream_pair(server, client)
+    assert [s.failure, c.failure] == [None, None]
+    c.reset(ErrorCode.CONNECT_ERROR, "local read failed")
+    assert c.failure == StreamFailure(
+        FailureKind.RESET, ErrorCode.CONNECT_ERROR, "local read failed"
+    )
+    with trio.fail_after(5), pytest.raises(MuxStreamResetError):
+        await s.receive_some()
+    assert s.failure is not None
+    assert s.failure.kind is FailureKind.RESET
+    assert s.failure.code == ErrorCode.CONNECT_ERROR
+    assert str(s.failure) == "reset CONNECT_ERROR: reset by peer (CONNECT_ERROR)"
+
+    await server.wait_open_slot()
+    r = server.open_stream(1, Address("127.0.0.1", 1), Address("127.0.0.1", 2))
+    (await client.accept_stream()).reject(OpenFailReason.CONNECT_FAILED, "nothing listens")
+    with trio.fail_after(5), pytest.raises(OpenRejectedError):
+        await r.wait_opened()
+    assert r.failure is not None
+    assert r.failure.detail == "nothing listens"
+    assert (r.failure.kind, r.failure.reason) == (
+        FailureKind.REJECTED,
+        OpenFailReason.CONNECT_FAILED,
+    )
+    assert (
+        str(r.failure)
+        == "rejected REFUSED_STREAM: open refused by peer: CONNECT_FAILED: nothing listens"
+    )
+
+    s2, _c2 = await mux_stream_pair(server, client)
+    await client.aclose()
+    with trio.fail_after(5), pytest.raises(MuxSessionClosedError):
+        await s2.receive_some()
+    assert s2.failure is not None
+    assert s2.failure.kind is FailureKind.SESSION

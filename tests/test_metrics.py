@@ -509,9 +509,9 @@ def test_metrics_option_and_toml_key(tmp_path: Path) -> None:
         build_server_config({"metrics": "127.0.0.1:9464"}, {"metrics": "off"}, env=env).metrics
         is None
     )
-    cfg = build_client_config(
+    client_cfg = build_client_config(
         {"metrics": "[::1]:0"}, {"server": "relay.example", "tunnel": ["22"]}, env=env
     )
-    assert cfg.metrics == ("::1", 0)
+    assert client_cfg.metrics == ("::1", 0)
     with pytest.raises(ConfigError, match="metrics"):
         build_server_config({}, {"metrics": "127.0.0.1"}, env=env)

@@ -39,6 +39,7 @@ def test_readme_reference_is_up_to_date() -> None:
 def test_every_command_and_option_is_listed() -> None:
     text = reference.render()
     root = typer.main.get_command(app)
+    assert isinstance(root, typer.core.TyperGroup)
 
     def walk(prefix: str, group: typer.core.TyperGroup) -> int:
         count = 0

@@ -7,7 +7,6 @@ signal receiver; the relay and the clients are the real ones over TLS on loopbac
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 import socket
@@ -26,25 +25,24 @@ from tests.conftest import TOKEN, free_port_range, start_echo
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import pytest
+    from tests.waiting import LogWatch
 
 OTHER = "another-token-for-the-reload-test-0123456789"
 
 
-async def wait_for_log(caplog: pytest.LogCaptureFixture, text: str) -> str:
-    """The first captured message containing ``text`` (waits up to 15 s)."""
+def _quiet(line: str) -> None:
+    """A ``report`` callback that drops the client's status lines."""
+
+
+async def wait_for_log(logs: LogWatch, text: str) -> str:
+    """The first log message containing ``text`` (waits up to 15 s)."""
     with trio.fail_after(15):
-        while True:
-            for record in caplog.records:
-                if text in record.getMessage():
-                    return record.getMessage()
-            await trio.sleep(0.02)
+        return await logs.wait_for(text)
 
 
 async def test_sighup_revokes_applies_and_survives_a_failed_load(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, logs: LogWatch
 ) -> None:
-    caplog.set_level(logging.INFO)
     config = ServerConfig(
         listen_host="127.0.0.1",
         listen_port=0,
@@ -89,7 +87,7 @@ async def test_sighup_revokes_applies_and_survives_a_failed_load(
 
         kept_shutdown = trio.Event()
         kept = await nursery.start(
-            partial(run_client, client_config(TOKEN, "kept"), shutdown=kept_shutdown, report=str)
+            partial(run_client, client_config(TOKEN, "kept"), shutdown=kept_shutdown, report=_quiet)
         )
         revoked_error: list[BaseException] = []
         revoked_done = trio.Event()
@@ -97,7 +95,7 @@ async def test_sighup_revokes_applies_and_survives_a_failed_load(
         async def revoked_client(task_status: trio.TaskStatus[object]) -> None:
             try:
                 await run_client(
-                    client_config(OTHER, "revoked"), report=str, task_status=task_status
+                    client_config(OTHER, "revoked"), report=_quiet, task_status=task_status
                 )
             except AuthError as exc:
                 revoked_error.append(exc)
@@ -115,16 +113,16 @@ async def test_sighup_revokes_applies_and_survives_a_failed_load(
         assert "token revoked" in str(error)
         with socket.socket() as probe:  # released at once, not after the 300 s lease
             probe.bind(("127.0.0.1", revoked_port))
-        summary = await wait_for_log(caplog, "reloaded: ")
+        summary = await wait_for_log(logs, "reloaded: ")
         assert summary == f"reloaded: 1 tokens; removed {token_id(OTHER)}; 1 sessions closed"
-        assert "reload: listen changed; this takes a restart" in caplog.text
+        assert logs.matching("reload: listen changed; this takes a restart")
 
         os.kill(os.getpid(), signal.SIGHUP)
-        failed = await wait_for_log(caplog, "reload failed")
+        failed = await wait_for_log(logs, "reload failed")
         assert failed == "reload failed, keeping the old settings: token file x: invalid TOML"
 
         os.kill(os.getpid(), signal.SIGUSR1)
-        status = await wait_for_log(caplog, "status: ")
+        status = await wait_for_log(logs, "status: ")
         assert status == "status: 1 sessions, 1 tunnels, 0 open streams"
 
         # The kept client still forwards.

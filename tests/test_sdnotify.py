@@ -107,7 +107,7 @@ def listener(tmp_path: Path) -> Iterator[Listener]:
 
 async def test_without_notify_socket_nothing_happens() -> None:
     notifier = Notifier({})
-    assert not notifier.enabled
+    assert notifier.address is None
     assert notifier.watchdog_interval is None
     assert notifier.send("READY=1") is False
     notifier.ready("up")
@@ -181,12 +181,12 @@ async def test_run_pings_the_watchdog_and_says_stopping(listener: Listener) -> N
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(notifier.run, lambda: "idle", shutdown)
-        await trio.sleep(0.5)
+        # The listener's waits block: they run in a worker thread while the notifier runs.
+        await trio.to_thread.run_sync(listener.wait_count, lambda m: m == {"WATCHDOG": "1"}, 3)
         shutdown.set()
-        await trio.sleep(0.1)
+        await trio.to_thread.run_sync(listener.wait_for, lambda m: "STOPPING" in m, 5)
         nursery.cancel_scope.cancel()
     notifier.close()
-    listener.wait_for(lambda m: "STOPPING" in m, 5)
     pings = [m for m in listener.messages if m == {"WATCHDOG": "1"}]
     assert len(pings) >= 3, listener.messages
     assert {"STATUS": "idle"} in listener.messages

@@ -42,9 +42,8 @@ async def test_unbind_and_close_in_one_write_log_no_internal_error(
         bound = outcomes[0].bound
         assert bound is not None
         # UNBIND and CLOSE leave in one batch, so the relay reads them in one receive.
-        conn.session.send_unbind(50, 1)
-        conn.session.close(ErrorCode.NO_ERROR, "bye")
-        conn.wake_writer()
+        conn.send_unbind(50, 1)
+        conn.close(ErrorCode.NO_ERROR, "bye")
         await conn.wait_closed()  # the relay read the CLOSE and ended the connection
         relay.shutdown.set()  # every session task has ended once the relay is done
         await relay.done.wait()

@@ -190,11 +190,11 @@ async def test_open_timeout_resets_an_unanswered_stream(
     assert outcome.bound is not None
     visitor = await connect(outcome.bound.port)
     incoming = await conn.accept_stream()  # the OPEN arrived; it is never answered
-    assert conn.session.statistics()["remote_pending"] == 1
+    assert conn.statistics()["remote_pending"] == 1
     with trio.fail_after(15):
         with pytest.raises(MuxStreamResetError, match="CANCEL"):
             await incoming.receive_some(1)
-    assert conn.session.statistics()["remote_pending"] == 0  # the pending slot is free
+    assert conn.statistics()["remote_pending"] == 0  # the pending slot is free
     async with visitor:
         with trio.fail_after(15):
             try:
@@ -215,16 +215,14 @@ async def test_small_payloads_do_not_pin_large_read_buffers(nursery: trio.Nurser
             pass
 
     nursery.start_soon(drain)
-    session = server.session
     for _ in range(200):
         # One byte for a stream nobody reads, in the same write as 60 KB for another.
-        session.send_data(_s_quiet.stream_id, b"x")
-        session.send_data(_s_bulk.stream_id, bytes(60_000))
-        server.wake_writer()
+        server.queue_data(_s_quiet.stream_id, b"x")
+        server.queue_data(_s_bulk.stream_id, bytes(60_000))
         await trio.testing.wait_all_tasks_blocked()
-    assert c_quiet._buffered == 200
-    pinned = sum(len(chunk.obj) for chunk in c_quiet._chunks)  # type: ignore[arg-type]
-    assert pinned <= 4 * c_quiet._buffered
+    assert c_quiet.buffered == 200
+    pinned = sum(memoryview(chunk.obj).nbytes for chunk in c_quiet._chunks)
+    assert pinned <= 4 * c_quiet.buffered
 
 
 async def test_a_blocked_stream_holds_at_most_the_low_water_mark(nursery: trio.Nursery) -> None:
@@ -249,13 +247,13 @@ async def test_a_blocked_stream_holds_at_most_the_low_water_mark(nursery: trio.N
                 before = near.info.bytes_out
                 await trio.sleep(0.3)
         pusher.cancel_scope.cancel()
-    window = client.session.local_settings.initial_stream_window
+    window = client.local_settings.initial_stream_window
     assert near.info.bytes_out >= window  # the peer's window is full
-    pending = server.session.pending_bytes(near.stream_id)
+    pending = near.unsent
     assert 0 < pending <= SEND_LOW_WATER
     # Everything the splice read from its socket went to the session: nothing more is held.
     assert near.info.bytes_out <= window + SEND_LOW_WATER
-    assert far._buffered == window
+    assert far.buffered == window
     await app.aclose()
 
 

@@ -230,7 +230,8 @@ async def test_receive_returns_many_records_per_call(identity: ServerIdentity) -
     async with client, server, trio.open_nursery() as nursery:
         with trio.fail_after(10):
             nursery.start_soon(client.send_all, payload)
-            await trio.sleep(0.2)  # let the records pile up in the socket
+            # Once the sender is done or waits for room, the records are all in the socket.
+            await trio.testing.wait_all_tasks_blocked()
             got = await server.receive_some()
             assert len(got) > 16384  # trio.SSLStream would return one record
             while len(got) < len(payload):

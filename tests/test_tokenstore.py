@@ -98,8 +98,8 @@ def test_full_example(tmp_path: Path) -> None:
         ipaddress.ip_network("203.0.113.0/24"),
         ipaddress.ip_network("2001:db8::/32"),
     )
-    assert not policy.visitors.permits("203.0.113.66")
-    assert policy.visitors.permits("203.0.113.5")
+    assert policy.visitors.refusal("203.0.113.66") == "in the deny list (203.0.113.66/32)"
+    assert policy.visitors.refusal("203.0.113.5") is None
     assert policy.publish == ("ssh-*",)
     assert policy.may_publish("ssh-office")
     assert policy.visit == ("ssh-home",)

@@ -22,12 +22,13 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+    from tests.waiting import LogWatch
+
 
 async def _wait_lines(client: Client, count: int, within: float) -> None:
-    deadline = trio.current_time() + within
-    while len(client.lines) < count:
-        assert trio.current_time() < deadline, f"only {client.lines} after {within} s"
-        await trio.sleep(0.02)
+    with trio.move_on_after(within):
+        await client.lines.wait_for(count)
+    assert len(client.lines) >= count, f"only {client.lines} after {within} s"
 
 
 def _ports(lines: list[str]) -> list[int]:
@@ -144,19 +145,25 @@ async def test_live_twin_is_not_robbed(nursery: trio.Nursery, tmp_path: Path) ->
         assert await echo_roundtrip(lo + 2, b"first") == b"first"
 
 
-async def test_lease_keeps_port_then_expires(nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_lease_keeps_port_then_expires(
+    nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
+) -> None:
     echo = await start_echo(nursery)
     relay = await start_relay(nursery, tmp_path, lease_seconds=1.0)
     first = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=echo)], name="a")
     port = first.port()
     first.scope.cancel()
-    await first.done.wait()
-    await trio.sleep(0.2)
+    with trio.fail_after(10):
+        await first.done.wait()
+        await logs.wait_for(f"port {port} kept for its token")
+    leased_at = trio.current_time()
     # Leased: still bound by the relay (visitors wait in the backlog).
     with trio.fail_after(5):
         probe = await connect(port)
         await probe.aclose()
-    await trio.sleep(1.6)
+    with trio.fail_after(10):
+        await logs.wait_for(f"tunnel port {port} released")
+    assert trio.current_time() - leased_at >= 0.9  # lease_seconds=1.0
     # Expired: released.
     try:
         probe = await connect(port)
@@ -167,20 +174,37 @@ async def test_lease_keeps_port_then_expires(nursery: trio.Nursery, tmp_path: Pa
         raise AssertionError("port still bound after the lease expired")
 
 
-async def _slow_service(stream: trio.SocketStream) -> None:
-    """Reads until EOF; answers after 0.5 s ("slow") or never ("hang")."""
-    data = bytearray()
-    while chunk := await stream.receive_some(65536):
-        data += chunk
-    if data.startswith(b"hang"):
-        await trio.sleep_forever()
-    await trio.sleep(0.5)
-    await stream.send_all(b"done:" + bytes(data))
-    await stream.send_eof()
+class _SlowService:
+    """Reads each request until EOF; answers after 0.5 s ("slow") or never ("hang")."""
+
+    def __init__(self) -> None:
+        #: Requests read completely so far.
+        self.requests = 0
+        self._changed = trio.Event()
+
+    async def wait_requests(self, count: int) -> None:
+        while self.requests < count:
+            await self._changed.wait()
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        data = bytearray()
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+        self.requests += 1
+        self._changed.set()
+        self._changed = trio.Event()
+        if data.startswith(b"hang"):
+            await trio.sleep_forever()
+        await trio.sleep(0.5)  # the service's own think time, part of the scenario
+        await stream.send_all(b"done:" + bytes(data))
+        await stream.send_eof()
 
 
-async def test_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_path: Path) -> None:
-    local = await start_service(nursery, _slow_service)
+async def test_shutdown_drains_open_streams(
+    nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
+) -> None:
+    service = _SlowService()
+    local = await start_service(nursery, service)
     relay = await start_relay(nursery, tmp_path, drain_timeout=3.0)
     client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=local)])
     port = client.port()
@@ -204,10 +228,11 @@ async def test_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_path: Pat
         async with trio.open_nursery() as n:
             n.start_soon(visit, "slow", b"slow request")
             n.start_soon(visit, "hang", b"hang forever")
-            await trio.sleep(0.2)  # both streams are open now
+            await service.wait_requests(2)  # both streams are open now
             start = trio.current_time()
             relay.shutdown.set()
-            await trio.sleep(0.1)
+            # The relay closes the public listeners right after this line, before it yields.
+            await logs.wait_for("shutting down: draining")
             # Stopped accepting: a new visitor is refused (the public port is closed).
             try:
                 late = await connect(port)
@@ -224,7 +249,8 @@ async def test_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_path: Pat
 
 
 async def test_client_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_path: Path) -> None:
-    local = await start_service(nursery, _slow_service)
+    service = _SlowService()
+    local = await start_service(nursery, service)
     relay = await start_relay(nursery, tmp_path)
     client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=local)])
     with trio.fail_after(10):
@@ -232,7 +258,7 @@ async def test_client_shutdown_drains_open_streams(nursery: trio.Nursery, tmp_pa
         async with stream:
             await stream.send_all(b"in flight")
             await stream.send_eof()
-            await trio.sleep(0.1)
+            await service.wait_requests(1)
             client.shutdown.set()  # the answer comes 0.5 s after the request
             got = bytearray()
             while chunk := await stream.receive_some(65536):

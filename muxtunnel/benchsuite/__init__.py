@@ -3,7 +3,8 @@
 Scenarios: 1 one-stream bulk up/down, 2 many concurrent streams, 3 idle 64-byte
 round trips, 4 round trips while bulk streams saturate the tunnel, 5 new connections per second,
 6 RSS with many idle streams, 7 the same bulk transfers over a 50 ms RTT path (two network
-namespaces and a userspace delay line), also with 1% loss.
+namespaces and a userspace delay line), also with 1% loss, 8 a real client: pgbench against a
+throwaway PostgreSQL (select-only with 1 and 8 clients, TPC-B-like with 8).
 
 Every process runs separately: the service (sink/source/echo), each load generator, the relay,
 the tunnel client, sshd and ssh, so none shares a GIL with another.
@@ -28,11 +29,11 @@ from muxtunnel.benchsuite import report
 from muxtunnel.benchsuite.netns import DelayPath, unavailable_reason
 from muxtunnel.benchsuite.procs import BenchError, Child
 from muxtunnel.benchsuite.runner import Bench, Outcome, Sizes, size_text, stop_targets
-from muxtunnel.benchsuite.targets import ALL_TARGETS, Layout, sshd_available
+from muxtunnel.benchsuite.targets import ALL_TARGETS, EXTRA_TARGETS, Layout, sshd_available
 
 __all__ = ["main"]
 
-ALL_SCENARIOS = (1, 2, 3, 4, 5, 6, 7)
+ALL_SCENARIOS = (1, 2, 3, 4, 5, 6, 7, 8)
 #: Failures of these targets make the exit status non-zero (ssh is only a reference).
 STRICT_TARGETS = ("direct", "muxtunnel")
 
@@ -40,7 +41,7 @@ STRICT_TARGETS = ("direct", "muxtunnel")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="muxtunnel bench",
-        description="Benchmark muxtunnel against direct TCP and ssh -R (scenarios 1-7).",
+        description="Benchmark muxtunnel against direct TCP and ssh -R (scenarios 1-8).",
     )
     p.add_argument(
         "--quick",
@@ -55,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets",
         default=",".join(ALL_TARGETS),
-        help=f"comma-separated subset of {','.join(ALL_TARGETS)}",
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (also muxtunnel-ref: another "
+        "tree named by MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT, for A/B runs)",
     )
     p.add_argument(
         "--runs",
@@ -169,8 +171,8 @@ def main(argv: list[str]) -> int:
         sizes = dataclasses.replace(sizes, multi_bytes=args.stream_bytes)
     default_sc = "1,2,3,4,5,6" if quick else ",".join(map(str, ALL_SCENARIOS))
     scenarios = _parse_list(args.scenarios or default_sc, ALL_SCENARIOS, int)
-    keys = _parse_list(args.targets, ALL_TARGETS, str)
-    keys = [k for k in ALL_TARGETS if k in keys]
+    keys = _parse_list(args.targets, ALL_TARGETS + EXTRA_TARGETS, str)
+    keys = [k for k in ALL_TARGETS + EXTRA_TARGETS if k in keys]
     verify = quick if args.verify is None else bool(args.verify)
     out = Outcome()
     nofile = _raise_nofile(65536)
@@ -221,6 +223,11 @@ def main(argv: list[str]) -> int:
         f"{size_text(s.wan_one_stream)} up and down, {s.wan_multi_streams} streams x "
         f"{size_text(s.wan_multi_bytes)} up",
     }
+    titles[8] = (
+        f"pgbench against PostgreSQL (scale {s.pg_scale}, -T {s.pg_seconds:g} each): select-only "
+        "(-S) with 1 client and with 8 clients (-j 2), and the TPC-B-like mix with 8 clients; "
+        "tps without connection time"
+    )
     loss_title = (
         f"the same path with {s.loss_percent:g}% random loss on each TUN device's input "
         f"(nftables): one stream {size_text(s.loss_one_stream)}, "
@@ -229,7 +236,7 @@ def main(argv: list[str]) -> int:
     targets = []
     path: DelayPath | None = None
     try:
-        local = [sc for sc in scenarios if sc != 7]
+        local = [sc for sc in scenarios if sc not in (7, 8)]
         if local:
             svc = bench.start_service(Layout())
             sport = int(svc.wait_for(r"^listening \S+ (\d+)", 5).group(1))
@@ -275,6 +282,8 @@ def main(argv: list[str]) -> int:
             stop_targets(targets)
             targets = []
             svc.stop()
+        if 8 in scenarios:
+            _pgbench(bench, keys, titles[8])
         if quick and 7 not in scenarios:
             out.notes.append("scenario 7 (network namespaces) is not part of --quick")
         if 7 in scenarios:
@@ -394,6 +403,27 @@ def _render(args: argparse.Namespace) -> int:
     out, meta = report.from_json(args.render)
     _emit_outputs(args, out, meta)
     return 0
+
+
+def _pgbench(bench: Bench, keys: list[str], title: str) -> None:
+    """Scenario 8: every target forwards to one throwaway PostgreSQL server."""
+    from muxtunnel.benchsuite import pg
+
+    why = pg.unavailable_reason()
+    if why:
+        bench.out.notes.append(f"scenario 8 skipped: {why}")
+        bench.progress(f"NOTE: scenario 8 skipped: {why}")
+        return
+    server = pg.PgServer()
+    targets = []
+    try:
+        bench.progress(f"starting PostgreSQL and pgbench -i -s {bench.sizes.pg_scale}")
+        server.start(bench.sizes.pg_scale)
+        targets = bench.start_targets(keys, Layout(), server.port, "PostgreSQL")
+        bench.scenario("8", title, targets, bench.s_pgbench, server, runs=bench.sizes.runs)
+    finally:
+        stop_targets(targets)
+        server.stop()
 
 
 def _wan(t: Any, bench: Bench, one: int, streams: int, per: int) -> dict[str, Any]:

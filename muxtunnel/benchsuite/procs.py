@@ -30,6 +30,22 @@ def package_env() -> dict[str, str]:
     return env
 
 
+def reference_tree() -> tuple[str, dict[str, str]] | None:
+    """(python, environment) for the ``muxtunnel-ref`` target, from MUXTUNNEL_BENCH_REF.
+
+    The variable reads ``PYTHON:SOURCE_ROOT`` (an interpreter and the directory holding the other
+    tree's ``muxtunnel`` package), e.g. to compare a change with the code before it in one run.
+    """
+    spec = os.environ.get("MUXTUNNEL_BENCH_REF", "")
+    if ":" not in spec:
+        return None
+    exe, root = spec.split(":", 1)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root
+    env["PYTHONUNBUFFERED"] = "1"
+    return exe, env
+
+
 def netns_prefix(netns: str | None) -> list[str]:
     """Command prefix that runs a program inside *netns* (``ip netns exec`` execs in place)."""
     return ["ip", "netns", "exec", netns] if netns else []
@@ -49,6 +65,7 @@ class Child:
         netns: str | None = None,
         stdin_pipe: bool = False,
         stdout_pipe: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.argv = netns_prefix(netns) + argv
@@ -61,7 +78,7 @@ class Child:
             stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else self._out,
             stderr=self._err,
-            env=package_env(),
+            env=package_env() if env is None else env,
         )
         self.pid = self.proc.pid
         Child._all.append(self)

@@ -9,7 +9,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,8 @@ class Sizes:
     loss_percent: float = 1.0
     runs: int = 3
     wan_runs: int = 1
+    pg_scale: int = 5
+    pg_seconds: float = 5.0
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -70,6 +71,8 @@ class Sizes:
             loss_one_stream=4 * MiB,
             loss_multi_bytes=512 * 1024,
             runs=1,
+            pg_scale=1,
+            pg_seconds=1.0,
         )
 
 
@@ -187,12 +190,30 @@ class Bench:
         timeout = 60 + amount / 5e6
         put = self.load(t, "put", "--bytes", str(amount), *self._verify_args(), timeout=timeout)
         get = self.load(t, "get", "--bytes", str(amount), *self._verify_args(), timeout=timeout)
-        return {
+        run: Run = {
             "put_mbps": put["mbps"],
             "get_mbps": get["mbps"],
             "put_s": put["seconds"],
             "get_s": get["seconds"],
         }
+        fresh = t.fresh_relay_rss
+        if fresh:
+            # Buffers of the transfer should be given back once it is over.
+            time.sleep(1.0)
+            after = t.relay_rss()
+            if after:
+                run["relay_rss_after_mb"] = after / 1e6
+                run["relay_rss_growth"] = after / fresh
+        return run
+
+    def s_pgbench(self, t: Target, server: Any) -> Run:
+        """pgbench select-only (1 and 8 clients) and TPC-B-like through *t* (scenario 8)."""
+        from muxtunnel.benchsuite.pg import CASES
+
+        run: Run = {}
+        for case in CASES:
+            run.update(server.run(t.port, case, self.sizes.pg_seconds))
+        return run
 
     def s_multi(self, t: Target, streams: int, amount: int) -> Run:
         timeout = 60 + streams * amount / 5e6
@@ -375,6 +396,8 @@ class Bench:
                 self.progress("  " + msg)
                 self.out.fail("setup", key, msg)
                 continue
+            with contextlib.suppress(OSError):
+                t.fresh_relay_rss = t.relay_rss()
             if t.note:
                 self.out.target_notes[f"{key}@{where}"] = t.note
                 self.progress(f"  {t.note}")
@@ -468,7 +491,3 @@ def stop_targets(targets: list[Target]) -> None:
     for t in targets:
         with contextlib.suppress(Exception):
             t.stop()
-
-
-def eprint(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

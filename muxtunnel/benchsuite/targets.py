@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from muxtunnel.benchsuite.procs import BenchError, Child, python, tree_rss
+from muxtunnel.benchsuite.procs import BenchError, Child, python, reference_tree, tree_rss
 
 SSHD = "/usr/sbin/sshd"
 AES128 = "aes128-gcm@openssh.com"
@@ -62,6 +62,8 @@ class Target:
     port: int = 0
     note: str = ""
     children: list[Child] = field(default_factory=list)
+    #: The relay's RSS right after start (bytes), to see whether bulk buffers are given back.
+    fresh_relay_rss: int | None = None
 
     @property
     def visitor_ns(self) -> str | None:
@@ -99,17 +101,26 @@ class DirectTarget(Target):
 class MuxTarget(Target):
     """A real ``python -m muxtunnel server`` + ``client`` pair."""
 
+    #: Run another tree's muxtunnel (``muxtunnel-ref``, see :func:`reference_tree`).
+    reference: bool = False
+
     def start(self) -> None:
+        exe, env = python(), None
+        if self.reference:
+            ref = reference_tree()
+            if ref is None:
+                raise BenchError("muxtunnel-ref needs MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT")
+            exe, env = ref
         token = secrets.token_urlsafe(24)
         lo = random.randint(30000, 31800)
-        sdir = self.workdir / "mux-server"
-        cdir = self.workdir / "mux-client"
+        sdir = self.workdir / f"{self.key}-server"
+        cdir = self.workdir / f"{self.key}-client"
         sdir.mkdir(parents=True, exist_ok=True)
         cdir.mkdir(parents=True, exist_ok=True)
         server = Child(
             f"{self.key}-server",
             [
-                python(),
+                exe,
                 "-m",
                 "muxtunnel",
                 "server",
@@ -131,6 +142,7 @@ class MuxTarget(Target):
             ],
             self.workdir,
             netns=self.layout.relay_ns,
+            env=env,
         )
         self.children.append(server)
         fp = server.wait_for(r"^fingerprint: (sha256:[0-9a-f]{64})", 30).group(1)
@@ -139,7 +151,7 @@ class MuxTarget(Target):
         client = Child(
             f"{self.key}-client",
             [
-                python(),
+                exe,
                 "-m",
                 "muxtunnel",
                 "client",
@@ -155,6 +167,7 @@ class MuxTarget(Target):
             ],
             self.workdir,
             netns=self.layout.edge_ns,
+            env=env,
         )
         self.children.append(client)
         m = client.wait_for(r"^forwarding tcp://(\S+):(\d+) -> (\S+)\s*$", 30, watch=server)
@@ -263,9 +276,12 @@ class SshTarget(Target):
 
 
 ALL_TARGETS = ("direct", "muxtunnel", "ssh", "ssh-aes128")
+#: Allowed in --targets but never run by default.
+EXTRA_TARGETS = ("muxtunnel-ref",)
 LABELS = {
     "direct": "direct TCP",
     "muxtunnel": "muxtunnel",
+    "muxtunnel-ref": "muxtunnel (MUXTUNNEL_BENCH_REF tree)",
     "ssh": "ssh -R (default)",
     "ssh-aes128": "ssh -R aes128-gcm",
 }
@@ -278,6 +294,8 @@ def make_target(key: str, layout: Layout, service_port: int, workdir: Path) -> T
         return DirectTarget(key, label, layout, service_port, workdir)
     if key == "muxtunnel":
         return MuxTarget(key, label, layout, service_port, workdir)
+    if key == "muxtunnel-ref":
+        return MuxTarget(key, label, layout, service_port, workdir, reference=True)
     if key == "ssh":
         return SshTarget(key, label, layout, service_port, workdir)
     if key == "ssh-aes128":

@@ -1,6 +1,7 @@
 """Events that :meth:`Session.receive_data <muxtunnel.protocol.session.Session.receive_data>` returns.
 
-Each event is a frozen, keyword-only dataclass describing one thing the peer did. The adapter
+Each event is a frozen, keyword-only dataclass describing one thing the peer did (except
+:class:`DataReceived`, the hot path, which is a plain slotted dataclass). The adapter
 dispatches on the event's type. ``DataReceived.data`` is a read-only view of the received bytes
 that stays valid; the adapter must call ``Session.acknowledge`` once it has consumed them.
 """
@@ -153,9 +154,13 @@ class StreamRejected:
     message: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True)
 class DataReceived:
-    """Stream bytes arrived; call ``Session.acknowledge(stream_id, len(data))`` once consumed."""
+    """Stream bytes arrived; call ``Session.acknowledge(stream_id, len(data), now)`` once consumed.
+
+    Not frozen, unlike the other events: one is built per DATA frame, and a frozen dataclass
+    costs twice as much to build. Treat it as read-only.
+    """
 
     #: The stream id.
     stream_id: int

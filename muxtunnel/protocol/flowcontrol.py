@@ -10,15 +10,17 @@ Each direction of each stream, and of the connection, has one side of this:
   make us buffer more than we advertised; for the connection the session also credits bytes
   on receipt while the bytes held stay within its receive budget (§8.5 item 2).
 
-Update rule (§8.5; half-window, as in Chromium, h2 and OpenSSH): when ``advertised - consumed <=
-window / 2``, auto-tune, then ``advertised = consumed + window``.
+Update rule (§8.5 item 3; half-window, as in Chromium, h2 and OpenSSH): when ``advertised -
+consumed <= window / 2``, auto-tune, then ``advertised = consumed + window``. For the
+connection, bytes held beyond the receive budget keep their credit (``kept``, §8.5 item 2); the
+rule then looks at the credit still open to the sender (``advertised - received``), so held
+bytes never stop the updates while they pin less than half the window.
 
 Auto-tuning (§8.6; QUICHE ``MaybeIncreaseMaxWindowSize``): if the previous update is less than
 ``2 * srtt`` ago, the window is below 4x the bandwidth-delay product, so double it (up to its
 maximum, and only if the optional memory budget agrees). The rule is scale-free: every update
 follows the consumption of half of the *current* window. When a stream window grows, the
-connection window is raised to at least 1.5x it (:func:`credit_consumed`), so one stalled
-stream can never use up the connection window (§8.6).
+session raises the connection window to at least 1.5x it (:func:`min_conn_window`).
 
 The clock is passed in (``now``, seconds, any monotonic origin); nothing here reads one.
 """
@@ -33,7 +35,6 @@ __all__ = [
     "ReceiveWindow",
     "SendCredit",
     "WindowBudget",
-    "credit_consumed",
     "min_conn_window",
 ]
 
@@ -61,11 +62,6 @@ class SendCredit:
         self.sent = 0
         #: The largest absolute offset the peer allowed.
         self.limit = limit
-
-    @property
-    def available(self) -> int:
-        """Bytes that may be sent now."""
-        return self.limit - self.sent
 
     def raise_limit(self, max_offset: int) -> bool:
         """Apply a WINDOW offset; True if it raised the limit (lower ones are ignored)."""
@@ -146,15 +142,26 @@ class ReceiveWindow:
         return False
 
     def maybe_update(
-        self, now: float, srtt: float | None, budget: WindowBudget | None = None
+        self, now: float, srtt: float | None, budget: WindowBudget | None = None, kept: int = 0
     ) -> bool:
-        """Apply the half-window rule and auto-tuning.
+        """Apply the half-window rule and auto-tuning (§8.5 item 3, §8.6).
+
+        Args:
+            now: the current time.
+            srtt: the smoothed RTT, or None if unknown (no auto-tuning then).
+            budget: optional memory budget consulted before the window grows.
+            kept: connection only: received bytes whose credit is kept because they are held
+                beyond the receive budget (§8.5 item 2). The rule then compares the credit
+                still open to the sender, ``advertised - received``, with half the window,
+                and the update grants ``window - kept`` beyond what was received.
 
         Returns:
             True if ``advertised`` grew (a WINDOW frame should go out).
         """
-        if self.advertised - self.consumed > self.window // 2:
+        if self.advertised - self.consumed - kept > self.window // 2:
             return False
+        if self.consumed + self.window <= self.advertised:
+            return False  # the kept bytes pin the whole window: wait for consumption (§8.7)
         window = self.window
         if (
             srtt is not None
@@ -167,47 +174,3 @@ class ReceiveWindow:
         # advertised - consumed <= window // 2 < window, so this always raises the offset.
         self.advertised = self.consumed + self.window
         return True
-
-
-def credit_consumed(
-    stream: ReceiveWindow | None,
-    conn: ReceiveWindow,
-    n: int,
-    now: float,
-    srtt: float | None,
-    budget: WindowBudget | None = None,
-    *,
-    tune_stream: bool = True,
-) -> tuple[bool, bool]:
-    """Credit ``n`` consumed (or discarded) bytes to a stream window and the connection window.
-
-    Args:
-        stream: the stream's window, or None when the stream is gone (reset, closed) and
-            only the connection is credited.
-        conn: the connection window.
-        n: bytes consumed.
-        now: the current time.
-        srtt: the smoothed RTT, or None if unknown (no auto-tuning then).
-        budget: optional memory budget consulted before any window grows.
-        tune_stream: False once the peer finished the stream: the bytes are consumed but no
-            stream WINDOW can be useful.
-
-    Returns:
-        (stream WINDOW needed, connection WINDOW needed).
-
-    Raises:
-        ValueError: ``n`` exceeds the buffered bytes.
-    """
-    stream_update = False
-    conn_update = False
-    if stream is not None:
-        stream.consume(n)
-        if tune_stream:
-            before = stream.window
-            stream_update = stream.maybe_update(now, srtt, budget)
-            if stream.window > before:
-                conn_update = conn.ensure_window(min_conn_window(stream.window))
-    conn.consume(n)
-    if conn.maybe_update(now, srtt, budget):
-        conn_update = True
-    return stream_update, conn_update

@@ -5,9 +5,10 @@ Pure functions over immutable dataclasses. The 16-byte header is one module-leve
 every length and field and raises :class:`~muxtunnel.errors.ProtocolError` subclasses
 carrying the wire error code the receiver must send in CLOSE.
 
-The DATA hot path does not build a :class:`DataFrame`: the reader hands out raw
-``(type, flags, stream_id, payload)`` tuples and the session handles DATA inline;
-:func:`pack_data_header` builds a DATA header without an object.
+DATA is the hot path both ways: :meth:`FrameReader.read_frames
+<muxtunnel.protocol.reader.FrameReader.read_frames>` decodes DATA inline (the checks of
+:func:`decode_payload`, without the dispatch), and :func:`pack_data_header` builds a DATA
+header without an object.
 """
 
 from __future__ import annotations
@@ -87,8 +88,6 @@ _PORT = _U16
 
 #: Largest WINDOW offset a peer may announce (§8.4); above it is FLOW_CONTROL_ERROR.
 MAX_WINDOW_OFFSET = 1 << 62
-_U32_MAX = 0xFFFF_FFFF
-_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 # ADDR type codes (SOCKS5 values, §5.1).
 _ATYP_NONE = 0x00
@@ -197,9 +196,13 @@ class Settings:
         return cls(**values)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, eq=False)
 class DataFrame:
-    """DATA (§6.1): stream payload; ``fin`` ends the sender's direction."""
+    """DATA (§6.1): stream payload; ``fin`` ends the sender's direction.
+
+    Not frozen, unlike the other frames: one is built per DATA frame received, and a frozen
+    dataclass costs twice as much to build. Treat it as read-only.
+    """
 
     stream_id: int
     data: bytes | memoryview = b""
@@ -409,9 +412,8 @@ class ExtensionFrame:
     payload: bytes = field(default=b"")
 
 
-Frame = (
-    DataFrame
-    | WindowFrame
+ControlFrame = (
+    WindowFrame
     | OpenFrame
     | OpenAckFrame
     | OpenFailFrame
@@ -427,6 +429,9 @@ Frame = (
     | ChallengeFrame
     | ExtensionFrame
 )
+"""Every frame but DATA."""
+Frame = DataFrame | ControlFrame
+"""Any frame."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,7 +511,7 @@ def _options(options: BindOptions, bind: Address) -> bytes:
     return _bytes16(b"".join(parts))
 
 
-def _payload(frame: Frame) -> tuple[int, int, int, bytes]:
+def _payload(frame: ControlFrame) -> tuple[int, int, int, bytes]:
     """(type, flags, stream_id, payload) of any non-DATA frame."""
     match frame:
         case WindowFrame():
@@ -562,10 +567,8 @@ def _payload(frame: Frame) -> tuple[int, int, int, bytes]:
             return FrameType.RESULT, 0, 0, body
         case ChallengeFrame():
             return FrameType.CHALLENGE, 0, 0, bytes(frame.nonce)
-        case ExtensionFrame():
+        case _:  # ExtensionFrame: every other control frame is matched above
             return frame.frame_type, frame.flags, frame.stream_id, bytes(frame.payload)
-        case DataFrame():  # pragma: no cover - handled by encode_into before dispatch
-            raise AssertionError("DATA frames are encoded by encode_into")
 
 
 def encode_into(buf: bytearray, frame: Frame) -> None:

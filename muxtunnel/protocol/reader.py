@@ -1,18 +1,30 @@
-"""Incremental frame reader: splits a byte stream into raw frames (protocol-spec.md §3-§4).
+"""Incremental frame reader: splits a byte stream into frames (protocol-spec.md §3-§4).
 
 The reader checks the preface, then each header as soon as its 16 bytes are in: an unknown
 mandatory type or a Length above the receiver's limit is rejected before any payload is
-buffered. It never copies a payload that lies wholly inside one ``bytes`` chunk: such payloads
-are handed out as ``memoryview`` slices of that immutable chunk. A frame that spans chunks is
-assembled once, with a single join, when its last byte arrives (no quadratic re-buffering).
+buffered. It never copies a payload of more than 256 bytes that lies wholly inside one
+``bytes`` chunk: such payloads are handed out as ``memoryview`` slices of that immutable chunk
+(a smaller DATA payload is copied by :meth:`FrameReader.read_frames`: cheaper than a view, and
+it does not pin the chunk). A frame that spans chunks is assembled once, with a single join,
+when its last byte arrives (no quadratic re-buffering).
+
+:meth:`FrameReader.read_frames` returns decoded :data:`~muxtunnel.protocol.frames.Frame`
+objects, checked in the order of spec §4.5 steps 1-5 (the session applies steps 6-7); DATA,
+the hot path, is decoded inline. :meth:`FrameReader.feed` returns the raw
+``(type, flags, stream_id, payload)`` of each frame, for tools that decode themselves.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeVar
+
 from muxtunnel.errors import FrameSizeError, PrefaceError, ProtocolError
 
-from .constants import EXTENSION_MIN, HEADER_SIZE, MAGIC, FrameType
-from .frames import HEADER
+from .constants import EXTENSION_MIN, FLAG_FIN, HEADER_SIZE, MAGIC, FrameType
+from .frames import HEADER, DataFrame, Frame, decode_payload
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["FrameReader", "RawFrame"]
 
@@ -20,6 +32,10 @@ __all__ = ["FrameReader", "RawFrame"]
 RawFrame = tuple[int, int, int, bytes | memoryview]
 
 _DATA = int(FrameType.DATA)
+_FIN = FLAG_FIN
+_T = TypeVar("_T")
+#: DATA payloads up to this size are handed out as ``bytes`` copies, larger ones as views.
+_COPY_MAX = 256
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
 
 
@@ -71,16 +87,40 @@ class FrameReader:
         return data[len(got) :]
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[RawFrame]:
-        """Add received bytes; return every frame completed by them, in order.
+        """Add received bytes; return every frame completed by them, raw, in order.
 
         Raises:
             PrefaceError: the first bytes are not the preface.
             FrameSizeError: a header declares more than the limit for its type.
             ProtocolError: a header has an unknown mandatory type (0x00-0x7F).
         """
+        return self._split(self._prepare(data), self._parse)
+
+    def read_frames(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Add received bytes; return every frame completed by them, decoded, in order.
+
+        Raises:
+            PrefaceError: the first bytes are not the preface.
+            FrameSizeError: a header declares more than the limit for its type, or a
+                fixed-size payload has another length.
+            FlowControlError: a WINDOW offset above 2^62.
+            ProtocolError: an unknown mandatory type, or any other malformed frame
+                (spec §4.5 steps 2-5).
+        """
+        chunk = self._prepare(data)
+        if chunk and not self.buffered:  # the common case: no partial frame is waiting
+            return self._decode(chunk, 0)
+        return self._split(chunk, self._decode)
+
+    def _prepare(self, data: bytes | bytearray | memoryview) -> bytes:
+        """``data`` as ``bytes``, without the preface bytes it still contains."""
         chunk = data if type(data) is bytes else bytes(data)
         if self._magic_seen < len(MAGIC):
             chunk = self._take_magic(chunk)
+        return chunk
+
+    def _split(self, chunk: bytes, parse: Callable[[bytes, int], list[_T]]) -> list[_T]:
+        """Complete a partial frame with ``chunk`` if one is waiting, then ``parse`` the rest."""
         if not chunk:
             return []
         if self.buffered:
@@ -88,11 +128,11 @@ class FrameReader:
             if done is None:
                 return []
             joined, rest = done
-            frames = self._parse(joined)
+            frames = parse(joined, 0)
             if rest < len(chunk):
-                frames += self._parse(chunk, rest)
+                frames += parse(chunk, rest)
             return frames
-        return self._parse(chunk)
+        return parse(chunk, 0)
 
     def _complete(self, chunk: bytes) -> tuple[bytes, int] | None:
         """Add ``chunk`` to a partial frame.
@@ -119,7 +159,49 @@ class FrameReader:
         self.buffered = 0
         return joined, rest
 
-    def _parse(self, chunk: bytes, off: int = 0) -> list[RawFrame]:
+    def _decode(self, chunk: bytes, off: int) -> list[Frame]:
+        """Like :meth:`_parse`, but decode each frame (DATA inline: its §4.5 checks here)."""
+        frames: list[Frame] = []
+        append = frames.append
+        unpack_from = HEADER.unpack_from
+        max_data = self._max_data
+        data_frame = DataFrame
+        data_type = _DATA
+        header_size = HEADER_SIZE
+        copy_max = _COPY_MAX
+        view = memoryview(chunk)
+        end = len(chunk)
+        while end - off >= header_size:
+            length, frame_type, flags, _reserved, stream_id = unpack_from(chunk, off)
+            start = off + header_size
+            stop = start + length
+            if frame_type == data_type and 0 < length <= max_data and stream_id:
+                if stop > end:
+                    self._need = stop - off
+                    break
+                # A small payload is copied: cheaper than a view, and it pins no chunk.
+                payload = chunk[start:stop] if length <= copy_max else view[start:stop]
+                if flags & 1:
+                    append(data_frame(stream_id, payload, True))
+                else:
+                    append(data_frame(stream_id, payload))
+                off = stop
+                continue
+            self._check_header(length, frame_type)
+            if stop > end:
+                self._need = stop - off
+                break
+            if frame_type == _DATA and stream_id and flags & _FIN:  # empty DATA with FIN
+                append(data_frame(stream_id, b"", True))
+            else:  # decode_payload raises for stream 0 and for empty DATA without FIN
+                append(decode_payload(frame_type, flags, stream_id, view[start:stop]))
+            off = stop
+        if off < end:
+            self._chunks = [chunk[off:]]
+            self.buffered = end - off
+        return frames
+
+    def _parse(self, chunk: bytes, off: int) -> list[RawFrame]:
         frames: list[RawFrame] = []
         append = frames.append
         unpack_from = HEADER.unpack_from

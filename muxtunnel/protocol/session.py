@@ -12,12 +12,14 @@ feeds ``receive_data`` and one writer task that writes ``data_to_send()``; it pa
 clock in as ``now`` (seconds, monotonic), for RTT, window auto-tuning and flood limits.
 
 Input path. ``receive_data`` feeds a :class:`~muxtunnel.protocol.reader.FrameReader`, which
-yields raw ``(type, flags, stream_id, payload)`` tuples, payloads being zero-copy views.
-DATA on a stream in a data-accepting state is handled inline (one dict lookup, two window
-checks, one event); everything else goes through :meth:`Session._dispatch`, which decodes the
-payload with :func:`~muxtunnel.protocol.frames.decode_payload` and applies the rules.
-Stream rules come from the single transition table in :mod:`~muxtunnel.protocol.state`;
-windows from :mod:`~muxtunnel.protocol.flowcontrol`.
+returns decoded frames (spec §4.5 steps 1-5; DATA payloads are zero-copy views). The session
+sees frames only. DATA without FIN on a stream in a data-accepting state is handled inline
+(one dict lookup, two window checks, one event); every other frame goes to its handler,
+after the handshake-order check (§4.5 step 7). Every stream state change goes through the
+one transition table of :mod:`~muxtunnel.protocol.state`; the session's own lifecycle
+(HELLO, CHALLENGE, AUTH, open, CLOSE) through the tables of
+:mod:`~muxtunnel.protocol.lifecycle`; AUTH/BIND/UNBIND bookkeeping lives in
+:mod:`~muxtunnel.protocol.requests`; windows in :mod:`~muxtunnel.protocol.flowcontrol`.
 
 Output path. Control frames are encoded at once into a FIFO of ``bytes``. WINDOW updates and
 the PING answer are coalesced (only the latest value goes out) and written after the FIFO.
@@ -33,12 +35,12 @@ preface raises ``PrefaceError`` and queues nothing: the peer does not speak our 
 Stream errors (DATA after the peer's FIN on a stream we answered) reset only that stream,
 report ``StreamReset(remote=False)`` and raise nothing; before our answer the same input is a
 connection STREAM_STATE_ERROR, since the acceptor cannot RESET an unanswered stream.
-Local misuse raises ``StreamStateError`` (stream calls), ``StreamLimitError`` (no room to
-open), ``SessionClosedError`` (the session is closed) or ``ValueError`` (bad arguments),
+Local misuse raises ``LocalProtocolError`` (a call the session's or the stream's state does
+not allow), ``SessionClosedError`` (the session is closed) or ``ValueError`` (bad arguments),
 without queueing anything.
 
 Handshake. Each side queues MAGIC + HELLO at construction. The first frame from the peer must
-be HELLO. The server sends CHALLENGE (``send_challenge``); the client answers with AUTH
+be HELLO (after the frame decoded: a malformed first frame is its decoding error, §4.5). The server sends CHALLENGE (``send_challenge``); the client answers with AUTH
 (``send_auth``) and may pipeline BINDs. Until the server has sent RESULT(OK) for the AUTH it
 accepts only HELLO, AUTH, PING, CLOSE and extension frames, at most ``preauth_limit`` bytes.
 When AUTH arrives the server session *holds* every later frame until the application answers
@@ -60,12 +62,14 @@ bytes are credited at once (the application drops them).
 Flow control. Absolute offsets. The receiver counts DATA against the stream and connection
 windows on arrival. Stream credit returns only on ``acknowledge`` (consumption). Connection
 credit returns as soon as the bytes are held in a stream buffer, while the bytes held
-unconsumed across the whole connection stay within ``receive_budget``; beyond it, on
-consumption (spec §8.5). So streams that do not read cannot use up the connection window
-until the budget is full, and ``stalled_stream`` names the one to reset then (§8.7). The
-half-window update rule and auto-tuning toward the bandwidth-delay product apply at both
-levels; the connection window is kept at >= 1.5x the largest stream window. The scheduler
-never frames beyond the peer's limits.
+unconsumed across the whole connection stay within the receive budget; beyond it, on
+consumption (spec §8.5). The budget in force is never below the largest stream window, so one
+stream that does not read never keeps connection credit; several use up the connection window
+only once they hold the budget plus about half the window, and ``stalled_stream`` names the
+one to reset then (§8.7). The half-window update rule (for the connection: on the credit still
+open to the sender) and auto-tuning toward the bandwidth-delay product apply at both levels;
+the connection window is kept at >= 1.5x the largest stream window. The scheduler never
+frames beyond the peer's limits.
 
 Flood limits (ENHANCE_YOUR_CALM): inbound PINGs (token bucket, 10/s, burst 100),
 non-productive frames (1000/s, burst 1000: ignored extensions, WINDOWs that raise nothing,
@@ -101,13 +105,13 @@ that carries them while the negotiated minor version is 0 is a PROTOCOL_ERROR.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, NoReturn, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from muxtunnel.errors import (
     ErrorCode,
     FinalSizeError,
     FlowControlError,
-    FrameSizeError,
+    LocalProtocolError,
     PrefaceError,
     ProtocolError,
     SessionClosedError,
@@ -119,7 +123,6 @@ from muxtunnel.errors import (
 from .constants import (
     AUTH_NONCE_SIZE,
     EXTENSION_MIN,
-    FLAG_FIN,
     MAGIC,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -152,13 +155,14 @@ from .events import (
 from .flowcontrol import ReceiveWindow, SendCredit, WindowBudget, min_conn_window
 from .frames import (
     HEADER,
-    MAX_WINDOW_OFFSET,
     Address,
     AuthFrame,
     BindFrame,
     BindOptions,
     ChallengeFrame,
     CloseFrame,
+    DataFrame,
+    ExtensionFrame,
     Frame,
     GoAwayFrame,
     HelloFrame,
@@ -170,19 +174,25 @@ from .frames import (
     ResultFrame,
     Settings,
     UnbindFrame,
-    decode_payload,
+    WindowFrame,
     encode_frame,
 )
-from .reader import FrameReader, RawFrame
+from .lifecycle import Lifecycle, SessionInput
+from .reader import FrameReader
+from .requests import IncomingRequests, OutgoingRequests
 from .scheduler import OutboundStream, Scheduler
 from .state import (
     RECV_DATA_STATES,
     SEND_DATA_STATES,
     SEND_WINDOW_STATES,
-    TRANSITIONS,
     StreamInput,
     StreamState,
+    advance,
+    allows,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["Session", "SessionConfig"]
 
@@ -203,14 +213,6 @@ MAX_CONTROL_BYTES: Final = 1 * _MiB
 MAX_CONTROL_FRAMES: Final = 4096
 #: Our own PINGs outstanding at most.
 MAX_OUTSTANDING_PINGS: Final = 4
-#: AUTH/BIND/UNBIND requests a client may have without RESULT (spec §7.5). The server treats
-#: one more as ENHANCE_YOUR_CALM; a client session holds further requests back until a
-#: RESULT arrives, so it never exceeds the limit whatever the application asks for.
-MAX_OUTSTANDING_REQUESTS: Final = 16
-#: Bytes of BIND/UNBIND requests a client pipelines behind its AUTH before the AUTH's RESULT
-#: (spec §7.6 item 2): half the relay's default pre-authentication limit, so BINDs with long
-#: allow/deny lists (§6.12) cannot push a relay past it. Later requests wait for the RESULT.
-PIPELINE_BUDGET: Final = 8192
 #: Inbound OPENs the acceptor takes per second (and burst); more are refused with
 #: OPEN_FAIL(RESOURCE_SHORTAGE) (spec §9.2, §12). Defaults of ``SessionConfig``: far above
 #: what a legitimate burst of visitors reaches through one session (a connection pool refill,
@@ -231,25 +233,29 @@ _MAX_STREAM_ID: Final = (1 << 64) - 1
 
 _S = StreamState
 _I = StreamInput
-_DATA: Final = int(FrameType.DATA)
-_WINDOW: Final = int(FrameType.WINDOW)
+_L = SessionInput
 _REMOTE_FINISHED = frozenset({_S.OPENING_IN_REMOTE_DONE, _S.REMOTE_DONE})
 _OPENING_IN = frozenset({_S.OPENING_IN, _S.OPENING_IN_REMOTE_DONE})
 #: What the server accepts before it has sent RESULT(OK) for the AUTH (spec §7.1, §7.6).
 _PREAUTH_TYPES = frozenset({FrameType.HELLO, FrameType.AUTH, FrameType.PING, FrameType.CLOSE})
-
-# Building the hot-path event without the frozen dataclass __init__ (which goes through
-# object.__setattr__ per field) halves its cost; the result is an ordinary DataReceived.
-_new_object = object.__new__
-_set_data_sid = DataReceived.__dict__["stream_id"].__set__
-_set_data_payload = DataReceived.__dict__["data"].__set__
-
-
-def _data_event(stream_id: int, data: bytes | memoryview) -> DataReceived:
-    event: DataReceived = _new_object(DataReceived)
-    _set_data_sid(event, stream_id)
-    _set_data_payload(event, data)
-    return event
+#: The type code of each decoded frame class (extension frames carry their own).
+_FRAME_TYPES: dict[type, FrameType] = {
+    DataFrame: FrameType.DATA,
+    WindowFrame: FrameType.WINDOW,
+    OpenFrame: FrameType.OPEN,
+    OpenAckFrame: FrameType.OPEN_ACK,
+    OpenFailFrame: FrameType.OPEN_FAIL,
+    ResetFrame: FrameType.RESET,
+    HelloFrame: FrameType.HELLO,
+    PingFrame: FrameType.PING,
+    GoAwayFrame: FrameType.GOAWAY,
+    CloseFrame: FrameType.CLOSE,
+    AuthFrame: FrameType.AUTH,
+    BindFrame: FrameType.BIND,
+    UnbindFrame: FrameType.UNBIND,
+    ResultFrame: FrameType.RESULT,
+    ChallengeFrame: FrameType.CHALLENGE,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,8 +273,10 @@ class SessionConfig:
         preauth_limit: bytes the server accepts before authentication succeeds.
         window_budget: optional process-wide memory budget, asked before any window grows.
         receive_budget: bytes held unconsumed across all streams of the connection whose
-            connection credit is returned on receipt (spec §8.5); None -> ``max_conn_window``,
-            0 -> connection credit returns only on consumption.
+            connection credit is returned on receipt (spec §8.5); None -> ``max_conn_window``.
+            The budget in force is never below the largest stream window so far (a smaller
+            value is raised to it), so one stream that does not read can never hold back the
+            others (§8.7).
         open_rate: inbound OPENs accepted per second (token bucket); more are refused with
             OPEN_FAIL(RESOURCE_SHORTAGE) without creating the stream.
         open_burst: the bucket's size: OPENs accepted at once after a quiet period.
@@ -356,10 +364,7 @@ class Session:
         self.peer_settings: Settings | None = None
         #: The negotiated minor version (valid once the peer's HELLO arrived).
         self.minor = PROTOCOL_MINOR
-        #: True once CLOSE was sent or received (or a fault happened); input is ignored.
-        self.closed = False
-        #: Server: RESULT(OK) sent for AUTH. Client: RESULT(OK) received for our AUTH.
-        self.authenticated = False
+        self._life = Lifecycle(self.role)
         #: Smoothed RTT in seconds (EWMA 1/8 over PING round trips), None before the first.
         self.rtt: float | None = None
 
@@ -392,6 +397,8 @@ class Session:
         #: Bytes received on streams and not consumed yet (live streams and ``_drain``).
         self._unconsumed = 0
         budget = cfg.receive_budget
+        #: The configured receive budget; the budget in force is never below the largest
+        #: stream window so far (:attr:`_stream_window_peak`, spec §8.5 item 2).
         self._receive_budget = self._max_conn_window if budget is None else max(0, budget)
 
         self._local_parity = 1 if role == Role.CLIENT else 0
@@ -403,21 +410,11 @@ class Session:
         self._remote_open = 0
         self._remote_pending = 0
 
-        self._hello_received = False
-        self._challenge_sent = False
-        self._challenge_received = False
-        self._auth_seen = False
         self._auth_req: int | None = None  # server: AUTH awaiting send_result
-        self._held: list[RawFrame] | None = None  # server: frames held behind that AUTH
+        self._held: list[Frame] = []  # server: frames held behind that AUTH
         self._preauth_bytes = 0
-        self._requests_in: dict[int, FrameType] = {}  # server: unanswered id -> kind
-        self._requests_out: dict[int, tuple[FrameType, int]] = {}  # client: id -> (kind, tunnel)
-        # client: requests held back while MAX_OUTSTANDING_REQUESTS are on the wire
-        self._requests_waiting: dict[int, tuple[FrameType, int, bytes]] = {}
-        self._auth_out = False  # client: our AUTH is on the wire without its RESULT
-        self._pipelined = 0  # client: request bytes sent behind AUTH before its RESULT (§7.6)
-        self._bound: set[int] = set()  # client: tunnels with an OK RESULT for their BIND
-        self._unbound: set[int] = set()  # client: tunnels whose UNBIND completed
+        self._requests_in = IncomingRequests()  # server
+        self._requests_out = OutgoingRequests()  # client
         self._local_ids: list[int] = []  # ids of our streams, ascending (closed ones linger)
         self._closed_by_us: dict[int, int] = {}  # sid -> small late DATA frames still expected
 
@@ -432,6 +429,25 @@ class Session:
         self._idle_bucket = _Bucket(NONPRODUCTIVE_RATE, NONPRODUCTIVE_BURST)
         self._reset_bucket = _Bucket(RESET_RATE, RESET_BURST)
         self._open_bucket = _Bucket(cfg.open_rate, cfg.open_burst)
+
+        # Each handler takes its own frame class; the dict is keyed by that class.
+        self._handlers: dict[type, Callable[[Any, list[Event]], None]] = {
+            WindowFrame: self._on_window,
+            OpenFrame: self._on_open,
+            OpenAckFrame: self._on_open_answer,
+            OpenFailFrame: self._on_open_answer,
+            ResetFrame: self._on_reset,
+            HelloFrame: self._on_hello,
+            PingFrame: self._on_ping,
+            GoAwayFrame: self._on_goaway,
+            CloseFrame: self._on_close,
+            AuthFrame: self._on_auth,
+            BindFrame: self._on_bind,
+            UnbindFrame: self._on_unbind,
+            ResultFrame: self._on_result,
+            ChallengeFrame: self._on_challenge,
+            ExtensionFrame: self._on_extension,
+        }
 
         self._stats = {
             "frames_received": 0,
@@ -455,15 +471,26 @@ class Session:
             )
         )
 
+    @property
+    def closed(self) -> bool:
+        """True once CLOSE was sent or received (or a fault happened); input is ignored."""
+        return self._life.closed
+
+    @property
+    def authenticated(self) -> bool:
+        """Server: RESULT(OK) sent for AUTH. Client: RESULT(OK) received for our AUTH."""
+        return self._life.authenticated
+
     # ------------------------------------------------------------------------------------
     # Input
 
-    def receive_data(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
         """Process bytes received from the peer.
 
         Args:
             data: the bytes (any chunking). ``b""`` processes frames held behind an AUTH.
-            now: the current time in seconds (monotonic); drives RTT and flood limits.
+            now: the current time in seconds (monotonic); drives RTT, window auto-tuning
+                and the flood limits' token buckets.
 
         Returns:
             The events, in order.
@@ -472,26 +499,26 @@ class Session:
             ProtocolError: the peer broke the protocol; ``CLOSE(error_code)`` is already
                 queued (except for ``PrefaceError``) and the session is closed.
         """
-        if self.closed:
+        if self._life.closed:
             return []
         self._now = now
         events: list[Event] = []
         try:
             size = len(data)
             self._stats["bytes_received"] += size
-            if not self.authenticated and self.role == Role.SERVER:
+            if not self._life.authenticated and self.role == Role.SERVER:
                 self._preauth_bytes += size
                 if self._preauth_bytes > self.config.preauth_limit:
                     raise ProtocolError(
                         f"more than {self.config.preauth_limit} bytes before authentication"
                     )
-            frames = self._reader.feed(data) if size else []
-            if self._held is not None:
-                if self._auth_req is not None:
-                    self._held.extend(frames)
-                    return events
+            frames = self._reader.read_frames(data) if size else []
+            if self._auth_req is not None:
+                self._held += frames
+                return events
+            if self._held:
                 frames = self._held + frames
-                self._held = None
+                self._held = []
             if frames:
                 self._process(frames, events, now)
             if len(self._control) > MAX_CONTROL_FRAMES or self._control_bytes > MAX_CONTROL_BYTES:
@@ -503,67 +530,71 @@ class Session:
             raise
         return events
 
-    def _process(self, frames: list[RawFrame], events: list[Event], now: float) -> None:
+    def _process(self, frames: list[Frame], events: list[Event], now: float) -> None:
         streams = self._streams
         conn = self._conn_recv
         append = events.append
         recv_ok = RECV_DATA_STATES
-        new_event = _new_object
-        set_sid = _set_data_sid
-        set_payload = _set_data_payload
+        handlers = self._handlers
+        data_frame = DataFrame
+        data_event = DataReceived
         stats = self._stats
         stats["frames_received"] += len(frames)
         received_before = conn.received
+        # The hot path counts its bytes in ``taken`` and adds them to ``conn.received`` and
+        # ``_unconsumed`` before anything else looks at those (spec §8.3, §8.5).
+        taken = 0
+        room = conn.advertised - conn.received
         it = iter(frames)
         try:
-            for frame_type, flags, sid, payload in it:
-                if frame_type == _DATA:
+            for frame in it:
+                if frame.__class__ is data_frame:
+                    # DATA without FIN on a live stream whose state takes it: the hot path.
+                    sid = frame.stream_id
                     stream = streams.get(sid)
-                    n = len(payload)
-                    if stream is not None and n and stream.state in recv_ok and not flags & 1:
+                    if stream is not None and not frame.fin and stream.state in recv_ok:
+                        payload = frame.data
+                        n = len(payload)
                         recv = stream.recv
                         total = recv.received + n
-                        conn_total = conn.received + n
-                        if total > recv.advertised or conn_total > conn.advertised:
-                            self._window_exceeded(stream, n)
+                        if total > recv.advertised or n > room:
+                            self._window_exceeded(stream, n, taken)
                         if recv.received == recv.consumed:
                             stream.since = now  # the buffer was empty: the stall clock starts
                         recv.received = total
-                        conn.received = conn_total
-                        self._unconsumed += n
-                        event = new_event(DataReceived)  # == _data_event(), inlined
-                        set_sid(event, sid)
-                        set_payload(event, payload)
-                        append(event)
+                        room -= n
+                        taken += n
+                        append(data_event(sid, payload))
                         continue
-                    self._on_data(stream, sid, flags, payload, events)
-                    continue
-                if frame_type == _WINDOW:
-                    # Second hot path: WINDOW without building a WindowFrame (same checks
-                    # as decode_payload: any stream id, exactly 8 bytes, offset <= 2^62).
-                    if not self._streams_allowed():
-                        self._check_allowed(_WINDOW)
-                    if len(payload) != 8:
-                        raise FrameSizeError(f"WINDOW payload is {len(payload)} bytes, must be 8")
-                    offset = int.from_bytes(payload, "big")
-                    if offset > MAX_WINDOW_OFFSET:
-                        raise FlowControlError(f"WINDOW offset {offset} above 2^62")
-                    self._on_window(sid, offset, events)
-                    continue
-                self._dispatch(frame_type, flags, sid, payload, events, now)
-                if self._auth_req is not None:
-                    self._held = list(it)
-                    return
-                if self.closed:
-                    return
+                conn.received += taken
+                self._unconsumed += taken
+                taken = 0
+                if frame.__class__ is data_frame:
+                    self._on_data(stream, frame, events)
+                else:
+                    cls = frame.__class__
+                    self._check_allowed(_FRAME_TYPES.get(cls, EXTENSION_MIN))
+                    handlers[cls](frame, events)
+                    if self._auth_req is not None:
+                        self._held = list(it)
+                        return
+                    if self._life.closed:
+                        return
+                room = conn.advertised - conn.received
         finally:
+            conn.received += taken
+            self._unconsumed += taken
             stats["data_bytes_received"] += conn.received - received_before
-            if not self.closed:
+            if not self._life.closed:
                 self._settle()
 
     # --- DATA ---------------------------------------------------------------------------
 
-    def _window_exceeded(self, stream: _Stream, n: int) -> NoReturn:
+    def _window_exceeded(self, stream: _Stream, n: int, uncounted: int = 0) -> NoReturn:
+        """Raise FLOW_CONTROL_ERROR for ``n`` bytes on ``stream`` (spec §8.3).
+
+        ``uncounted``: bytes received just before and not yet in ``conn.received``.
+        """
         recv = stream.recv
         if recv.received + n > recv.advertised:
             raise FlowControlError(
@@ -572,28 +603,19 @@ class Session:
             )
         conn = self._conn_recv
         raise FlowControlError(
-            f"{conn.received + n} bytes exceed the connection window {conn.advertised}"
+            f"{conn.received + uncounted + n} bytes exceed the connection window {conn.advertised}"
         )
 
-    def _on_data(
-        self,
-        stream: _Stream | None,
-        sid: int,
-        flags: int,
-        payload: bytes | memoryview,
-        events: list[Event],
-    ) -> None:
+    def _on_data(self, stream: _Stream | None, frame: DataFrame, events: list[Event]) -> None:
         """DATA with FIN, or on a closed/unknown stream, or in a state that forbids it.
 
-        (DATA without FIN on a live stream whose state accepts it takes the inline path.)
+        (DATA without FIN on a live stream whose state accepts it takes the hot path.)
         """
-        self._check_allowed(_DATA)
-        if sid == 0:
-            raise ProtocolError("DATA frame on stream 0")
+        self._check_allowed(FrameType.DATA)
+        sid = frame.stream_id
+        payload = frame.data
         n = len(payload)
-        fin = bool(flags & FLAG_FIN)
-        if n == 0 and not fin:
-            raise ProtocolError("empty DATA frame without FIN")
+        fin = frame.fin
         if stream is None:
             self._check_known(sid, "DATA")
             self._receive_conn(n)
@@ -607,10 +629,8 @@ class Session:
                 else:
                     self._nonproductive()
             return
-        state = stream.state
-        if (n and (state, _I.RECV_DATA) not in TRANSITIONS) or (
-            fin and (state, _I.RECV_FIN) not in TRANSITIONS
-        ):
+        if (n and not allows(stream, _I.RECV_DATA)) or (fin and not allows(stream, _I.RECV_FIN)):
+            state = stream.state
             if state is _S.OPENING_IN_REMOTE_DONE:
                 # Not answered yet, so no RESET is possible: a connection error (§9.3).
                 raise StreamStateError(f"DATA after FIN on stream {sid} (not answered yet)")
@@ -628,7 +648,7 @@ class Session:
             raise ProtocolError(
                 f"DATA on stream {sid} before OPEN_ACK/OPEN_FAIL (state {state.name})"
             )
-        # Only FIN frames get here: data-only frames on a live stream took the inline path.
+        # Only FIN frames get here: data-only frames on a live stream took the hot path.
         recv = stream.recv
         if recv.received + n > recv.advertised or not self._conn_recv.receive(n):
             self._window_exceeded(stream, n)
@@ -637,9 +657,8 @@ class Session:
                 stream.since = self._now
             recv.received += n
             self._unconsumed += n
-            events.append(_data_event(sid, payload))
-        nxt = TRANSITIONS[state, _I.RECV_FIN]
-        stream.state = nxt
+            events.append(DataReceived(sid, payload))
+        nxt = advance(stream, _I.RECV_FIN)
         self._dirty.pop(sid, None)
         events.append(StreamEnded(stream_id=sid))
         if nxt is _S.CLOSED:
@@ -661,21 +680,26 @@ class Session:
         received or held counts is followed by this, so the release is never negative.
         """
         conn = self._conn_recv
-        over = self._unconsumed - self._receive_budget
-        release = conn.received - conn.consumed - (over if over > 0 else 0)
+        budget = self._receive_budget
+        if budget < self._stream_window_peak:
+            budget = self._stream_window_peak  # one stream's window always fits (§8.5 item 2)
+        over = self._unconsumed - budget
+        kept = over if over > 0 else 0
+        release = conn.received - conn.consumed - kept
         if release > 0:
             conn.consumed += release
-            if conn.maybe_update(self._now, self.rtt, self.config.window_budget):
+            if conn.maybe_update(self._now, self.rtt, self.config.window_budget, kept):
                 self._conn_dirty = True
 
     # --- everything else ---------------------------------------------------------------
 
     def _check_allowed(self, frame_type: int) -> None:
-        if not self._hello_received and frame_type != FrameType.HELLO:
+        """Spec §4.5 step 7, first part: handshake order and authentication (§3.2, §7.6)."""
+        if not self._life.hello_received and frame_type != FrameType.HELLO:
             raise ProtocolError("the first frame must be HELLO")
         if (
             self.role == Role.SERVER
-            and not self.authenticated
+            and not self._life.authenticated
             and frame_type not in _PREAUTH_TYPES
             and frame_type < EXTENSION_MIN
         ):
@@ -693,53 +717,18 @@ class Session:
         if not self._idle_bucket.take(self._now):
             raise ProtocolError("too many frames that do nothing", ErrorCode.ENHANCE_YOUR_CALM)
 
-    def _dispatch(
-        self,
-        frame_type: int,
-        flags: int,
-        sid: int,
-        payload: bytes | memoryview,
-        events: list[Event],
-        now: float,
-    ) -> None:
-        self._check_allowed(frame_type)
-        frame = decode_payload(frame_type, flags, sid, payload)
-        # (WINDOW never gets here: _process handles it inline.)
-        if isinstance(frame, PingFrame):
-            self._on_ping(frame, events, now)
-        elif isinstance(frame, OpenFrame):
-            self._on_open(frame, events)
-        elif isinstance(frame, OpenAckFrame):
-            self._on_open_answer(sid, None, events)
-        elif isinstance(frame, OpenFailFrame):
-            self._on_open_answer(sid, frame, events)
-        elif isinstance(frame, ResetFrame):
-            self._on_reset(frame, events, now)
-        elif isinstance(frame, HelloFrame):
-            self._on_hello(frame, events)
-        elif isinstance(frame, GoAwayFrame):
-            self._on_goaway(frame, events)
-        elif isinstance(frame, CloseFrame):
-            code = ErrorCode.from_wire(frame.error_code)
-            self._shutdown()
-            self._control.clear()  # the peer is gone: nothing more is worth sending
-            self._control_bytes = 0
-            events.append(ConnectionClosed(error_code=code, message=frame.message))
-        elif isinstance(frame, AuthFrame):
-            self._on_auth(frame, events)
-        elif isinstance(frame, BindFrame):
-            self._on_bind(frame, events)
-        elif isinstance(frame, UnbindFrame):
-            self._on_unbind(frame, events)
-        elif isinstance(frame, ResultFrame):
-            self._on_result(frame, events)
-        elif isinstance(frame, ChallengeFrame):
-            self._on_challenge(frame, events)
-        else:  # ExtensionFrame: skipped, but it counts as non-productive
-            self._nonproductive()
+    def _on_extension(self, frame: ExtensionFrame, events: list[Event]) -> None:
+        self._nonproductive()  # skipped (§6.16), but it counts as non-productive
+
+    def _on_close(self, frame: CloseFrame, events: list[Event]) -> None:
+        code = ErrorCode.from_wire(frame.error_code)
+        self._shutdown()
+        self._control.clear()  # the peer is gone: nothing more is worth sending
+        self._control_bytes = 0
+        events.append(ConnectionClosed(error_code=code, message=frame.message))
 
     def _on_hello(self, frame: HelloFrame, events: list[Event]) -> None:
-        if self._hello_received:
+        if not self._life.allows(_L.RECV_HELLO):
             raise ProtocolError("second HELLO")
         if frame.major != PROTOCOL_MAJOR:
             raise VersionMismatchError(
@@ -749,19 +738,17 @@ class Session:
         if frame.role != expected:
             raise ProtocolError(f"peer HELLO has role {frame.role}, expected {int(expected)}")
         defaults = Settings(max_concurrent_streams=0) if expected == Role.SERVER else Settings()
-        settings = Settings.from_pairs(frame.settings, defaults)
-        self._hello_received = True
+        settings = Settings.from_pairs(frame.settings, defaults)  # §4.5 step 6
+        self._life.advance(_L.RECV_HELLO)
         self.peer_settings = settings
         self.minor = min(PROTOCOL_MINOR, frame.minor)
         self._conn_send.limit = settings.initial_conn_window
         self._sched.single_max = min(MAX_SEND_FRAME, settings.max_frame_payload)
         events.append(HelloReceived(settings=settings, minor=self.minor))
 
-    def _streams_allowed(self) -> bool:
-        """True once stream-level frames pass :meth:`_check_allowed` (HELLO in, auth done)."""
-        return self._hello_received and (self.authenticated or self.role == Role.CLIENT)
-
-    def _on_window(self, sid: int, max_offset: int, events: list[Event]) -> None:
+    def _on_window(self, frame: WindowFrame, events: list[Event]) -> None:
+        sid = frame.stream_id
+        max_offset = frame.max_offset
         if sid == 0:
             if self._conn_send.raise_limit(max_offset):
                 events.append(WindowUpdated(stream_id=0))
@@ -773,7 +760,7 @@ class Session:
             self._check_known(sid, "WINDOW")
             self._nonproductive()
             return
-        if (stream.state, _I.RECV_WINDOW) not in TRANSITIONS:
+        if not allows(stream, _I.RECV_WINDOW):
             raise ProtocolError(f"WINDOW on stream {sid} before OPEN_ACK/OPEN_FAIL")
         if max_offset > stream.limit:
             stream.limit = max_offset
@@ -782,8 +769,9 @@ class Session:
         else:
             self._nonproductive()
 
-    def _on_ping(self, frame: PingFrame, events: list[Event], now: float) -> None:
+    def _on_ping(self, frame: PingFrame, events: list[Event]) -> None:
         seq = frame.seq
+        now = self._now
         if frame.ack:
             if seq > self._ping_seq:
                 raise ProtocolError(f"PONG for PING {seq}, which was never sent")
@@ -806,8 +794,9 @@ class Session:
         self._pong = seq
 
     def _on_open(self, frame: OpenFrame, events: list[Event]) -> None:
+        """Spec §9.2 item 3: the acceptor's checks, in order; §9.1 for the id."""
         sid = frame.stream_id
-        if self.role == Role.CLIENT and not self.authenticated:
+        if self.role == Role.CLIENT and not self._life.authenticated:
             raise ProtocolError("OPEN before authentication succeeded")
         if sid & 1 == self._local_parity:
             raise ProtocolError(f"OPEN with our parity: stream {sid}")
@@ -816,7 +805,8 @@ class Session:
         self._highest_remote = sid
         if self._goaway_sent is not None and sid > self._goaway_sent:
             return  # after our GOAWAY: not processed; later frames are late frames
-        if frame.tunnel_id in self._unbound:
+        requests = self._requests_out
+        if requests.was_unbound(frame.tunnel_id):
             raise ProtocolError(f"OPEN for tunnel {frame.tunnel_id} after it was unbound")
         local = self.local_settings
         if self._remote_open >= local.max_concurrent_streams:
@@ -825,7 +815,7 @@ class Session:
             )
         if self._remote_pending >= local.max_pending_opens:
             raise StreamLimitError(f"peer exceeds MAX_PENDING_OPENS = {local.max_pending_opens}")
-        if self.role == Role.CLIENT and frame.tunnel_id not in self._bound:
+        if self.role == Role.CLIENT and not requests.is_bound(frame.tunnel_id):
             # The relay opens streams only for tunnels it bound (§9.2): nothing to connect to.
             self._nonproductive()
             reason, text = OpenFailReason.UNKNOWN_TUNNEL, f"tunnel {frame.tunnel_id} is not bound"
@@ -841,7 +831,7 @@ class Session:
                 self._expect_late_data(sid)  # its early DATA may follow (§9.2 item 2)
             return
         stream = self._new_stream(sid, local=False)
-        stream.state = TRANSITIONS[_S.IDLE, _I.RECV_OPEN]
+        advance(stream, _I.RECV_OPEN)
         self._remote_open += 1
         self._remote_pending += 1
         self._stats["streams_opened_remote"] += 1
@@ -851,7 +841,9 @@ class Session:
             )
         )
 
-    def _on_open_answer(self, sid: int, fail: OpenFailFrame | None, events: list[Event]) -> None:
+    def _on_open_answer(self, frame: OpenAckFrame | OpenFailFrame, events: list[Event]) -> None:
+        sid = frame.stream_id
+        fail = frame if isinstance(frame, OpenFailFrame) else None
         name = "OPEN_ACK" if fail is None else "OPEN_FAIL"
         if sid & 1 != self._local_parity:
             raise ProtocolError(f"{name} for stream {sid}, which the peer opened")
@@ -860,11 +852,9 @@ class Session:
             self._check_known(sid, name)
             self._nonproductive()  # an answer that crossed our RESET
             return
-        inp = _I.RECV_ACK if fail is None else _I.RECV_FAIL
-        nxt = TRANSITIONS.get((stream.state, inp))
-        if nxt is None:
-            raise ProtocolError(f"{name} on stream {sid} in state {stream.state.name}")
-        stream.state = nxt
+        state = stream.state
+        if advance(stream, _I.RECV_ACK if fail is None else _I.RECV_FAIL) is None:
+            raise ProtocolError(f"{name} on stream {sid} in state {state.name}")
         stream.pending_open = False
         self._local_pending -= 1
         if fail is None:
@@ -873,23 +863,22 @@ class Session:
             self._forget(stream, discard=True)
             events.append(StreamRejected(stream_id=sid, reason=fail.reason, message=fail.message))
 
-    def _on_reset(self, frame: ResetFrame, events: list[Event], now: float) -> None:
-        if not self._reset_bucket.take(now):
+    def _on_reset(self, frame: ResetFrame, events: list[Event]) -> None:
+        if not self._reset_bucket.take(self._now):
             raise ProtocolError("RESET flood", ErrorCode.ENHANCE_YOUR_CALM)
         sid = frame.stream_id
         stream = self._streams.get(sid)
         if stream is None:
             self._check_known(sid, "RESET")
             return  # never answer a RESET; late ones are ignored
-        nxt = TRANSITIONS.get((stream.state, _I.RECV_RESET))
-        if nxt is None:
+        if not allows(stream, _I.RECV_RESET):
             raise ProtocolError(f"RESET on stream {sid} before OPEN_ACK/OPEN_FAIL")
         if frame.final_offset != stream.recv.received:
             raise FinalSizeError(
                 f"RESET on stream {sid}: final offset {frame.final_offset}, "
                 f"received {stream.recv.received}"
             )
-        stream.state = nxt
+        advance(stream, _I.RECV_RESET)
         self._forget(stream, discard=True)
         events.append(
             StreamReset(
@@ -925,7 +914,7 @@ class Session:
             )
         )
         for stream in reversed(refused):
-            stream.state = _S.CLOSED  # never processed by the peer: as if refused
+            advance(stream, _I.RECV_GOAWAY)  # never processed by the peer: as if refused
             self._forget(stream, discard=True)
             events.append(
                 StreamReset(
@@ -936,12 +925,11 @@ class Session:
     def _on_auth(self, frame: AuthFrame, events: list[Event]) -> None:
         if self.role != Role.SERVER:
             raise ProtocolError("AUTH sent to a client")
-        if self._auth_seen:
+        if not self._life.advance(_L.RECV_AUTH):
+            if self._life.allows(_L.SEND_CHALLENGE):
+                raise ProtocolError("AUTH before CHALLENGE")
             raise ProtocolError("second AUTH")
-        if not self._challenge_sent:
-            raise ProtocolError("AUTH before CHALLENGE")
-        self._auth_seen = True
-        self._take_request(frame.req_id, FrameType.AUTH)
+        self._requests_in.take(frame.req_id, FrameType.AUTH)
         if frame.method not in (AuthMethod.HMAC_SHA256, AuthMethod.HMAC_SHA256_STORED_KEY):
             self._queue(
                 ResultFrame(
@@ -965,22 +953,10 @@ class Session:
             AuthRequested(req_id=frame.req_id, method=frame.method, credential=frame.credential)
         )
 
-    def _take_request(self, req_id: int, kind: FrameType) -> None:
-        if req_id == 0:
-            raise ProtocolError("request id 0 is reserved for notices")
-        if req_id in self._requests_in:
-            raise ProtocolError(f"request id {req_id} is already outstanding")
-        if len(self._requests_in) >= MAX_OUTSTANDING_REQUESTS:
-            raise ProtocolError(
-                f"more than {MAX_OUTSTANDING_REQUESTS} requests without RESULT",
-                ErrorCode.ENHANCE_YOUR_CALM,
-            )
-        self._requests_in[req_id] = kind
-
     def _on_bind(self, frame: BindFrame, events: list[Event]) -> None:
         if self.role != Role.SERVER:
             raise ProtocolError("BIND sent to a client")
-        self._take_request(frame.req_id, FrameType.BIND)
+        self._requests_in.take(frame.req_id, FrameType.BIND)
         options = frame.options
         if options is not None and self.minor < 1:
             raise ProtocolError("BIND options need protocol minor version 1")
@@ -996,15 +972,13 @@ class Session:
 
     def _on_unbind(self, frame: UnbindFrame, events: list[Event]) -> None:
         if self.role == Role.SERVER:
-            self._take_request(frame.req_id, FrameType.UNBIND)
+            self._requests_in.take(frame.req_id, FrameType.UNBIND)
         else:
             if frame.req_id != 0:
                 raise ProtocolError(f"UNBIND notice with request id {frame.req_id}, not 0")
-            if frame.tunnel_id not in self._bound:
+            if not self._requests_out.revoke(frame.tunnel_id):
                 self._nonproductive()  # nothing of ours to revoke: ignored (§7.3)
                 return
-            self._bound.discard(frame.tunnel_id)
-            self._unbound.add(frame.tunnel_id)  # revoked: no OPEN may follow for it
         events.append(
             UnbindReceived(
                 req_id=frame.req_id,
@@ -1016,36 +990,18 @@ class Session:
     def _on_result(self, frame: ResultFrame, events: list[Event]) -> None:
         if self.role != Role.CLIENT:
             raise ProtocolError("RESULT sent to a server")
-        request = self._requests_out.pop(frame.req_id, None)
-        if request is None:
-            raise ProtocolError(f"RESULT for unknown request id {frame.req_id}")
-        kind, tunnel_id = request
-        if (frame.bound is not None) != (
-            kind == FrameType.BIND and frame.status == ResultStatus.OK
-        ):
-            raise ProtocolError(
-                "a bound address comes with exactly the OK RESULT of a BIND "
-                f"(request {frame.req_id})"
-            )
+        ok = frame.status == ResultStatus.OK
+        kind, released = self._requests_out.complete(frame.req_id, ok, frame.bound is not None)
+        if kind == FrameType.AUTH and not self._life.advance(_L.AUTH_OK if ok else _L.AUTH_REFUSED):
+            raise ProtocolError("RESULT for the AUTH before CHALLENGE")
+        for raw in released:
+            self._control.append(raw)
+            self._control_bytes += len(raw)
         status: ResultStatus | int
         try:
             status = ResultStatus(frame.status)
         except ValueError:
             status = frame.status
-        if kind == FrameType.AUTH:
-            self._auth_out = False
-        if status == ResultStatus.OK:
-            if kind == FrameType.AUTH:
-                self.authenticated = True
-            elif kind == FrameType.BIND:
-                self._unbound.discard(tunnel_id)
-                self._bound.add(tunnel_id)
-            else:
-                self._bound.discard(tunnel_id)
-                self._unbound.add(tunnel_id)
-        # One request left the wire (and the AUTH's OK ends the pipelining budget): held-back
-        # requests take its place.
-        self._release_requests()
         events.append(
             ResultReceived(
                 req_id=frame.req_id, status=status, message=frame.message, bound=frame.bound
@@ -1055,9 +1011,8 @@ class Session:
     def _on_challenge(self, frame: ChallengeFrame, events: list[Event]) -> None:
         if self.role != Role.CLIENT:
             raise ProtocolError("CHALLENGE sent to a server")
-        if self._challenge_received:
+        if not self._life.advance(_L.RECV_CHALLENGE):
             raise ProtocolError("second CHALLENGE")
-        self._challenge_received = True
         events.append(ChallengeReceived(nonce=frame.nonce))
 
     # ------------------------------------------------------------------------------------
@@ -1081,7 +1036,7 @@ class Session:
         used = self._control_bytes
         self._control.clear()
         self._control_bytes = 0
-        if not self.closed:
+        if not self._life.closed:
             pack = HEADER.pack
             if self._pong is not None:
                 parts.append(encode_frame(PingFrame(seq=self._pong, ack=True)))
@@ -1114,9 +1069,7 @@ class Session:
                 self._stats["data_bytes_sent"] += charged
                 for done in finished:
                     stream = cast("_Stream", done)
-                    nxt = TRANSITIONS[stream.state, _I.SEND_FIN]
-                    stream.state = nxt
-                    if nxt is _S.CLOSED:
+                    if advance(stream, _I.SEND_FIN) is _S.CLOSED:
                         self._forget(stream, discard=False)
         if not parts:
             return b""
@@ -1128,7 +1081,7 @@ class Session:
         """True if :meth:`data_to_send` would return something now."""
         if self._control:
             return True
-        if self.closed:
+        if self._life.closed:
             return False
         if self._pong is not None:
             return True
@@ -1156,57 +1109,44 @@ class Session:
     # Handshake and control requests
 
     def _check_open_session(self) -> None:
-        if self.closed:
+        if self._life.closed:
             raise SessionClosedError("the session is closed")
 
     def send_challenge(self, nonce: bytes) -> None:
         """Server: queue CHALLENGE with our 32-byte nonce.
 
         Raises:
-            ValueError: not a server, already sent, or the nonce is not 32 bytes.
+            LocalProtocolError: not a server, or sent already.
+            ValueError: the nonce is not 32 bytes.
             SessionClosedError: the session is closed.
         """
         self._check_open_session()
-        if self.role != Role.SERVER or self._challenge_sent:
-            raise ValueError("only a server sends CHALLENGE, once")
+        if self.role != Role.SERVER or not self._life.allows(_L.SEND_CHALLENGE):
+            raise LocalProtocolError("only a server sends CHALLENGE, once")
         if len(nonce) != AUTH_NONCE_SIZE:
             raise ValueError(f"the nonce must be {AUTH_NONCE_SIZE} bytes")
-        self._challenge_sent = True
+        self._life.advance(_L.SEND_CHALLENGE)
         self._queue(ChallengeFrame(nonce=bytes(nonce)))
 
     def _new_request(self, req_id: int, kind: FrameType, tunnel_id: int, frame: Frame) -> None:
-        """Queue a client request, or hold it back while MAX_OUTSTANDING_REQUESTS are out."""
+        """Queue a client request, or hold it back while 16 are out (spec §7.5)."""
         self._check_open_session()
         if self.role != Role.CLIENT:
-            raise ValueError(f"only a client sends {kind.name} requests")
-        if req_id == 0 or req_id in self._requests_out or req_id in self._requests_waiting:
-            raise ValueError(f"request id {req_id} is 0 or already outstanding")
+            raise LocalProtocolError(f"only a client sends {kind.name} requests")
+        if req_id == 0 or self._requests_out.outstanding(req_id):
+            raise LocalProtocolError(f"request id {req_id} is 0 or already outstanding")
+        if kind == FrameType.AUTH and self._requests_out.auth_sent:
+            raise LocalProtocolError("a session sends one AUTH")
         raw = encode_frame(frame)  # validates before any state changes
-        self._requests_waiting[req_id] = (kind, tunnel_id, raw)
-        self._release_requests()
-
-    def _release_requests(self) -> None:
-        """Put held-back requests on the wire, oldest first, while the limits allow."""
-        waiting = self._requests_waiting
-        while waiting and len(self._requests_out) < MAX_OUTSTANDING_REQUESTS:
-            req_id = next(iter(waiting))
-            kind, tunnel_id, raw = waiting[req_id]
-            if self._auth_out and kind != FrameType.AUTH:
-                if self._pipelined + len(raw) > PIPELINE_BUDGET:
-                    return  # the rest waits for the AUTH's RESULT
-                self._pipelined += len(raw)
-            elif kind == FrameType.AUTH:
-                self._auth_out = True
-            del waiting[req_id]
-            self._requests_out[req_id] = (kind, tunnel_id)
-            self._control.append(raw)
-            self._control_bytes += len(raw)
+        for released in self._requests_out.add(req_id, kind, tunnel_id, raw):
+            self._control.append(released)
+            self._control_bytes += len(released)
 
     def send_auth(self, req_id: int, method: int, credential: bytes) -> None:
         """Client: queue AUTH (normally right after ChallengeReceived).
 
         Raises:
-            ValueError: not a client, or ``req_id`` is outstanding.
+            LocalProtocolError: not a client, ``req_id`` is outstanding, or AUTH was sent.
             SessionClosedError: the session is closed.
         """
         frame = AuthFrame(req_id=req_id, method=method, credential=bytes(credential))
@@ -1231,13 +1171,16 @@ class Session:
         knows ``minor``. None sends no options field (the OPTIONS flag clear).
 
         Raises:
-            ValueError: not a client, ``req_id`` is outstanding, ``options`` are invalid
-                (nothing is queued), or ``options`` are given and the peer's HELLO has not
-                arrived or the negotiated minor version is below 1.
+            LocalProtocolError: not a client, ``req_id`` is outstanding, or ``options`` are
+                given and the peer's HELLO has not arrived or the negotiated minor version is
+                below 1.
+            ValueError: ``options`` are invalid (nothing is queued).
             SessionClosedError: the session is closed.
         """
-        if options is not None and (not self._hello_received or self.minor < 1):
-            raise ValueError("BIND options need a peer that speaks protocol minor version 1")
+        if options is not None and (not self._life.hello_received or self.minor < 1):
+            raise LocalProtocolError(
+                "BIND options need a peer that speaks protocol minor version 1"
+            )
         frame = BindFrame(
             req_id=req_id, tunnel_id=tunnel_id, proto=proto, bind=bind, options=options
         )
@@ -1249,14 +1192,14 @@ class Session:
         """Client: request UNBIND. Server: notify a revocation (``req_id`` must be 0).
 
         Raises:
-            ValueError: a client's ``req_id`` is outstanding, or a server's is not 0.
+            LocalProtocolError: a client's ``req_id`` is outstanding, or a server's is not 0.
             SessionClosedError: the session is closed.
         """
         frame = UnbindFrame(req_id=req_id, tunnel_id=tunnel_id, error_code=code)
         if self.role == Role.SERVER:
             self._check_open_session()
             if req_id != 0:
-                raise ValueError("a server's UNBIND is a notice with req_id 0")
+                raise LocalProtocolError("a server's UNBIND is a notice with req_id 0")
             self._queue(frame)
         else:
             self._new_request(req_id, FrameType.UNBIND, tunnel_id, frame)
@@ -1275,22 +1218,23 @@ class Session:
         fault) needs no answer, and the application cannot tell the two orders apart.
 
         Raises:
-            ValueError: not a server, ``req_id`` is not an unanswered request, or ``bound`` is
-                missing on the OK answer to a BIND or present on any other answer.
+            LocalProtocolError: not a server, or ``req_id`` is not an unanswered request.
+            ValueError: ``bound`` is missing on the OK answer to a BIND or present on any
+                other answer.
         """
-        if self.closed:
+        if self._life.closed:
             return
-        kind = self._requests_in.get(req_id)
+        kind = self._requests_in.kind(req_id)
         if self.role != Role.SERVER or kind is None:
-            raise ValueError(f"no unanswered request {req_id}")
+            raise LocalProtocolError(f"no unanswered request {req_id}")
         if (bound is not None) != (kind == FrameType.BIND and status == ResultStatus.OK):
             raise ValueError("bound goes with exactly the OK answer to a BIND")
-        del self._requests_in[req_id]
+        self._requests_in.answer(req_id)
         self._queue(ResultFrame(req_id=req_id, status=status, message=message, bound=bound))
         if req_id == self._auth_req:
             self._auth_req = None
             if status == ResultStatus.OK:
-                self.authenticated = True
+                self._life.advance(_L.AUTH_OK)
             else:
                 self.close(ErrorCode.AUTH_FAILED, "authentication failed")
         elif status != ResultStatus.OK and not self._idle_bucket.take(self._now):
@@ -1344,7 +1288,7 @@ class Session:
 
         Raises:
             SessionClosedError: the session is closed.
-            StreamStateError: ``sid`` was never opened.
+            LocalProtocolError: ``sid`` was never opened.
         """
         self._check_open_session()
         stream = self._streams.get(sid)
@@ -1353,7 +1297,7 @@ class Session:
             or sid
             > (self._highest_local if sid & 1 == self._local_parity else self._highest_remote)
         ):
-            raise StreamStateError(f"stream {sid} was never opened")
+            raise LocalProtocolError(f"stream {sid} was never opened")
         return stream
 
     def can_open_stream(self) -> bool:
@@ -1364,8 +1308,8 @@ class Session:
         """
         peer = self.peer_settings
         return (
-            not self.closed
-            and self.authenticated
+            not self._life.closed
+            and self._life.authenticated
             and peer is not None
             and self._goaway_received is None
             and self._goaway_sent is None
@@ -1382,13 +1326,14 @@ class Session:
 
         Raises:
             SessionClosedError: the session is closed, or a GOAWAY was sent or received.
-            StreamLimitError: the peer's limits allow no more streams now (local; nothing sent).
+            LocalProtocolError: the peer's limits allow no more streams now, or the session is
+                not authenticated yet (nothing sent).
         """
         self._check_open_session()
         if self._goaway_received is not None or self._goaway_sent is not None:
             raise SessionClosedError("the session is going away: no new streams")
         if not self.can_open_stream():
-            raise StreamLimitError("the peer's stream limits allow no new stream now")
+            raise LocalProtocolError("the peer's stream limits allow no new stream now")
         sid = self._next_id
         frame = OpenFrame(stream_id=sid, tunnel_id=tunnel_id, origin=origin, target=target)
         raw = encode_frame(frame)  # validates the addresses before any state changes
@@ -1396,7 +1341,7 @@ class Session:
         self._highest_local = sid
         self._local_ids.append(sid)
         stream = self._new_stream(sid, local=True)
-        stream.state = TRANSITIONS[_S.IDLE, _I.SEND_OPEN]
+        advance(stream, _I.SEND_OPEN)
         self._local_open += 1
         self._local_pending += 1
         self._stats["streams_opened_local"] += 1
@@ -1408,12 +1353,11 @@ class Session:
         stream = self._stream_for(sid)
         if stream is None:
             return None
-        nxt = TRANSITIONS.get((stream.state, inp))
-        if nxt is None:
-            raise StreamStateError(
-                f"stream {sid} is not waiting for an answer (state {stream.state.name})"
+        state = stream.state
+        if advance(stream, inp) is None:
+            raise LocalProtocolError(
+                f"stream {sid} is not waiting for an answer (state {state.name})"
             )
-        stream.state = nxt
         stream.pending_open = False
         self._remote_pending -= 1
         return stream
@@ -1422,7 +1366,7 @@ class Session:
         """Queue OPEN_ACK for a stream the peer opened. No-op if it is closed already.
 
         Raises:
-            StreamStateError: the stream was never opened, or is not awaiting an answer.
+            LocalProtocolError: the stream was never opened, or is not awaiting an answer.
             SessionClosedError: the session is closed.
         """
         stream = self._answer(stream_id, _I.SEND_ACK)
@@ -1438,7 +1382,7 @@ class Session:
         No-op if the stream is closed already.
 
         Raises:
-            StreamStateError: the stream was never opened, or is not awaiting an answer.
+            LocalProtocolError: the stream was never opened, or is not awaiting an answer.
             SessionClosedError: the session is closed.
         """
         stream = self._answer(stream_id, _I.SEND_FAIL)
@@ -1459,12 +1403,12 @@ class Session:
         The core does not bound the queue: the adapter bounds it with :meth:`pending_bytes`.
 
         Raises:
-            StreamStateError: the stream is unknown, closed, or finished for sending.
+            LocalProtocolError: the stream is unknown, closed, or finished for sending.
             SessionClosedError: the session is closed.
         """
         stream = self._stream_for(stream_id)
         if stream is None or stream.state not in SEND_DATA_STATES or stream.fin_queued:
-            raise StreamStateError(f"stream {stream_id} is not open for sending")
+            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
         chunk: bytes | memoryview
         if isinstance(data, memoryview):
             chunk = data if data.itemsize == 1 and data.ndim == 1 else data.cast("B")
@@ -1486,7 +1430,7 @@ class Session:
         """Queue FIN on a stream, after every byte queued before it.
 
         Raises:
-            StreamStateError: the stream is unknown, closed, or finished for sending.
+            LocalProtocolError: the stream is unknown, closed, or finished for sending.
             SessionClosedError: the session is closed.
         """
         self.send_data(stream_id, b"", end_stream=True)
@@ -1499,10 +1443,10 @@ class Session:
             frame: Frame = OpenFailFrame(
                 stream_id=sid, reason=OpenFailReason.REFUSED, message=f"reset ({code.name})"
             )
-            stream.state = TRANSITIONS[stream.state, _I.SEND_FAIL]
+            advance(stream, _I.SEND_FAIL)
         else:
             frame = ResetFrame(stream_id=sid, error_code=code, final_offset=stream.sent)
-            stream.state = TRANSITIONS[stream.state, _I.SEND_RESET]
+            advance(stream, _I.SEND_RESET)
         self._queue(frame)
         self._forget(stream, discard=True)
         self._expect_late_data(sid)
@@ -1521,9 +1465,9 @@ class Session:
         acceptor's first frame must be an answer). No-op on a closed stream or session.
 
         Raises:
-            StreamStateError: the stream was never opened.
+            LocalProtocolError: the stream was never opened.
         """
-        if self.closed:
+        if self._life.closed:
             return
         stream = self._stream_for(stream_id)
         if stream is not None:
@@ -1546,7 +1490,7 @@ class Session:
         conn = self._conn_send
         return min(stream.limit - stream.sent, conn.limit - conn.sent)
 
-    def acknowledge(self, stream_id: int, n: int, now: float = 0.0) -> None:
+    def acknowledge(self, stream_id: int, n: int, now: float) -> None:
         """The application consumed ``n`` bytes of a stream: return them as credit.
 
         Unknown and reset streams are ignored (their bytes were credited when they closed).
@@ -1554,7 +1498,7 @@ class Session:
         Raises:
             ValueError: ``n`` exceeds the bytes received and not yet acknowledged.
         """
-        if self.closed or n == 0:
+        if self._life.closed or n == 0:
             return
         self._now = now
         budget = self.config.window_budget
@@ -1581,11 +1525,16 @@ class Session:
             before = recv.window
             if recv.maybe_update(now, self.rtt, budget) and state in SEND_WINDOW_STATES:
                 self._dirty[stream_id] = stream
+            if recv.window > before:
                 if recv.window > self._stream_window_peak:
                     self._stream_window_peak = recv.window
-            if recv.window > before and self._conn_recv.ensure_window(min_conn_window(recv.window)):
-                self._conn_dirty = True
+                if self._conn_recv.ensure_window(min_conn_window(recv.window)):
+                    self._conn_dirty = True
         self._settle()
+
+    def _budget_in_force(self) -> int:
+        """The receive budget, raised to the largest stream window so far (spec §8.5 item 2)."""
+        return max(self._receive_budget, self._stream_window_peak)
 
     def stalled_stream(self, now: float, timeout: float) -> int | None:
         """The stream that the stall policy of spec §8.7 resets now, or None.
@@ -1594,7 +1543,7 @@ class Session:
         connection credit): the live stream whose unconsumed data has waited longest without
         the application consuming any, if that is at least ``timeout`` seconds.
         """
-        if self.closed or self._unconsumed <= self._receive_budget:
+        if self._life.closed or self._unconsumed <= self._budget_in_force():
             return None
         oldest: _Stream | None = None
         for stream in self._streams.values():
@@ -1610,7 +1559,7 @@ class Session:
 
         The session answers OPENs for any other tunnel itself (OPEN_FAIL(UNKNOWN_TUNNEL)).
         """
-        return tunnel_id in self._bound
+        return self._requests_out.is_bound(tunnel_id)
 
     def stream_is_open(self, stream_id: int) -> bool:
         """True while the stream is in the table (not closed)."""
@@ -1653,7 +1602,7 @@ class Session:
                 Use ``2**64 - 1`` for the first phase of a two-phase shutdown. Never raised
                 above a previous GOAWAY's value.
         """
-        if self.closed:
+        if self._life.closed:
             return
         last = self._highest_remote if last_stream_id is None else last_stream_id
         if self._goaway_sent is not None:
@@ -1663,14 +1612,14 @@ class Session:
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Queue CLOSE and close the session at once (no-op if closed already)."""
-        if self.closed:
+        if self._life.closed:
             return
         self._shutdown()
         self._queue(CloseFrame(error_code=code, message=message))
 
     def _shutdown(self) -> None:
         """Mark closed and drop all stream state and non-FIFO output."""
-        self.closed = True
+        self._life.advance(_L.CLOSE)
         for stream in self._streams.values():
             stream.drop_pending()
         self._streams.clear()
@@ -1681,7 +1630,7 @@ class Session:
         self._dirty.clear()
         self._conn_dirty = False
         self._pong = None
-        self._held = None
+        self._held = []
         self._auth_req = None
         sched = self._sched
         sched.new.clear()
@@ -1689,8 +1638,7 @@ class Session:
         sched.fins.clear()
 
     def _fail(self, exc: ProtocolError) -> None:
-        if self.closed:  # pragma: no cover - receive_data returns early once closed
-            return
+        """Close the session for a peer fault: CLOSE(code) queued, except for a wrong preface."""
         if isinstance(exc, PrefaceError):
             self._shutdown()
             self._control.clear()
@@ -1705,8 +1653,9 @@ class Session:
         """A debugging snapshot of counters and windows.
 
         ``conn_recv_window`` is the connection receive window now; ``stream_recv_window_peak``
-        the largest any stream's receive window has grown to; ``rtt_us`` the smoothed RTT in
-        microseconds (-1 before the first PONG).
+        the largest any stream's receive window has grown to; ``conn_recv_budget`` the receive
+        budget in force (spec §8.5 item 2); ``rtt_us`` the smoothed RTT in microseconds (-1
+        before the first PONG).
         """
         stats = dict(self._stats)
         stats.update(
@@ -1723,8 +1672,9 @@ class Session:
             rtt_us=-1 if self.rtt is None else round(self.rtt * 1e6),
             conn_recv_buffered=self._conn_recv.buffered,
             conn_recv_held=self._unconsumed,
+            conn_recv_budget=self._budget_in_force(),
             pings_outstanding=len(self._pings),
-            closed=int(self.closed),
-            authenticated=int(self.authenticated),
+            closed=int(self._life.closed),
+            authenticated=int(self._life.authenticated),
         )
         return stats

@@ -1,9 +1,10 @@
 """The stream state machine: ONE table of ``(state, input) -> state`` (protocol-spec.md §9.3).
 
 Every rule about which frame may be sent or received in which stream state lives in
-:data:`TRANSITIONS`. A pair that is not in the table is an error; the session decides which
-one (a peer fault becomes a ``ProtocolError`` subclass, a local misuse a ``StreamStateError``
-raised without any CLOSE), because the wire code depends on context (spec §13.2):
+:data:`TRANSITIONS`, and every state change goes through :func:`advance`. A pair
+that is not in the table is an error; the session decides which one (a peer fault becomes a
+``ProtocolError`` subclass, a local misuse a ``LocalProtocolError`` raised without any CLOSE),
+because the wire code depends on context (spec §13.2):
 
 * ``RECV_DATA``/``RECV_FIN`` after the peer's FIN is a *stream* error (RESET STREAM_STATE_ERROR)
   once we answered the OPEN, and a *connection* STREAM_STATE_ERROR before that (the acceptor
@@ -20,17 +21,18 @@ discarded but credited by the session).
 from __future__ import annotations
 
 from enum import IntEnum
-
-from muxtunnel.errors import StreamStateError
+from typing import Protocol
 
 __all__ = [
     "RECV_DATA_STATES",
     "SEND_DATA_STATES",
     "SEND_WINDOW_STATES",
     "TRANSITIONS",
+    "Stateful",
     "StreamInput",
     "StreamState",
-    "transition",
+    "advance",
+    "allows",
 ]
 
 
@@ -74,6 +76,8 @@ class StreamInput(IntEnum):
     RECV_WINDOW = 11
     SEND_RESET = 12
     RECV_RESET = 13
+    #: The peer's GOAWAY names a lower ``last_stream_id``: our stream was not processed (§10.2).
+    RECV_GOAWAY = 14
 
 
 _S = StreamState
@@ -91,10 +95,12 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (_S.OPENING_OUT, _I.SEND_RESET): _S.CLOSED,
     (_S.OPENING_OUT, _I.RECV_ACK): _S.OPEN,
     (_S.OPENING_OUT, _I.RECV_FAIL): _S.CLOSED,
+    (_S.OPENING_OUT, _I.RECV_GOAWAY): _S.CLOSED,
     (_S.OPENING_OUT_LOCAL_DONE, _I.SEND_WINDOW): _S.OPENING_OUT_LOCAL_DONE,
     (_S.OPENING_OUT_LOCAL_DONE, _I.SEND_RESET): _S.CLOSED,
     (_S.OPENING_OUT_LOCAL_DONE, _I.RECV_ACK): _S.LOCAL_DONE,
     (_S.OPENING_OUT_LOCAL_DONE, _I.RECV_FAIL): _S.CLOSED,
+    (_S.OPENING_OUT_LOCAL_DONE, _I.RECV_GOAWAY): _S.CLOSED,
     # The peer opened; our first frame must be OPEN_ACK or OPEN_FAIL.
     (_S.OPENING_IN, _I.RECV_DATA): _S.OPENING_IN,
     (_S.OPENING_IN, _I.RECV_FIN): _S.OPENING_IN_REMOTE_DONE,
@@ -115,6 +121,7 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (_S.OPEN, _I.RECV_FIN): _S.REMOTE_DONE,
     (_S.OPEN, _I.SEND_RESET): _S.CLOSED,
     (_S.OPEN, _I.RECV_RESET): _S.CLOSED,
+    (_S.OPEN, _I.RECV_GOAWAY): _S.CLOSED,
     # Our direction finished.
     (_S.LOCAL_DONE, _I.RECV_DATA): _S.LOCAL_DONE,
     (_S.LOCAL_DONE, _I.SEND_WINDOW): _S.LOCAL_DONE,
@@ -122,12 +129,14 @@ TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
     (_S.LOCAL_DONE, _I.RECV_FIN): _S.CLOSED,
     (_S.LOCAL_DONE, _I.SEND_RESET): _S.CLOSED,
     (_S.LOCAL_DONE, _I.RECV_RESET): _S.CLOSED,
+    (_S.LOCAL_DONE, _I.RECV_GOAWAY): _S.CLOSED,
     # The peer's direction finished: no more DATA may come, so we send no stream WINDOW.
     (_S.REMOTE_DONE, _I.SEND_DATA): _S.REMOTE_DONE,
     (_S.REMOTE_DONE, _I.RECV_WINDOW): _S.REMOTE_DONE,
     (_S.REMOTE_DONE, _I.SEND_FIN): _S.CLOSED,
     (_S.REMOTE_DONE, _I.SEND_RESET): _S.CLOSED,
     (_S.REMOTE_DONE, _I.RECV_RESET): _S.CLOSED,
+    (_S.REMOTE_DONE, _I.RECV_GOAWAY): _S.CLOSED,
     # Late frames on a known-closed stream: minimally processed, then ignored.
     (_S.CLOSED, _I.RECV_DATA): _S.CLOSED,
     (_S.CLOSED, _I.RECV_FIN): _S.CLOSED,
@@ -150,13 +159,23 @@ SEND_DATA_STATES = _states_allowing(_I.SEND_DATA)
 SEND_WINDOW_STATES = _states_allowing(_I.SEND_WINDOW)
 
 
-def transition(state: StreamState, inp: StreamInput) -> StreamState:
-    """The state after ``inp`` happens in ``state``.
+class Stateful(Protocol):
+    """Anything that carries a stream state (the session's stream objects)."""
 
-    Raises:
-        StreamStateError: the pair is not in :data:`TRANSITIONS`.
+    state: StreamState
+
+
+def allows(stream: Stateful, inp: StreamInput) -> bool:
+    """True if ``inp`` may happen in the stream's current state."""
+    return (stream.state, inp) in TRANSITIONS
+
+
+def advance(stream: Stateful, inp: StreamInput) -> StreamState | None:
+    """Apply ``inp`` to ``stream``: the new state, or None (unchanged) if the table forbids it.
+
+    The only place where a stream's state changes.
     """
-    try:
-        return TRANSITIONS[state, inp]
-    except KeyError:
-        raise StreamStateError(f"{inp.name} is not allowed in stream state {state.name}") from None
+    nxt = TRANSITIONS.get((stream.state, inp))
+    if nxt is not None:
+        stream.state = nxt
+    return nxt

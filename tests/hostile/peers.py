@@ -14,9 +14,9 @@ Frame encoders
     One TLS connection owned by an I/O thread (non-blocking socket, so reads and writes never
     wait on each other). ``send(*chunks)`` queues bytes as one write; ``flush()`` waits until
     they are in the kernel; ``frames`` lists every decoded frame received; ``wait_for(pred)``
-    waits for one (``arrival(index)`` tells when it was read); ``close_frame`` is the peer's
-    CLOSE; ``eof`` is set when the connection ended. PINGs are answered (``auto_pong``).
-    ``pause_reading()`` stops reading the socket.
+    waits for one (``arrival(index)`` tells when it was read), ``wait_state(pred)`` for any
+    condition on them; ``close_frame`` is the peer's CLOSE; ``eof`` is set when the connection
+    ended. PINGs are answered (``auto_pong``).
 
 ``Credit(peer)``
     The peer's flow-control limits (HELLO windows + WINDOW frames, §8) against what we sent:
@@ -267,7 +267,6 @@ class FramePeer:
             max_data_payload=16_777_215, max_control_payload=65_535, expect_magic=True
         )
         self._out = bytearray()
-        self._reading = True
         self._stop = False
         self._cond = threading.Condition()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -304,15 +303,6 @@ class FramePeer:
         """Bytes queued but not yet written to the socket."""
         with self._cond:
             return len(self._out)
-
-    def pause_reading(self) -> None:
-        """Stop reading the socket (the peer's writes then back up)."""
-        self._reading = False
-
-    def resume_reading(self) -> None:
-        """Read the socket again."""
-        self._reading = True
-        self._wake()
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -351,6 +341,18 @@ class FramePeer:
         reason = "connection ended" if self.eof.is_set() else f"timed out after {timeout:.1f} s"
         raise HarnessError(f"{self.name}: {reason} waiting for {what}; {self.describe()}")
 
+    def wait_state(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``predicate()`` holds, checked whenever frames arrive or the connection
+        ends (at most ``timeout`` s); True if it held."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.1))
+        return True
+
     def arrival(self, index: int) -> float:
         """``time.monotonic()`` when frame ``index`` of ``frames`` was read."""
         with self._cond:
@@ -370,7 +372,8 @@ class FramePeer:
             closed = f"{ErrorCode.from_wire(self.close_frame.error_code).name} {self.close_frame.message!r}"
         return (
             f"received [{kinds or 'nothing'}], CLOSE: {closed}, ended: {self.eof.is_set()}, "
-            f"sent {self.bytes_sent} B, errors: {self.errors[:3]}"
+            f"sent {self.bytes_sent} B, received {self.bytes_received} B, "
+            f"errors: {self.errors[:3]}"
         )
 
     def closed_with(self) -> ErrorCode | None:
@@ -483,13 +486,11 @@ class FramePeer:
             while not self._stop:
                 if not self._write_some():
                     return
-                if self._reading and not self._read_some():
+                if not self._read_some():
                     return
-                readers: list[socket.socket] = [self._wake_r]
-                if self._reading:
-                    readers.append(sock)
+                readers: list[socket.socket] = [self._wake_r, sock]
                 writers = [sock] if self.unsent else []
-                if self._reading and sock.pending():
+                if sock.pending():
                     continue
                 try:
                     ready, _, _ = select.select(readers, writers, [], 0.05)
@@ -646,23 +647,6 @@ class HostileClient(FramePeer):
     def opens(self) -> list[OpenFrame]:
         """The relay's OPENs so far."""
         return [f for f in self.snapshot() if isinstance(f, OpenFrame)]
-
-    def wait_opens(
-        self, count: int, *, tunnel_id: int | None = None, timeout: float = 10.0
-    ) -> list[OpenFrame]:
-        """Wait until the relay has sent ``count`` OPENs (for ``tunnel_id`` if given)."""
-        __tracebackhide__ = True
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [o for o in self.opens if tunnel_id is None or o.tunnel_id == tunnel_id]
-            if len(found) >= count:
-                return found
-            if time.monotonic() >= deadline or self.eof.is_set():
-                raise HarnessError(
-                    f"{self.name}: {len(found)} of {count} OPENs (tunnel {tunnel_id}) after "
-                    f"{timeout:.1f} s; {self.describe()}"
-                )
-            time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ Legitimate traffic
     trip every ~50 ms (reusing a connection, a new one every ``reconnect_every`` round trips, or
     after any failure) and records ``successes``, ``failures``, ``errors`` and ``max_gap`` (the
     longest time without a successful round trip, including the time before the first and
-    after the last). ``assert_healthy(max_gap=, min_successes=, max_failures=None)``.
+    after the last). ``wait_successes(count, timeout)`` waits for the ``count``-th one;
+    ``assert_healthy(max_gap=, min_successes=, max_failures=None)``.
 
 Raw protocol client
     ``mux_handshake(host, port, token, source=..., timeout=...)`` -> ``HandshakeResult``:
@@ -330,10 +331,10 @@ class LegitTraffic:
         self.connections = 0
         self.errors: list[str] = []
         self._max_gap = 0.0
-        self._started = 0.0
         self._last_ok = 0.0
         self._stopped_at: float | None = None
-        self._lock = threading.Lock()
+        #: Guards the figures; notified on every success.
+        self._lock = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -377,6 +378,7 @@ class LegitTraffic:
                         self.successes += 1
                         self._max_gap = max(self._max_gap, now - self._last_ok)
                         self._last_ok = now
+                        self._lock.notify_all()
                 self._stop.wait(self.interval)
         finally:
             if sock is not None:
@@ -384,9 +386,14 @@ class LegitTraffic:
 
     def start(self) -> Self:
         """Start the traffic thread."""
-        self._started = self._last_ok = time.monotonic()
+        self._last_ok = time.monotonic()
         self._thread.start()
         return self
+
+    def wait_successes(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` round trips succeeded in all (at most ``timeout`` s); True if so."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.successes >= count, timeout)
 
     def stop(self) -> None:
         """Stop the thread (bounded by ``io_timeout``) and freeze ``max_gap``."""

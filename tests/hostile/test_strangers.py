@@ -67,7 +67,7 @@ def test_idle_connections_from_one_source_leave_room_for_others(
                 )
             client = start_legit_client(procs, tmp_path, relay, [echo.port], timeout=10)
             with LegitTraffic(client.forwards[0].port) as legit:
-                wait_until(lambda: legit.successes >= 20, timeout=5, what="20 round trips")
+                legit.wait_successes(20, timeout=5)
             legit.assert_healthy(max_gap=3.0, min_successes=20)
             attacking = attack.describe()
         print(f"\nidle flood: {attacking}; {sampler.describe()}; handshakes: {waits}")
@@ -109,7 +109,7 @@ def test_wrong_token_guessing_gets_the_source_banned(procs: ProcessGroup, tmp_pa
                     )
                 )
             good = mux_handshake(relay.host, relay.port, relay.token, timeout=3.0)
-            wait_until(lambda: legit.successes >= 20, timeout=5, what="20 round trips")
+            legit.wait_successes(20, timeout=5)
         outcomes = [r.outcome for r in results]
         summary = f"outcomes: {outcomes}\n{relay.proc.describe()}"
         assert len(results) == 40, f"40 attempts did not finish in 10 s: {summary}"
@@ -166,7 +166,7 @@ def test_connection_flood_log_lines_are_bounded(procs: ProcessGroup, tmp_path: P
                 what="the relay to close the flood's connections",
                 details=sampler.describe,
             )
-            wait_until(lambda: legit.successes >= 20, timeout=5, what="20 round trips")
+            legit.wait_successes(20, timeout=5)
         legit.assert_healthy(max_gap=3.0, min_successes=20)
         lines = relay.proc.stderr_lines[lines_before:]
         assert opened == 3000, f"only {opened} connections in 10 s"

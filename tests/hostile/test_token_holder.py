@@ -105,9 +105,7 @@ class Arena:
         (two more checked round trips, waited for up to 5 s)."""
         __tracebackhide__ = True
         want = self.legit.successes + 2
-        deadline = time.monotonic() + 5
-        while self.legit.successes < want and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.legit.wait_successes(want, timeout=5)
         self.legit.assert_healthy(max_gap=max_gap, min_successes=want)
 
     def assert_relay_alive(self) -> None:
@@ -135,10 +133,7 @@ def arena(procs: ProcessGroup, tmp_path: Path, arena_args: list[str]) -> Iterato
             LegitTraffic(client.forwards[0].port) as legit,
         ):
             # the tunnel works before any attack
-            deadline = time.monotonic() + 10
-            while legit.successes < 3 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert legit.successes >= 3, legit.describe()
+            assert legit.wait_successes(3, timeout=10), legit.describe()
             pid = relay.proc.pid
             yield Arena(relay, hostile_token, legit, sampler, rss_bytes(pid), fd_count(pid))
 
@@ -161,21 +156,26 @@ def _accept_opens(
             continue
         assert time.monotonic() < deadline, f"{len(answered)} of {count} OPENs: {hc.describe()}"
         assert not hc.eof.is_set(), f"relay ended the session: {hc.describe()}"
-        time.sleep(0.01)
+        hc.wait_state(
+            lambda: hc.eof.is_set() or any(o.stream_id not in answered for o in hc.opens),
+            deadline - time.monotonic(),
+        )
     return opens
 
 
 def _wait_pong_or_close(hc: HostileClient, seq: int, timeout: float) -> bool:
     """Send PING ``seq``; True once answered, False if the session ended first."""
     hc.send(ping(seq))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(isinstance(f, PingFrame) and f.ack and f.seq >= seq for f in hc.snapshot()):
-            return True
-        if hc.eof.is_set() or hc.close_frame is not None:
-            return False
-        time.sleep(0.02)
-    raise AssertionError(f"relay neither answered PING {seq} nor closed within {timeout} s")
+
+    def answered() -> bool:
+        return any(isinstance(f, PingFrame) and f.ack and f.seq >= seq for f in hc.snapshot())
+
+    def ended() -> bool:
+        return hc.eof.is_set() or hc.close_frame is not None
+
+    if not hc.wait_state(lambda: answered() or ended(), timeout):
+        raise AssertionError(f"relay neither answered PING {seq} nor closed within {timeout} s")
+    return answered()
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,11 +376,9 @@ def test_bind_flood_does_not_flood_the_log(arena: Arena) -> None:
         for i in range(0, binds, 500):
             hc.send(b"".join(frames[i : i + 500]))
         hc._req_id = first + binds
-        deadline = time.monotonic() + 12
-        while time.monotonic() < deadline and not hc.eof.is_set():
-            if hc.counts.get(FrameType.RESULT, 0) >= binds + 1:  # RESULTs: the first BIND's too
-                break
-            time.sleep(0.05)
+        hc.wait_state(  # RESULTs: the first BIND's too
+            lambda: hc.eof.is_set() or hc.counts.get(FrameType.RESULT, 0) >= binds + 1, 12
+        )
         cpu = cpu_seconds(arena.relay.proc.pid) - cpu_before
         code = hc.closed_with()
     arena.assert_relay_alive()
@@ -442,12 +440,12 @@ def test_peer_text_cannot_forge_relay_log_lines(arena: Arena) -> None:
         hc.wait_closed(timeout=10)
     arena.assert_relay_alive()
     # the relay logs the end of both sessions
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if sum("127.0.0.4" in line for line in arena.stderr_since(start_line)) >= 2:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)
+    index = start_line - 1
+    for _ in range(2):
+        _, index = arena.relay.proc.wait_for_line(
+            re.compile(r"127\.0\.0\.4"), stream="stderr", start=index + 1, timeout=5
+        )
+    time.sleep(0.3)  # a forged line would follow its log line at once: give it time to show
     lines = arena.stderr_since(start_line)
     bad = [line for line in lines if marker in line and not _LOG_LINE.match(line)]
     assert not bad, f"peer text forged relay log lines: {bad}"

@@ -2,7 +2,7 @@
 
 Each target takes one ``bytes`` input. The only acceptable outcomes are events and
 :class:`~muxtunnel.errors.MuxtunnelError` subclasses (``ProtocolError`` from the wire,
-``StreamStateError``/``SessionClosedError``/``StreamLimitError`` from local calls); any other
+``LocalProtocolError``/``SessionClosedError`` from local calls); any other
 exception -- including the ``AssertionError`` of a broken invariant checked here -- is a crash.
 
 ``codec``
@@ -560,7 +560,7 @@ class SessionHarness:
         elif op == 9:
             tunnel = p.byte()
             origin, target = p.pick(_ADDRESSES), p.pick(_ADDRESSES)
-            force = p.byte() & 1  # also try when the limits say no: StreamLimitError
+            force = p.byte() & 1  # also try when the limits say no: LocalProtocolError
             if s.can_open_stream() or force:
                 try:
                     sid = s.open_stream(tunnel, origin, target)

@@ -111,12 +111,12 @@ def expect_close(
     session: Session, data: bytes, code: ErrorCode, exc: type[ProtocolError] = ProtocolError
 ) -> bytes:
     with pytest.raises(exc) as info:
-        session.receive_data(data)
+        session.receive_data(data, 0.0)
     assert info.value.error_code == code
     assert session.closed
     wire = session.data_to_send()
     assert close_code(wire) == code
-    assert session.receive_data(b"anything") == []  # input is ignored after close
+    assert session.receive_data(b"anything", 0.0) == []  # input is ignored after close
     assert session.data_to_send() == b""
     return wire
 
@@ -256,3 +256,27 @@ def received_bytes(events: list[Event], stream_id: int) -> bytes:
     return b"".join(
         bytes(e.data) for e in events if isinstance(e, DataReceived) and e.stream_id == stream_id
     )
+
+
+#: A client whose connection window is 1.5x its only stream window, with the smallest receive
+#: budget (one stream window, spec §8.5 item 2) and no auto-tuning.
+TIGHT_CONFIG = SessionConfig(
+    settings=Settings(initial_stream_window=1 << 20, initial_conn_window=3 << 19),
+    max_stream_window=1 << 20,
+    max_conn_window=3 << 19,
+    receive_budget=0,
+)
+
+
+def exhaust_connection_window(pair: SessionPair) -> list[int]:
+    """Three streams whose unconsumed bytes use up a TIGHT_CONFIG client's connection window.
+
+    The first stream's 1 MiB is within the budget; the next 1.5 MiB are held beyond it and
+    keep their connection credit; the third stream has 512 KiB of stream credit left.
+    """
+    sids = [pair.open(), pair.open(), pair.open()]
+    for sid, count in zip(sids, (16, 16, 8), strict=True):
+        pair.client.receive_data(data_frame(sid, bytes(65536)) * count, pair.now)
+    conn = pair.client.statistics()
+    assert conn["conn_recv_buffered"] == 3 << 19  # kept: the whole connection window
+    return sids

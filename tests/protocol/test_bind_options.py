@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Literal
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -44,7 +45,8 @@ from muxtunnel.protocol.frames import (
     encode_frame,
     is_tunnel_name,
 )
-from muxtunnel.protocol.session import PIPELINE_BUDGET, Session
+from muxtunnel.protocol.requests import PIPELINE_BUDGET
+from muxtunnel.protocol.session import Session
 
 from .helpers import (
     SERVER_NONCE,
@@ -314,7 +316,7 @@ def test_options_flag_bit_is_not_set_by_hand() -> None:
 # Round trip (Hypothesis)
 
 
-def _networks(version: int) -> st.SearchStrategy[IPNetwork]:
+def _networks(version: Literal[4, 6]) -> st.SearchStrategy[IPNetwork]:
     bits = 32 if version == 4 else 128
     return st.tuples(st.ip_addresses(v=version), st.integers(0, bits)).map(
         lambda t: ipaddress.ip_network((t[0], t[1]), strict=False)
@@ -370,7 +372,7 @@ def test_bind_requested_carries_the_options() -> None:
     pair.client.send_bind(5, 3, Address("0.0.0.0", 2222), options=options)
     pair.client.send_bind(6, 4, NONE, options=BindOptions(visit="db"))
     pair.client.send_bind(7, 5, NONE)
-    events = pair.server.receive_data(pair.client.data_to_send())
+    events = pair.server.receive_data(pair.client.data_to_send(), 0.0)
     assert events == [
         BindRequested(
             req_id=5, tunnel_id=3, proto=1, bind=Address("0.0.0.0", 2222), options=options
@@ -379,7 +381,7 @@ def test_bind_requested_carries_the_options() -> None:
         BindRequested(req_id=7, tunnel_id=5, proto=1, bind=NONE, options=BindOptions()),
     ]
     pair.server.send_result(6, ResultStatus.OK, bound=Address("db", 0))
-    events = pair.client.receive_data(pair.server.data_to_send())
+    events = pair.client.receive_data(pair.server.data_to_send(), 0.0)
     assert events == [
         ResultReceived(req_id=6, status=ResultStatus.OK, message="", bound=Address("db", 0))
     ]
@@ -403,11 +405,11 @@ def test_send_bind_with_options_needs_the_peer_hello() -> None:
 
 def test_send_bind_with_options_to_a_minor_0_relay_is_refused_locally() -> None:
     client = Session(Role.CLIENT)
-    client.receive_data(MAGIC + hello_bytes(Role.SERVER, minor=0))
+    client.receive_data(MAGIC + hello_bytes(Role.SERVER, minor=0), 0.0)
     assert client.minor == 0
     with pytest.raises(ValueError, match="minor version 1"):
         client.send_bind(2, 1, NONE, options=BindOptions(allow=(NET4,)))
-    client.receive_data(CHALLENGE)
+    client.receive_data(CHALLENGE, 0.0)
     client.send_auth(1, AuthMethod.HMAC_SHA256, make_credential())
     client.send_bind(2, 1, NONE)
 
@@ -418,7 +420,7 @@ def _authenticated_server(client_minor: int) -> Session:
     server.send_challenge(SERVER_NONCE)
     auth = AuthFrame(req_id=1, method=AuthMethod.HMAC_SHA256, credential=make_credential())
     events = server.receive_data(
-        MAGIC + hello_bytes(Role.CLIENT, minor=client_minor) + encode_frame(auth)
+        MAGIC + hello_bytes(Role.CLIENT, minor=client_minor) + encode_frame(auth), 0.0
     )
     assert server.minor == min(client_minor, PROTOCOL_MINOR)
     assert isinstance(events[-1], AuthRequested)
@@ -435,7 +437,7 @@ def test_relay_refuses_options_from_a_minor_0_client() -> None:
 
 def test_relay_closes_on_malformed_options() -> None:
     server = _authenticated_server(1)
-    ok = server.receive_data(bind_wire(bind_payload(entry(3, b"web"))))
+    ok = server.receive_data(bind_wire(bind_payload(entry(3, b"web"))), 0.0)
     assert ok == [
         BindRequested(req_id=2, tunnel_id=1, proto=1, bind=NONE, options=BindOptions(name="web"))
     ]
@@ -446,7 +448,7 @@ def test_relay_closes_on_malformed_options() -> None:
 
 def test_relay_reports_unknown_kinds_for_the_application_to_refuse() -> None:
     server = _authenticated_server(1)
-    events = server.receive_data(bind_wire(bind_payload(entry(0x42, b"future"))))
+    events = server.receive_data(bind_wire(bind_payload(entry(0x42, b"future"))), 0.0)
     assert events == [
         BindRequested(
             req_id=2, tunnel_id=1, proto=1, bind=NONE, options=BindOptions(unknown=(0x42,))
@@ -470,7 +472,7 @@ def test_large_binds_wait_for_the_auth_result_and_the_relay_takes_them_all() -> 
     client = Session(Role.CLIENT)
     server = Session(Role.SERVER)  # default pre-authentication limit: 16 KiB
     server.send_challenge(SERVER_NONCE)
-    events = client.receive_data(server.data_to_send())
+    events = client.receive_data(server.data_to_send(), 0.0)
     assert isinstance(events[-1], ChallengeReceived)
     client.send_auth(1, AuthMethod.HMAC_SHA256, make_credential())
     for i in range(12):  # 12 BINDs of about 2.5 KB each: 30 KB in all
@@ -479,18 +481,18 @@ def test_large_binds_wait_for_the_auth_result_and_the_relay_takes_them_all() -> 
     bind_bytes = sum(16 + len(p) for t, _, _, p in parse_frames(first) if t == FrameType.BIND)
     assert 0 < bind_bytes <= PIPELINE_BUDGET
     assert len(first) < server.config.preauth_limit
-    events = server.receive_data(first)
+    events = server.receive_data(first, 0.0)
     server.send_result(1, ResultStatus.OK)
-    events += server.receive_data(b"")
+    events += server.receive_data(b"", 0.0)
     binds = [e for e in events if isinstance(e, BindRequested)]
     assert 0 < len(binds) < 12
     for event in binds:
         server.send_result(
             event.req_id, ResultStatus.OK, bound=Address("0.0.0.0", 20000 + event.tunnel_id)
         )
-    client.receive_data(server.data_to_send())
+    client.receive_data(server.data_to_send(), 0.0)
     assert client.authenticated
-    rest = server.receive_data(client.data_to_send())  # the held-back BINDs, now all at once
+    rest = server.receive_data(client.data_to_send(), 0.0)  # the held-back BINDs, now all at once
     binds += [e for e in rest if isinstance(e, BindRequested)]
     assert [e.tunnel_id for e in binds] == list(range(1, 13))
     assert all(e.options == _largest_options(e.tunnel_id - 1) for e in binds)
@@ -499,7 +501,7 @@ def test_large_binds_wait_for_the_auth_result_and_the_relay_takes_them_all() -> 
 
 def test_small_binds_are_all_pipelined_as_before() -> None:
     client = Session(Role.CLIENT)
-    client.receive_data(MAGIC + hello_bytes(Role.SERVER, minor=1) + CHALLENGE)
+    client.receive_data(MAGIC + hello_bytes(Role.SERVER, minor=1) + CHALLENGE, 0.0)
     client.send_auth(1, AuthMethod.HMAC_SHA256, make_credential())
     for i in range(15):
         client.send_bind(2 + i, 1 + i, NONE, options=BindOptions(allow=(NET4,)))

@@ -116,7 +116,9 @@ class App:
         conn = session._conn_recv
         held = sum(self.buffered.values())
         assert held == session._unconsumed
-        assert conn.received - conn.consumed == max(0, held - session._receive_budget)
+        assert conn.received - conn.consumed == max(
+            0, held - session.statistics()["conn_recv_budget"]
+        )
         assert conn.received <= conn.advertised
         for sid, stream in session._streams.items():
             assert stream.recv.received <= stream.recv.advertised

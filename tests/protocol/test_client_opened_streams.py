@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from muxtunnel.connection import make_session
-from muxtunnel.errors import ErrorCode, StreamLimitError
+from muxtunnel.errors import ErrorCode, LocalProtocolError
 from muxtunnel.protocol.constants import MAGIC, AuthMethod, OpenFailReason, ResultStatus, Role
 from muxtunnel.protocol.events import (
     AuthRequested,
@@ -76,13 +76,13 @@ def test_client_opened_stream_end_to_end() -> None:
         stream_id=sid, tunnel_id=VISIT_TUNNEL, origin=LOCAL_PEER, target=VISIT_TARGET
     )
     assert received_bytes(events, sid) == b"SSH-2.0-visitor\r\n"
-    relay.acknowledge(sid, 17)
+    relay.acknowledge(sid, 17, 0.0)
     relay.accept_stream(sid)
     relay.send_data(sid, b"SSH-2.0-service\r\n")
     events = pair.send(relay)
     assert events[0] == StreamAccepted(stream_id=sid)
     assert received_bytes(events, sid) == b"SSH-2.0-service\r\n"
-    client.acknowledge(sid, 17)
+    client.acknowledge(sid, 17, 0.0)
     second = client.open_stream(VISIT_TUNNEL, LOCAL_PEER, VISIT_TARGET)
     assert second == sid + 2
     client.end_stream(sid)
@@ -125,7 +125,7 @@ def test_client_opened_stream_reset_by_the_relay() -> None:
 def test_relay_declaring_0_streams_treats_a_client_open_as_stream_limit_error() -> None:
     pair = SessionPair(tunnels=())  # the relay's default: MAX_CONCURRENT_STREAMS 0
     assert not pair.client.can_open_stream()
-    with pytest.raises(StreamLimitError):
+    with pytest.raises(LocalProtocolError):
         pair.client.open_stream(VISIT_TUNNEL, LOCAL_PEER, VISIT_TARGET)
     assert not pair.client.wants_write()
     opened = encode_frame(
@@ -137,9 +137,9 @@ def test_relay_declaring_0_streams_treats_a_client_open_as_stream_limit_error() 
 def test_client_cannot_open_before_authentication() -> None:
     client = Session(Role.CLIENT)
     client.receive_data(
-        MAGIC + hello_bytes(Role.SERVER, Settings(max_concurrent_streams=8), minor=1)
+        MAGIC + hello_bytes(Role.SERVER, Settings(max_concurrent_streams=8), minor=1), 0.0
     )
-    with pytest.raises(StreamLimitError):
+    with pytest.raises(LocalProtocolError):
         client.open_stream(VISIT_TUNNEL, LOCAL_PEER, VISIT_TARGET)
 
 
@@ -148,22 +148,22 @@ def test_adapter_sessions_with_a_relay_override() -> None:
     relay = make_session(Role.SERVER, settings_overrides={"max_concurrent_streams": 256})
     client = make_session(Role.CLIENT)
     relay.send_challenge(SERVER_NONCE)
-    client.receive_data(relay.data_to_send())
+    client.receive_data(relay.data_to_send(), 0.0)
     client.send_auth(1, AuthMethod.HMAC_SHA256, make_credential())
     client.send_bind(2, VISIT_TUNNEL, NONE, options=BindOptions(visit="db"))
-    events = relay.receive_data(client.data_to_send())
+    events = relay.receive_data(client.data_to_send(), 0.0)
     assert isinstance(events[-1], AuthRequested)
     relay.send_result(1, ResultStatus.OK)
-    events = relay.receive_data(b"")
+    events = relay.receive_data(b"", 0.0)
     assert events == [
         BindRequested(
             req_id=2, tunnel_id=VISIT_TUNNEL, proto=1, bind=NONE, options=BindOptions(visit="db")
         )
     ]
     relay.send_result(2, ResultStatus.OK, bound=Address("db", 0))
-    client.receive_data(relay.data_to_send())
+    client.receive_data(relay.data_to_send(), 0.0)
     sid = client.open_stream(VISIT_TUNNEL, LOCAL_PEER, VISIT_TARGET)
-    events = relay.receive_data(client.data_to_send())
+    events = relay.receive_data(client.data_to_send(), 0.0)
     assert events == [
         StreamOpened(stream_id=sid, tunnel_id=VISIT_TUNNEL, origin=LOCAL_PEER, target=VISIT_TARGET)
     ]
@@ -201,7 +201,7 @@ class Leg:
     def settle(self) -> None:
         framed = self.owed - self.dst.pending_bytes(self.dsid)
         if framed:
-            self.src.acknowledge(self.ssid, framed)
+            self.src.acknowledge(self.ssid, framed, 0.0)
             self.owed -= framed
 
 
@@ -265,7 +265,7 @@ class Chain:
         if publisher_reads:
             for event in events:
                 if isinstance(event, DataReceived):
-                    self.publisher.acknowledge(self.psid, len(event.data))
+                    self.publisher.acknowledge(self.psid, len(event.data), 0.0)
         self.down.take(self.publish.send(self.publisher))
         self.visit.send(self.relay_v)
         self.down.settle()
@@ -284,7 +284,7 @@ def test_forwarded_stream_is_flow_controlled_end_to_end() -> None:
     # The relay holds at most one window per hop; the rest waits at the visitor.
     assert chain.relay_p.pending_bytes(chain.psid) <= WINDOW
     assert chain.visitor.pending_bytes(chain.vsid) >= len(payload) - 3 * WINDOW
-    chain.publisher.acknowledge(chain.psid, len(got))  # the publisher reads at last
+    chain.publisher.acknowledge(chain.psid, len(got), 0.0)  # the publisher reads at last
     ended = False
     for _ in range(1000):
         events = chain.step(publisher_reads=True)

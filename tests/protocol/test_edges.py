@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from muxtunnel.errors import ErrorCode, FlowControlError, StreamStateError
+from muxtunnel.errors import ErrorCode, FlowControlError, FrameSizeError, LocalProtocolError
 from muxtunnel.protocol.constants import MAGIC, MAX_STR16, AuthMethod, FrameType, ResultStatus, Role
 from muxtunnel.protocol.events import HelloReceived, WindowUpdated
 from muxtunnel.protocol.frames import (
+    HEADER,
     Address,
     AuthFrame,
     BindFrame,
@@ -23,14 +24,16 @@ from muxtunnel.protocol.frames import (
     encode_frame,
 )
 from muxtunnel.protocol.scheduler import OutboundStream, Scheduler
-from muxtunnel.protocol.session import Session, SessionConfig
+from muxtunnel.protocol.session import Session
 
 from .helpers import (
     ORIGIN,
     SERVER_NONCE,
     TARGET,
+    TIGHT_CONFIG,
     SessionPair,
     data_frame,
+    exhaust_connection_window,
     expect_close,
     frames,
     make_credential,
@@ -88,12 +91,12 @@ def test_result_bound_rules(kind: str, status: ResultStatus, bound: Address | No
 def test_server_hello_defaults_follow_the_server_role() -> None:
     client = Session(Role.CLIENT)
     hello = HelloFrame(major=1, minor=0, role=Role.SERVER, settings=((1, 65536),))
-    events = client.receive_data(MAGIC + encode_frame(hello))
+    events = client.receive_data(MAGIC + encode_frame(hello), 0.0)
     expected = Settings(initial_stream_window=65536, max_concurrent_streams=0)
     assert events == [HelloReceived(settings=expected, minor=0)]
     server = Session(Role.SERVER)
     hello = HelloFrame(major=1, minor=0, role=Role.CLIENT, settings=())
-    assert server.receive_data(MAGIC + encode_frame(hello)) == [
+    assert server.receive_data(MAGIC + encode_frame(hello), 0.0) == [
         HelloReceived(settings=Settings(), minor=0)
     ]
 
@@ -120,26 +123,23 @@ def test_cannot_open_before_authentication() -> None:
 def test_fin_frame_beyond_the_stream_window() -> None:
     pair = SessionPair()
     sid = pair.open()
-    pair.client.receive_data(data_frame(sid, bytes(65536)) * 4)
+    pair.client.receive_data(data_frame(sid, bytes(65536)) * 4, 0.0)
     raw = data_frame(sid, b"x", fin=True)
     expect_close(pair.client, raw, ErrorCode.FLOW_CONTROL_ERROR, FlowControlError)
 
 
 def test_fin_frame_beyond_the_connection_window() -> None:
-    settings = Settings(initial_stream_window=1 << 20, initial_conn_window=1_572_864)
-    pair = SessionPair(client_config=SessionConfig(settings=settings, receive_budget=0))
-    a, b = pair.open(), pair.open()
-    pair.client.receive_data(data_frame(a, bytes(65536)) * 16 + data_frame(b, bytes(65536)) * 8)
-    raw = data_frame(b, b"x", fin=True)
+    pair = SessionPair(client_config=TIGHT_CONFIG)
+    *_, last = exhaust_connection_window(pair)
+    raw = data_frame(last, b"x", fin=True)
     expect_close(pair.client, raw, ErrorCode.FLOW_CONTROL_ERROR, FlowControlError)
 
 
 def test_late_data_beyond_the_connection_window() -> None:
-    pair = SessionPair(client_config=SessionConfig(receive_budget=0))
+    pair = SessionPair(client_config=TIGHT_CONFIG)
     sid = pair.open()
-    full = [pair.open() for _ in range(8)]  # 8 x 256 KiB unconsumed = the 2 MiB window
     pair.client.reset_stream(sid)
-    pair.client.receive_data(b"".join(data_frame(s, bytes(65536)) * 4 for s in full))
+    exhaust_connection_window(pair)
     late = data_frame(sid, b"x")
     expect_close(pair.client, late, ErrorCode.FLOW_CONTROL_ERROR, FlowControlError)
 
@@ -148,9 +148,9 @@ def test_window_frame_on_peer_stream_before_answer_is_fine() -> None:
     pair = SessionPair()
     sid = pair.server.open_stream(1, ORIGIN, TARGET)
     pair.send(pair.server)
-    pair.server.receive_data(b"")
-    assert pair.client.receive_data(frames(WindowFrame(stream_id=sid, max_offset=100))) == []
-    assert pair.client.receive_data(frames(WindowFrame(stream_id=sid, max_offset=1 << 21)))
+    pair.server.receive_data(b"", 0.0)
+    assert pair.client.receive_data(frames(WindowFrame(stream_id=sid, max_offset=100)), 0.0) == []
+    assert pair.client.receive_data(frames(WindowFrame(stream_id=sid, max_offset=1 << 21)), 0.0)
 
 
 # --- wants_write -----------------------------------------------------------------------
@@ -160,13 +160,13 @@ def test_wants_write_tracks_every_kind_of_output() -> None:
     pair = SessionPair()
     server, client = pair.server, pair.client
     assert not client.wants_write()
-    client.receive_data(frames(PingFrame(seq=1)))
+    client.receive_data(frames(PingFrame(seq=1)), 0.0)
     assert client.wants_write()  # a PONG
     client.data_to_send()
     sid = pair.open()
     server.send_data(sid, bytes(200_000))
     pair.send(server, 1 << 20)
-    client.acknowledge(sid, 200_000)
+    client.acknowledge(sid, 200_000, 0.0)
     assert client.wants_write()  # a WINDOW
     client.data_to_send()
     assert not client.wants_write()
@@ -207,7 +207,7 @@ def test_send_data_on_a_stream_finished_for_sending() -> None:
     sid = pair.open()
     pair.server.send_data(sid, b"x", end_stream=True)
     pair.send(pair.server)
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         pair.server.send_data(sid, b"y")
 
 
@@ -290,7 +290,19 @@ def test_window_before_hello_and_before_authentication() -> None:
     server.send_challenge(SERVER_NONCE)
     expect_close(server, preface(Role.CLIENT) + raw, ErrorCode.PROTOCOL_ERROR)
     client = Session(Role.CLIENT)  # the client takes a connection WINDOW before its RESULT
-    assert client.receive_data(preface(Role.SERVER) + raw) == [
+    assert client.receive_data(preface(Role.SERVER) + raw, 0.0) == [
         HelloReceived(settings=Settings(max_concurrent_streams=0), minor=0),
         WindowUpdated(stream_id=0),
     ]
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_malformed_first_frame_is_a_decoding_error_not_a_handshake_error(role: Role) -> None:
+    """Spec §4.5: a wrong-length RESET before HELLO is FRAME_SIZE_ERROR (step 4 before 7)."""
+    session = Session(role)
+    wrong = HEADER.pack(13, FrameType.RESET, 0, 0, 1) + bytes(13)
+    expect_close(session, MAGIC + wrong, ErrorCode.FRAME_SIZE_ERROR, FrameSizeError)
+    # A well-formed RESET in the same place is the handshake-order error.
+    session = Session(role)
+    reset = HEADER.pack(12, FrameType.RESET, 0, 0, 1) + bytes(12)
+    expect_close(session, MAGIC + reset, ErrorCode.PROTOCOL_ERROR)

@@ -42,7 +42,7 @@ def feed_all(session: Session, chunks: list[bytes], now_step: float = 0.01) -> N
     except ProtocolError:
         assert session.closed
         session.data_to_send()
-        assert session.receive_data(b"more") == []
+        assert session.receive_data(b"more", 0.0) == []
 
 
 MUTATION = st.tuples(

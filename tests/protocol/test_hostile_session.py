@@ -98,13 +98,13 @@ def many_streams(count: int) -> tuple[SessionPair, list[int]]:
 def test_lowering_goaway_touches_only_the_streams_it_refuses() -> None:
     pair, sids = many_streams(3000)
     server = pair.server
-    events = server.receive_data(goaway(sids[-11]))
+    events = server.receive_data(goaway(sids[-11]), 0.0)
     refused = [e.stream_id for e in events if isinstance(e, StreamReset)]
     assert refused == sids[-10:]
     assert server.statistics()["goaway_stream_checks"] == 10
     assert server.statistics()["local_open"] == 2990
     # A second lowering: again only the streams above the new id are looked at.
-    events = server.receive_data(goaway(sids[-21]))
+    events = server.receive_data(goaway(sids[-21]), 0.0)
     assert [e.stream_id for e in events if isinstance(e, StreamReset)] == sids[-20:-10]
     assert server.statistics()["goaway_stream_checks"] == 20
 
@@ -113,10 +113,10 @@ def test_repeated_goaways_cost_nothing_and_are_not_reported() -> None:
     pair = SessionPair()
     server = pair.server
     sids = [pair.open() for _ in range(3)]
-    events = server.receive_data(goaway(sids[-1]))
+    events = server.receive_data(goaway(sids[-1]), 0.0)
     assert [type(e) for e in events] == [GoAwayReceived]
     # Just below the non-productive burst: no event, no stream touched.
-    events = server.receive_data(goaway(sids[-1]) * (NONPRODUCTIVE_BURST - 1))
+    events = server.receive_data(goaway(sids[-1]) * (NONPRODUCTIVE_BURST - 1), 0.0)
     assert events == []
     assert all(server.stream_is_open(sid) for sid in sids)
     # The next one is one too many.
@@ -128,7 +128,7 @@ def test_goaway_flood_of_10000_is_refused() -> None:
     server = pair.server
     pair.open()
     with pytest.raises(ProtocolError) as info:
-        server.receive_data(goaway(2**64 - 1) * 10_000)
+        server.receive_data(goaway(2**64 - 1) * 10_000, 0.0)
     assert info.value.error_code == ErrorCode.ENHANCE_YOUR_CALM
     assert close_code(server.data_to_send()) == ErrorCode.ENHANCE_YOUR_CALM
 
@@ -136,7 +136,7 @@ def test_goaway_flood_of_10000_is_refused() -> None:
 def test_repeated_goaways_with_3000_streams_do_no_work() -> None:
     pair, sids = many_streams(3000)
     server = pair.server
-    server.receive_data(goaway(sids[-1]) * (NONPRODUCTIVE_BURST - 1))
+    server.receive_data(goaway(sids[-1]) * (NONPRODUCTIVE_BURST - 1), 0.0)
     assert server.statistics()["goaway_stream_checks"] == 0
     assert server.statistics()["local_open"] == 3000
 
@@ -145,7 +145,7 @@ def test_lowering_goaways_that_refuse_nothing_are_non_productive() -> None:
     pair = SessionPair()
     client = pair.client
     # The first GOAWAY is free; each later one that refuses nothing takes a token.
-    events = client.receive_data(b"".join(goaway(2**64 - 1 - i) for i in range(1001)))
+    events = client.receive_data(b"".join(goaway(2**64 - 1 - i) for i in range(1001)), 0.0)
     assert len([e for e in events if isinstance(e, GoAwayReceived)]) == 1001
     expect_close(client, goaway(5), ErrorCode.ENHANCE_YOUR_CALM)
 
@@ -160,7 +160,7 @@ def test_goaway_work_stays_bounded_after_much_churn() -> None:
         server.reset_stream(sid)
         pair.send(server)
         pair.send(client)
-    events = server.receive_data(goaway(keep))
+    events = server.receive_data(goaway(keep), 0.0)
     assert [e for e in events if isinstance(e, StreamReset)] == []
     assert server.statistics()["goaway_stream_checks"] <= 2 * 1 + 64 + 1
     assert server.stream_is_open(keep)
@@ -179,7 +179,7 @@ def bind_frames(first: int, count: int) -> bytes:
 def test_server_takes_16_outstanding_requests_and_no_more() -> None:
     pair = SessionPair(tunnels=())
     server = pair.server
-    events = server.receive_data(bind_frames(100, MAX_OUTSTANDING_REQUESTS))
+    events = server.receive_data(bind_frames(100, MAX_OUTSTANDING_REQUESTS), 0.0)
     assert len(events) == MAX_OUTSTANDING_REQUESTS
     assert all(isinstance(e, BindRequested) for e in events)
     expect_close(server, bind_frames(200, 1), ErrorCode.ENHANCE_YOUR_CALM)
@@ -188,9 +188,9 @@ def test_server_takes_16_outstanding_requests_and_no_more() -> None:
 def test_answered_requests_make_room_and_unbind_counts_too() -> None:
     pair = SessionPair(tunnels=())
     server = pair.server
-    server.receive_data(bind_frames(100, MAX_OUTSTANDING_REQUESTS))
+    server.receive_data(bind_frames(100, MAX_OUTSTANDING_REQUESTS), 0.0)
     server.send_result(100, ResultStatus.OK, bound=BOUND)
-    events = server.receive_data(frames(UnbindFrame(req_id=300, tunnel_id=100, error_code=0)))
+    events = server.receive_data(frames(UnbindFrame(req_id=300, tunnel_id=100, error_code=0)), 0.0)
     assert events == [UnbindReceived(req_id=300, tunnel_id=100, error_code=ErrorCode.NO_ERROR)]
     unbind = frames(UnbindFrame(req_id=301, tunnel_id=101, error_code=0))
     expect_close(server, unbind, ErrorCode.ENHANCE_YOUR_CALM)
@@ -223,8 +223,9 @@ def test_client_holds_requests_back_beyond_16_and_releases_them_in_order() -> No
     sid = server.open_stream(3, ORIGIN, TARGET)
     refused = server.open_stream(4, ORIGIN, TARGET)
     events = pair.send(server)
-    assert [type(e) for e in events] == [StreamOpened]
-    assert events[0].stream_id == sid
+    (opened,) = events
+    assert isinstance(opened, StreamOpened)
+    assert opened.stream_id == sid
     answer = open_fails(client.data_to_send())
     assert [(f.stream_id, f.reason) for f in answer] == [(refused, OpenFailReason.UNKNOWN_TUNNEL)]
 
@@ -268,7 +269,7 @@ def test_answer_after_the_peer_closed_is_a_no_op() -> None:
     pair = SessionPair(tunnels=())
     server = pair.server
     events = server.receive_data(
-        frames(UnbindFrame(req_id=7, tunnel_id=1, error_code=0), CloseFrame(error_code=0))
+        frames(UnbindFrame(req_id=7, tunnel_id=1, error_code=0), CloseFrame(error_code=0)), 0.0
     )
     assert isinstance(events[0], UnbindReceived)
     assert server.closed
@@ -287,7 +288,7 @@ def test_small_data_frames_on_a_closed_stream_are_non_productive() -> None:
     client.data_to_send()
     flood = data_frame(sid, b"x") * 20_000
     with pytest.raises(ProtocolError) as info:
-        client.receive_data(flood)
+        client.receive_data(flood, 0.0)
     assert info.value.error_code == ErrorCode.ENHANCE_YOUR_CALM
 
 
@@ -303,13 +304,13 @@ def test_data_crossing_a_reset_stays_below_the_limit() -> None:
         data_frame(sid, bytes(16_384)) * 15 + data_frame(sid, b"tail", fin=True) for sid in sids
     )
     for _ in range(4):
-        assert client.receive_data(late) == []
+        assert client.receive_data(late, 0.0) == []
     assert not client.closed
     # Bigger frames cost what any DATA costs; the threshold is 1,024 bytes.
-    client.receive_data(data_frame(sids[0], bytes(1024)) * 2000)
+    client.receive_data(data_frame(sids[0], bytes(1024)) * 2000, 0.0)
     assert not client.closed
     with pytest.raises(ProtocolError):
-        client.receive_data(data_frame(sids[0], bytes(1023)) * 2000)
+        client.receive_data(data_frame(sids[0], bytes(1023)) * 2000, 0.0)
 
 
 # --- OPEN: only for bound tunnels, and at most OPEN_RATE per second ----------------------
@@ -324,13 +325,13 @@ def test_open_for_a_tunnel_that_is_not_bound_is_refused_by_the_session() -> None
         + data_frame(2, b"hello")
         + frames(ResetFrame(stream_id=2, error_code=ErrorCode.CANCEL, final_offset=5))
     )
-    assert client.receive_data(raw) == []
+    assert client.receive_data(raw, 0.0) == []
     answer = open_fails(client.data_to_send())
     assert [(f.stream_id, f.reason) for f in answer] == [(2, OpenFailReason.UNKNOWN_TUNNEL)]
     assert client.statistics()["streams"] == 0
     assert client.statistics()["opens_refused"] == 1
     # Tunnel 1 is bound: its OPEN is reported.
-    events = client.receive_data(open_frame(4, tunnel=1))
+    events = client.receive_data(open_frame(4, tunnel=1), 0.0)
     assert [type(e) for e in events] == [StreamOpened]
 
 
@@ -355,11 +356,11 @@ def test_open_for_a_refused_bind_is_unknown_tunnel() -> None:
 def test_unbind_notice_for_a_tunnel_that_is_not_bound_is_ignored() -> None:
     pair = SessionPair(tunnels=(1,))
     client = pair.client
-    events = client.receive_data(frames(UnbindFrame(req_id=0, tunnel_id=1, error_code=0)))
+    events = client.receive_data(frames(UnbindFrame(req_id=0, tunnel_id=1, error_code=0)), 0.0)
     assert events == [UnbindReceived(req_id=0, tunnel_id=1, error_code=ErrorCode.NO_ERROR)]
     assert not client.tunnel_is_bound(1)
     notice = frames(UnbindFrame(req_id=0, tunnel_id=1, error_code=0))  # not bound any more
-    assert client.receive_data(notice * (NONPRODUCTIVE_BURST - 1)) == []
+    assert client.receive_data(notice * (NONPRODUCTIVE_BURST - 1), 0.0) == []
     expect_close(client, notice * 2, ErrorCode.ENHANCE_YOUR_CALM)
 
 
@@ -394,6 +395,41 @@ def test_open_rate_limit_refuses_the_excess_with_resource_shortage() -> None:
         client.data_to_send()
     assert opened <= OPEN_BURST + OPEN_RATE * 40
     assert not client.closed
+
+
+def test_open_rate_bucket_is_taken_only_by_opens_that_reach_it() -> None:
+    """Spec §9.2 item 3.6: full at the start; an OPEN refused in step 5 takes no token."""
+    pair = SessionPair(client_config=SessionConfig(settings=MANY, open_rate=1.0, open_burst=2))
+    client = pair.client
+    # Step 5: tunnel 77777 is not bound -> UNKNOWN_TUNNEL, no token taken.
+    assert (
+        client.receive_data(open_frame(2, tunnel=77_777) + open_frame(4, tunnel=77_777), 5.0) == []
+    )
+    assert {f.reason for f in open_fails(client.data_to_send())} == {OpenFailReason.UNKNOWN_TUNNEL}
+    # The bucket is still full: two OPENs are taken, the third is refused.
+    events = client.receive_data(open_frame(6) + open_frame(8) + open_frame(10), 5.0)
+    assert [e.stream_id for e in events if isinstance(e, StreamOpened)] == [6, 8]
+    assert [(f.stream_id, f.reason) for f in open_fails(client.data_to_send())] == [
+        (10, OpenFailReason.RESOURCE_SHORTAGE)
+    ]
+    # One second refills one token, and no more.
+    events = client.receive_data(open_frame(12) + open_frame(14), 6.0)
+    assert [e.stream_id for e in events if isinstance(e, StreamOpened)] == [12]
+    assert [f.stream_id for f in open_fails(client.data_to_send())] == [14]
+    assert not client.closed
+
+
+def test_open_rate_limits_the_client_opened_streams_of_a_relay_session() -> None:
+    """The relay is an acceptor too (visit streams, §9.9): the same bucket, per session."""
+    config = SessionConfig(settings=MANY, open_rate=1.0, open_burst=1)
+    pair = SessionPair(server_config=config)
+    server = pair.server
+    events = server.receive_data(open_frame(1) + open_frame(3), 0.0)
+    assert [e.stream_id for e in events if isinstance(e, StreamOpened)] == [1]
+    assert [(f.stream_id, f.reason) for f in open_fails(server.data_to_send())] == [
+        (3, OpenFailReason.RESOURCE_SHORTAGE)
+    ]
+    assert not server.closed
 
 
 # --- PING: answered, and a burst of probes does not trip the limit -------------------------

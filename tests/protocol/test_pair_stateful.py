@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from muxtunnel.errors import ErrorCode, StreamStateError
+from muxtunnel.errors import ErrorCode, LocalProtocolError
 from muxtunnel.protocol.constants import OpenFailReason
 from muxtunnel.protocol.events import (
     DataReceived,
@@ -130,7 +130,7 @@ class PairMachine(RuleBasedStateMachine):
         payload = bytes((len(buf) + i) * 7 % 251 for i in range(size))
         try:
             side.session.send_data(sid, payload, end_stream=end)
-        except StreamStateError:
+        except LocalProtocolError:
             return  # not open for sending (not accepted yet, or FIN queued): a legal refusal
         buf += payload
 
@@ -173,7 +173,9 @@ class PairMachine(RuleBasedStateMachine):
             # budget keep their connection credit (spec §8.5).
             live_unacked = sum(n for sid, n in side.unacked.items() if sid not in side.dead)
             assert session._unconsumed == live_unacked
-            assert conn.received - conn.consumed == max(0, live_unacked - session._receive_budget)
+            assert conn.received - conn.consumed == max(
+                0, live_unacked - session.statistics()["conn_recv_budget"]
+            )
             assert conn.received <= conn.advertised
             for stream in session._streams.values():
                 assert stream.recv.received <= stream.recv.advertised

@@ -116,7 +116,7 @@ def test_silly_window_avoidance_and_requeue_on_window() -> None:
     # 1000 bytes of credit left, 8 KiB waiting: nothing is sent.
     assert not server.wants_write()
     assert server.data_to_send() == b""
-    client.acknowledge(sid, 256 * KiB - 1000)
+    client.acknowledge(sid, 256 * KiB - 1000, 0.0)
     pair.send(client)  # WINDOW arrives and requeues the stream
     assert server.wants_write()
     frames = data_frames(server.data_to_send())

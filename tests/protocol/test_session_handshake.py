@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from muxtunnel.errors import (
     ErrorCode,
     FrameSizeError,
+    LocalProtocolError,
     PrefaceError,
     ProtocolError,
     SessionClosedError,
@@ -89,20 +90,20 @@ def _transcript() -> tuple[bytes, list[Event]]:
     def relay() -> None:
         data = server.data_to_send()
         wire.extend(data)
-        client.receive_data(data)  # keeps the twin's state in step
-        pair.client.receive_data(data)
+        client.receive_data(data, 0.0)  # keeps the twin's state in step
+        pair.client.receive_data(data, 0.0)
         back = pair.client.data_to_send()
         if back:
-            server.receive_data(back)
+            server.receive_data(back, 0.0)
 
     relay()
     pair.client.send_auth(1, AuthMethod.HMAC_SHA256, make_credential())
     client.send_auth(1, AuthMethod.HMAC_SHA256, make_credential())
     pair.client.send_bind(2, 7, BIND_ANY)
     client.send_bind(2, 7, BIND_ANY)
-    server.receive_data(pair.client.data_to_send())
+    server.receive_data(pair.client.data_to_send(), 0.0)
     server.send_result(1, ResultStatus.OK)
-    server.receive_data(b"")
+    server.receive_data(b"", 0.0)
     server.send_result(2, ResultStatus.OK, "ok", Address("203.0.113.7", 40001))
     relay()
     sids = [server.open_stream(7, Address("198.51.100.1", 1000 + i), BIND_ANY) for i in range(3)]
@@ -117,7 +118,7 @@ def _transcript() -> tuple[bytes, list[Event]]:
     reference = Session(Role.CLIENT)
     reference.send_auth(1, AuthMethod.HMAC_SHA256, make_credential())
     reference.send_bind(2, 7, BIND_ANY)
-    return bytes(wire), reference.receive_data(bytes(wire))
+    return bytes(wire), reference.receive_data(bytes(wire), 0.0)
 
 
 TRANSCRIPT, TRANSCRIPT_EVENTS = _transcript()
@@ -130,7 +131,7 @@ def _replay(cuts: list[int]) -> list[Event]:
     events: list[Event] = []
     prev = 0
     for cut in [*cuts, len(TRANSCRIPT)]:
-        events += client.receive_data(TRANSCRIPT[prev:cut])
+        events += client.receive_data(TRANSCRIPT[prev:cut], 0.0)
         prev = cut
     return events
 
@@ -168,7 +169,7 @@ def test_chunking_random_splits(cuts: list[int]) -> None:
 
 def test_case2_oversize_data_header_closes_before_payload() -> None:
     server = fresh_server()
-    server.receive_data(preface(Role.CLIENT))
+    server.receive_data(preface(Role.CLIENT), 0.0)
     header = (65537).to_bytes(4, "big") + bytes([0, 0, 0, 0]) + (2).to_bytes(8, "big")
     expect_close(server, header, ErrorCode.FRAME_SIZE_ERROR, FrameSizeError)
     assert server._reader.buffered == 0
@@ -176,7 +177,7 @@ def test_case2_oversize_data_header_closes_before_payload() -> None:
 
 def test_case2_oversize_open_header() -> None:
     client = Session(Role.CLIENT)
-    client.receive_data(preface(Role.SERVER))
+    client.receive_data(preface(Role.SERVER), 0.0)
     header = (4097).to_bytes(4, "big") + bytes([FrameType.OPEN, 0, 0, 0]) + (2).to_bytes(8, "big")
     expect_close(client, header, ErrorCode.FRAME_SIZE_ERROR, FrameSizeError)
 
@@ -206,7 +207,7 @@ def test_case4_unknown_type_and_extension_skip() -> None:
     expect_close(pair.client, HEADER.pack(0, 0x7F, 0, 0, 0), ErrorCode.PROTOCOL_ERROR)
     pair = SessionPair()
     ext = encode_frame(ExtensionFrame(frame_type=0x80, payload=b"abc"))
-    assert pair.client.receive_data(ext + frames(PingFrame(seq=5))) == []
+    assert pair.client.receive_data(ext + frames(PingFrame(seq=5)), 0.0) == []
     pong = parse_frames(pair.client.data_to_send())
     assert pong == [(FrameType.PING, 1, 0, (5).to_bytes(8, "big"))]
 
@@ -215,13 +216,13 @@ def test_case5_unknown_flags_and_reserved_are_ignored() -> None:
     pair = SessionPair()
     sid = pair.open()
     raw = HEADER.pack(5, FrameType.DATA, 0x80, 0xFFFF, sid) + b"hello"
-    assert pair.client.receive_data(raw) == [DataReceived(stream_id=sid, data=b"hello")]
+    assert pair.client.receive_data(raw, 0.0) == [DataReceived(stream_id=sid, data=b"hello")]
 
 
 def test_case6_bad_preface_sends_nothing() -> None:
     server = fresh_server()
     with pytest.raises(PrefaceError):
-        server.receive_data(b"HTTP/1.1 400 Bad Request\r\n")
+        server.receive_data(b"HTTP/1.1 400 Bad Request\r\n", 0.0)
     assert server.closed
     assert server.data_to_send() == b""
 
@@ -237,12 +238,12 @@ def test_case8_major_version_mismatch_and_minor() -> None:
     expect_close(server, MAGIC + hello, ErrorCode.VERSION_MISMATCH, VersionMismatchError)
     server = fresh_server()
     hello = encode_frame(HelloFrame(major=1, minor=7, role=Role.CLIENT))
-    events = server.receive_data(MAGIC + hello)
+    events = server.receive_data(MAGIC + hello, 0.0)
     assert events == [HelloReceived(settings=Settings(), minor=1)]  # min(ours = 1, 7)
     assert server.minor == 1
     server = fresh_server()
     hello = encode_frame(HelloFrame(major=1, minor=0, role=Role.CLIENT))
-    events = server.receive_data(MAGIC + hello)
+    events = server.receive_data(MAGIC + hello, 0.0)
     assert events == [HelloReceived(settings=Settings(), minor=0)]  # an older peer
     assert server.minor == 0
 
@@ -264,7 +265,7 @@ def test_case9_bad_hello(hello: HelloFrame) -> None:
 def test_case9_unknown_setting_ignored_and_second_hello() -> None:
     server = fresh_server()
     hello = HelloFrame(major=1, minor=0, role=Role.CLIENT, settings=((0x7777, 5), (1, 65536)))
-    events = server.receive_data(MAGIC + encode_frame(hello))
+    events = server.receive_data(MAGIC + encode_frame(hello), 0.0)
     assert events == [HelloReceived(settings=Settings(initial_stream_window=65536), minor=0)]
     expect_close(server, encode_frame(hello), ErrorCode.PROTOCOL_ERROR)
 
@@ -295,10 +296,10 @@ def test_case11_wrong_token_with_pipelined_bind(split: bool) -> None:
     bind = frames(BindFrame(req_id=2, tunnel_id=1, proto=1, bind=BIND_ANY))
     flight = client_flight(bind)
     if split:
-        events = server.receive_data(flight[: -len(bind)])
-        events += server.receive_data(bind)
+        events = server.receive_data(flight[: -len(bind)], 0.0)
+        events += server.receive_data(bind, 0.0)
     else:
-        events = server.receive_data(flight)
+        events = server.receive_data(flight, 0.0)
     assert [type(e) for e in events] == [HelloReceived, AuthRequested]
     auth = events[1]
     assert isinstance(auth, AuthRequested)
@@ -309,19 +310,19 @@ def test_case11_wrong_token_with_pipelined_bind(split: bool) -> None:
     kinds = [f[0] for f in out]
     assert kinds[-2:] == [FrameType.RESULT, FrameType.CLOSE]
     assert close_code(frames(CloseFrame(error_code=ErrorCode.AUTH_FAILED))) == 12
-    assert server.receive_data(b"") == []  # the BIND is never processed
+    assert server.receive_data(b"", 0.0) == []  # the BIND is never processed
 
 
 def test_pipelined_bind_processed_after_auth_ok() -> None:
     server = fresh_server()
     bind = frames(BindFrame(req_id=2, tunnel_id=1, proto=1, bind=BIND_ANY))
-    events = server.receive_data(client_flight(bind, frames(PingFrame(seq=1))))
+    events = server.receive_data(client_flight(bind, frames(PingFrame(seq=1))), 0.0)
     assert isinstance(events[-1], AuthRequested)
     with pytest.raises(ValueError):
         server.send_result(99, ResultStatus.OK)
     server.send_result(1, ResultStatus.OK)
     assert server.authenticated
-    events = server.receive_data(b"")
+    events = server.receive_data(b"", 0.0)
     assert events == [BindRequested(req_id=2, tunnel_id=1, proto=1, bind=BIND_ANY)]
     server.send_result(2, ResultStatus.OK, bound=Address("0.0.0.0", 20000))
     kinds = [f[0] for f in parse_frames(server.data_to_send())]
@@ -331,12 +332,12 @@ def test_pipelined_bind_processed_after_auth_ok() -> None:
 
 def test_held_frames_accumulate_until_answer() -> None:
     server = fresh_server()
-    events = server.receive_data(client_flight())
+    events = server.receive_data(client_flight(), 0.0)
     assert isinstance(events[-1], AuthRequested)
     bind = frames(BindFrame(req_id=2, tunnel_id=1, proto=1, bind=BIND_ANY))
-    assert server.receive_data(bind) == []
+    assert server.receive_data(bind, 0.0) == []
     server.send_result(1, ResultStatus.OK)
-    assert server.receive_data(b"") == [
+    assert server.receive_data(b"", 0.0) == [
         BindRequested(req_id=2, tunnel_id=1, proto=1, bind=BIND_ANY)
     ]
 
@@ -368,7 +369,7 @@ def test_auth_rules() -> None:
     server = Session(Role.SERVER)  # no CHALLENGE sent yet
     expect_close(server, client_flight(), ErrorCode.PROTOCOL_ERROR)
     server = fresh_server()
-    server.receive_data(client_flight())
+    server.receive_data(client_flight(), 0.0)
     server.send_result(1, ResultStatus.OK)
     expect_close(
         server,
@@ -376,7 +377,7 @@ def test_auth_rules() -> None:
         ErrorCode.PROTOCOL_ERROR,
     )
     client = Session(Role.CLIENT)
-    client.receive_data(preface(Role.SERVER))
+    client.receive_data(preface(Role.SERVER), 0.0)
     expect_close(
         client,
         frames(AuthFrame(req_id=5, method=1, credential=bytes(64))),
@@ -386,17 +387,17 @@ def test_auth_rules() -> None:
 
 def test_preauth_byte_limit() -> None:
     server = fresh_server()
-    server.receive_data(preface(Role.CLIENT))
+    server.receive_data(preface(Role.CLIENT), 0.0)
     ext = encode_frame(ExtensionFrame(frame_type=0x90, payload=bytes(4000)))
-    server.receive_data(ext * 4)
+    server.receive_data(ext * 4, 0.0)
     expect_close(server, ext, ErrorCode.PROTOCOL_ERROR)
 
 
 def test_preauth_allows_ping_and_close() -> None:
     server = fresh_server()
-    events = server.receive_data(preface(Role.CLIENT) + frames(PingFrame(seq=1)))
+    events = server.receive_data(preface(Role.CLIENT) + frames(PingFrame(seq=1)), 0.0)
     assert [type(e) for e in events] == [HelloReceived]
-    events = server.receive_data(frames(CloseFrame(error_code=0, message="bye")))
+    events = server.receive_data(frames(CloseFrame(error_code=0, message="bye")), 0.0)
     assert events == [ConnectionClosed(error_code=ErrorCode.NO_ERROR, message="bye")]
     assert server.closed
     assert server.data_to_send() == b""
@@ -478,10 +479,13 @@ def test_local_misuse_of_control_calls() -> None:
     server.send_challenge(bytes(32))
     with pytest.raises(ValueError):
         server.send_challenge(bytes(32))
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError):
         server.send_auth(1, 1, bytes(64))
-    with pytest.raises(ValueError):
+    with pytest.raises(LocalProtocolError):
         client.send_result(1, ResultStatus.OK)
+    client.send_auth(1, 1, bytes(64))
+    with pytest.raises(LocalProtocolError):  # one AUTH per session, whatever its id
+        client.send_auth(2, 1, bytes(64))
     with pytest.raises(ValueError):
         Session(3)  # type: ignore[arg-type]
     client.close()
@@ -526,7 +530,7 @@ def test_ping_protocol_errors() -> None:
     pair = SessionPair()
     expect_close(pair.client, frames(PingFrame(seq=1, ack=True)), ErrorCode.PROTOCOL_ERROR)
     pair = SessionPair()
-    pair.client.receive_data(frames(PingFrame(seq=5)))
+    pair.client.receive_data(frames(PingFrame(seq=5)), 0.0)
     expect_close(pair.client, frames(PingFrame(seq=5)), ErrorCode.PROTOCOL_ERROR)
     # A PONG for a seq already answered is ignored.
     pair = SessionPair()
@@ -534,8 +538,8 @@ def test_ping_protocol_errors() -> None:
     pair.client.ping(0.0)
     pair.send(pair.client)
     pair.server.data_to_send()
-    assert pair.client.receive_data(frames(PingFrame(seq=2, ack=True))) != []
-    assert pair.client.receive_data(frames(PingFrame(seq=1, ack=True))) == []
+    assert pair.client.receive_data(frames(PingFrame(seq=2, ack=True)), 0.0) != []
+    assert pair.client.receive_data(frames(PingFrame(seq=1, ack=True)), 0.0) == []
 
 
 def test_case36_ping_flood() -> None:
@@ -585,7 +589,7 @@ def test_close_received_and_sent() -> None:
 
 def test_unknown_close_code_reads_as_internal() -> None:
     pair = SessionPair()
-    events = pair.client.receive_data(frames(CloseFrame(error_code=0x1234)))
+    events = pair.client.receive_data(frames(CloseFrame(error_code=0x1234)), 0.0)
     assert events == [ConnectionClosed(error_code=ErrorCode.INTERNAL_ERROR, message="")]
 
 
@@ -612,6 +616,6 @@ def test_client_unbind_result_then_open_is_an_error_until_rebound() -> None:
     sid = pair.open(tunnel_id=3)  # rebound: allowed again
     assert pair.client.stream_is_open(sid)
     unbind = frames(UnbindFrame(req_id=0, tunnel_id=3))
-    pair.client.receive_data(unbind)
+    pair.client.receive_data(unbind, 0.0)
     with pytest.raises(ProtocolError):
         pair.open(tunnel_id=3)

@@ -8,6 +8,7 @@ from muxtunnel.errors import (
     ErrorCode,
     FinalSizeError,
     FlowControlError,
+    LocalProtocolError,
     SessionClosedError,
     StreamLimitError,
     StreamStateError,
@@ -38,8 +39,10 @@ from muxtunnel.protocol.session import Session, SessionConfig
 from .helpers import (
     ORIGIN,
     TARGET,
+    TIGHT_CONFIG,
     SessionPair,
     data_frame,
+    exhaust_connection_window,
     expect_close,
     frames,
     parse_frames,
@@ -67,7 +70,7 @@ def test_case15_pipelined_open_data_fin_before_ack() -> None:
         DataReceived(stream_id=sid, data=b"hello"),
         StreamEnded(stream_id=sid),
     ]
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         client.send_data(sid, b"too early")  # the acceptor answers first
     client.accept_stream(sid)
     client.send_data(sid, b"response", end_stream=True)
@@ -85,7 +88,7 @@ def test_case16_open_fail_credits_early_data() -> None:
     assert client.statistics()["conn_recv_held"] == 200 * KiB
     client.reject_stream(sid, OpenFailReason.CONNECT_FAILED, "refused")
     assert client.statistics()["conn_recv_held"] == 0
-    client.acknowledge(sid, 100)  # ignored: the stream is gone
+    client.acknowledge(sid, 100, 0.0)  # ignored: the stream is gone
     events = pair.send(client)
     assert events[0] == StreamRejected(
         stream_id=sid, reason=OpenFailReason.CONNECT_FAILED, message="refused"
@@ -128,7 +131,7 @@ def test_case18_pending_open_limit() -> None:
     server, client = pair.server, pair.client
     sids = [server.open_stream(1, ORIGIN, TARGET) for _ in range(2)]
     assert not server.can_open_stream()
-    with pytest.raises(StreamLimitError):
+    with pytest.raises(LocalProtocolError):
         server.open_stream(1, ORIGIN, TARGET)
     pair.send(server)
     client.accept_stream(sids[0])
@@ -205,7 +208,7 @@ def test_case22_fin_waits_behind_data_without_credit() -> None:
     sid = pair.open()
     server.send_data(sid, bytes(1 * MiB))
     server.end_stream(sid)
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         server.send_data(sid, b"x")
     got = bytearray()
     ended = False
@@ -214,7 +217,7 @@ def test_case22_fin_waits_behind_data_without_credit() -> None:
             if isinstance(event, DataReceived):
                 assert not ended
                 got += event.data
-                client.acknowledge(sid, len(event.data))
+                client.acknowledge(sid, len(event.data), 0.0)
             elif isinstance(event, StreamEnded):
                 ended = True
         pair.send(client)
@@ -231,13 +234,13 @@ def test_case24_reset_with_data_in_flight_credits_everything() -> None:
     client.send_data(sid, bytes(200 * KiB))
     in_flight = client.data_to_send()  # B's data is on the wire ...
     server.reset_stream(sid, ErrorCode.CANCEL)  # ... when A resets the stream
-    assert server.receive_data(in_flight) == []  # discarded, no RESET in reply
+    assert server.receive_data(in_flight, 0.0) == []  # discarded, no RESET in reply
     back = server.data_to_send()
     kinds = [(t, s) for t, _f, s, _p in parse_frames(back)]
     assert (FrameType.RESET, sid) in kinds
     assert not [k for k in kinds if k[0] == FrameType.RESET and k != (FrameType.RESET, sid)]
     assert server.statistics()["conn_recv_buffered"] == 0
-    events = client.receive_data(back)
+    events = client.receive_data(back, 0.0)
     assert StreamReset(stream_id=sid, error_code=ErrorCode.CANCEL, remote=True) in events
     assert client.data_to_send() == b""  # nothing in reply to the RESET
     # No credit was lost: the client may still send the whole connection window.
@@ -264,10 +267,10 @@ def test_case25_final_size_and_reset_on_closed_stream() -> None:
     events = pair.send(pair.server)
     assert events == [StreamReset(stream_id=sid, error_code=ErrorCode.CONNECT_ERROR, remote=True)]
     again = frames(ResetFrame(stream_id=sid, error_code=9, final_offset=77))
-    assert pair.client.receive_data(again) == []  # ignored
+    assert pair.client.receive_data(again, 0.0) == []  # ignored
     assert pair.client.data_to_send() == b""
     pair.server.reset_stream(sid)  # no-op on a closed stream
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         pair.server.reset_stream(sid + 2)  # never opened
 
 
@@ -277,7 +280,7 @@ def test_case26_data_after_fin_is_a_stream_error() -> None:
     a, b = pair.open(), pair.open()
     server.send_data(a, b"last", end_stream=True)
     pair.send(server)
-    events = client.receive_data(data_frame(a, b"more"))
+    events = client.receive_data(data_frame(a, b"more"), 0.0)
     assert events == [
         StreamReset(stream_id=a, error_code=ErrorCode.STREAM_STATE_ERROR, remote=False)
     ]
@@ -295,23 +298,22 @@ def test_case27_flow_control_errors_and_low_window_ignored() -> None:
     pair = SessionPair()
     sid = pair.open()
     window = pair.client.local_settings.initial_stream_window
-    pair.client.receive_data(data_frame(sid, bytes(65536)) * (window // 65536))
+    pair.client.receive_data(data_frame(sid, bytes(65536)) * (window // 65536), 0.0)
     expect_close(pair.client, data_frame(sid, b"x"), ErrorCode.FLOW_CONTROL_ERROR, FlowControlError)
     # Connection window exceeded by one byte across streams.
-    settings = Settings(initial_stream_window=1 << 20, initial_conn_window=1_572_864)
-    pair = SessionPair(client_config=SessionConfig(settings=settings, receive_budget=0))
-    a, b = pair.open(), pair.open()
-    pair.client.receive_data(data_frame(a, bytes(65536)) * 16)
-    pair.client.receive_data(data_frame(b, bytes(65536)) * 8)
-    expect_close(pair.client, data_frame(b, b"x"), ErrorCode.FLOW_CONTROL_ERROR, FlowControlError)
+    pair = SessionPair(client_config=TIGHT_CONFIG)
+    *_, last = exhaust_connection_window(pair)
+    expect_close(
+        pair.client, data_frame(last, b"x"), ErrorCode.FLOW_CONTROL_ERROR, FlowControlError
+    )
     # A WINDOW that does not raise the limit changes nothing.
     pair = SessionPair()
     sid = pair.open()
     before = pair.server.statistics()["conn_send_available"]
-    assert pair.server.receive_data(frames(WindowFrame(stream_id=sid, max_offset=10))) == []
-    assert pair.server.receive_data(frames(WindowFrame(stream_id=0, max_offset=10))) == []
+    assert pair.server.receive_data(frames(WindowFrame(stream_id=sid, max_offset=10)), 0.0) == []
+    assert pair.server.receive_data(frames(WindowFrame(stream_id=0, max_offset=10)), 0.0) == []
     assert pair.server.statistics()["conn_send_available"] == before
-    events = pair.server.receive_data(frames(WindowFrame(stream_id=0, max_offset=1 << 40)))
+    events = pair.server.receive_data(frames(WindowFrame(stream_id=0, max_offset=1 << 40)), 0.0)
     assert events == [WindowUpdated(stream_id=0)]
     raw = WindowFrame(stream_id=sid, max_offset=(1 << 62) + 1)
     expect_close(pair.server, frames(raw), ErrorCode.FLOW_CONTROL_ERROR, FlowControlError)
@@ -331,7 +333,7 @@ def test_late_frames_on_known_closed_streams_are_ignored_and_credited() -> None:
         + frames(OpenAckFrame(stream_id=sid))
         + frames(OpenFailFrame(stream_id=sid, reason=1))
     )
-    assert server.receive_data(late) == []
+    assert server.receive_data(late, 0.0) == []
     assert server.statistics()["conn_recv_buffered"] == 0
     assert not server.closed
 
@@ -345,7 +347,7 @@ def test_reset_of_pending_stream_then_crossing_ack_is_ignored() -> None:
     client.accept_stream(sid)
     client.send_data(sid, b"crossing")
     crossing = client.data_to_send()
-    assert server.receive_data(crossing) == []
+    assert server.receive_data(crossing, 0.0) == []
     events = pair.send(server)
     assert events == [StreamReset(stream_id=sid, error_code=ErrorCode.CANCEL, remote=True)]
     assert server.can_open_stream()
@@ -402,19 +404,19 @@ def test_acknowledge_after_graceful_close_still_credits() -> None:
     assert not client.stream_is_open(sid)
     assert client.statistics()["conn_recv_held"] == 200 * KiB
     with pytest.raises(ValueError):
-        client.acknowledge(sid, 200 * KiB + 1)
-    client.acknowledge(sid, 100 * KiB)
-    client.acknowledge(sid, 100 * KiB)
-    client.acknowledge(sid, 0)
+        client.acknowledge(sid, 200 * KiB + 1, 0.0)
+    client.acknowledge(sid, 100 * KiB, 0.0)
+    client.acknowledge(sid, 100 * KiB, 0.0)
+    client.acknowledge(sid, 0, 0.0)
     assert client.statistics()["conn_recv_held"] == 0
-    client.acknowledge(sid, 5)  # unknown by now: ignored
+    client.acknowledge(sid, 5, 0.0)  # unknown by now: ignored
 
 
 def test_acknowledge_more_than_received() -> None:
     pair = SessionPair()
     sid = pair.open()
     with pytest.raises(ValueError):
-        pair.client.acknowledge(sid, 1)
+        pair.client.acknowledge(sid, 1, 0.0)
 
 
 def test_no_stream_window_after_peer_fin() -> None:
@@ -423,7 +425,7 @@ def test_no_stream_window_after_peer_fin() -> None:
     sid = pair.open()
     server.send_data(sid, bytes(256 * KiB), end_stream=True)
     pair.send(server, 1 << 20)
-    client.acknowledge(sid, 256 * KiB)
+    client.acknowledge(sid, 256 * KiB, 0.0)
     assert not client.wants_write()
     assert client.data_to_send() == b""
 
@@ -435,7 +437,7 @@ def test_window_updates_are_coalesced() -> None:
     server.send_data(sid, bytes(256 * KiB))
     pair.send(server, 1 << 20)
     for _ in range(256):
-        client.acknowledge(sid, 1 * KiB)
+        client.acknowledge(sid, 1 * KiB, 0.0)
     out = [(t, s) for t, _f, s, _p in parse_frames(client.data_to_send())]
     assert out.count((FrameType.WINDOW, sid)) == 1
 
@@ -446,7 +448,7 @@ def test_acknowledge_before_accept_defers_window() -> None:
     sid = server.open_stream(1, ORIGIN, TARGET)
     server.send_data(sid, bytes(256 * KiB))
     pair.send(server, 1 << 20)
-    client.acknowledge(sid, 256 * KiB)
+    client.acknowledge(sid, 256 * KiB, 0.0)
     out = [(t, s) for t, _f, s, _p in parse_frames(client.data_to_send())]
     assert (FrameType.WINDOW, sid) not in out
     client.accept_stream(sid)
@@ -512,7 +514,7 @@ def test_case37_two_phase_goaway() -> None:
     assert client.closed
     # A later GOAWAY with a higher id is an error.
     pair = SessionPair()
-    pair.client.receive_data(frames(GoAwayFrame(last_stream_id=4, error_code=0)))
+    pair.client.receive_data(frames(GoAwayFrame(last_stream_id=4, error_code=0)), 0.0)
     raw = frames(GoAwayFrame(last_stream_id=6, error_code=0))
     expect_close(pair.client, raw, ErrorCode.PROTOCOL_ERROR)
 
@@ -523,7 +525,7 @@ def test_goaway_refuses_our_streams_above_last_id() -> None:
     a = pair.open()
     b = server.open_stream(1, ORIGIN, TARGET)
     pair.send(server)
-    events = server.receive_data(frames(GoAwayFrame(last_stream_id=a, error_code=0)))
+    events = server.receive_data(frames(GoAwayFrame(last_stream_id=a, error_code=0)), 0.0)
     assert events[1:] == [
         StreamReset(stream_id=b, error_code=ErrorCode.REFUSED_STREAM, remote=True)
     ]
@@ -535,7 +537,7 @@ def test_our_goaway_discards_later_peer_opens() -> None:
     pair = SessionPair()
     client = pair.client
     client.go_away(ErrorCode.NO_ERROR, "", 0)
-    assert client.receive_data(open_frame(2) + data_frame(2, bytes(100))) == []
+    assert client.receive_data(open_frame(2) + data_frame(2, bytes(100)), 0.0) == []
     assert client.statistics()["conn_recv_buffered"] == 0
     assert not client.can_open_stream()
 
@@ -555,7 +557,8 @@ def test_control_output_flood() -> None:
     client = pair.client
     count = 4200
     client.receive_data(
-        b"".join(open_frame(2 * i) + data_frame(2 * i, b"x", fin=True) for i in range(1, count))
+        b"".join(open_frame(2 * i) + data_frame(2 * i, b"x", fin=True) for i in range(1, count)),
+        0.0,
     )
     for i in range(1, count):
         client.accept_stream(2 * i)
@@ -576,12 +579,12 @@ def test_data_after_fin_before_answer_is_a_connection_error() -> None:
 def test_local_misuse_of_stream_calls() -> None:
     pair = SessionPair()
     server = pair.server
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         server.send_data(2, b"x")  # never opened
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         server.accept_stream(0)
     sid = pair.open()
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         server.accept_stream(sid)  # our own stream
     assert server.pending_bytes(999) == 0
     server.send_data(sid, memoryview(bytes(8)).cast("Q"))
@@ -593,7 +596,7 @@ def test_local_misuse_of_stream_calls() -> None:
     assert server.statistics()["local_open"] == 1
     pair.server.close()
     server.reset_stream(sid)  # no-op on a closed session
-    server.acknowledge(sid, 1)
+    server.acknowledge(sid, 1, 0.0)
     server.go_away()
     with pytest.raises(SessionClosedError):
         server.open_stream(1, ORIGIN, TARGET)
@@ -602,12 +605,12 @@ def test_local_misuse_of_stream_calls() -> None:
 def test_open_before_peer_hello_and_client_open_before_auth() -> None:
     server = Session(Role.SERVER)
     assert not server.can_open_stream()
-    with pytest.raises(StreamLimitError):
+    with pytest.raises(LocalProtocolError):
         server.open_stream(1, ORIGIN, TARGET)
     client = Session(Role.CLIENT)
     from .helpers import preface
 
-    client.receive_data(preface(Role.SERVER))
+    client.receive_data(preface(Role.SERVER), 0.0)
     expect_close(client, open_frame(2), ErrorCode.PROTOCOL_ERROR)
 
 
@@ -641,5 +644,5 @@ def test_fin_flag_frames() -> None:
     out = parse_frames(pair.server.data_to_send())
     assert out == [(FrameType.DATA, FLAG_FIN, sid, b"abc")]
     assert pair.server.statistics()["scheduled"] == 0
-    with pytest.raises(StreamStateError):
+    with pytest.raises(LocalProtocolError):
         pair.server.end_stream(sid)

@@ -14,17 +14,19 @@ error code has the vector's name, judged with the default limits and no session 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from muxtunnel.errors import ErrorCode, ProtocolError
 from muxtunnel.protocol.constants import (
+    BIND_FLAG_OPTIONS,
     FLAG_ACK,
     FLAG_FIN,
     MAGIC,
@@ -59,6 +61,9 @@ from muxtunnel.protocol.frames import (
 )
 from muxtunnel.protocol.reader import FrameReader
 from muxtunnel.protocol.session import Session
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 SPEC = Path(__file__).resolve().parents[2] / "protocol-spec.md"
 FENCE = "```json muxtunnel-vectors"
@@ -148,9 +153,21 @@ def _field(name: str, value: Any) -> Any:
 
 
 def _expected_frame(description: dict[str, Any]) -> Frame:
-    """Build the frame a valid vector describes; its keys must be the dataclass fields exactly."""
+    """Build the frame a valid vector describes; its keys must be the dataclass fields exactly.
+
+    Two keys are renamed on the way (spec A.1): EXTENSION ``header_flags`` is the header's
+    Flags byte (``ExtensionFrame.flags``), and BIND ``flags`` is the payload byte with the
+    OPTIONS bit, which ``BindFrame`` keeps apart as ``options is not None``.
+    """
     cls = FRAME_CLASSES[description["type"]]
     kwargs = {k: _field(k, v) for k, v in description.items() if k != "type"}
+    if cls is ExtensionFrame:
+        assert "flags" not in kwargs, "EXTENSION: the header's Flags byte is `header_flags`"
+        kwargs["flags"] = kwargs.pop("header_flags")
+    if cls is BindFrame:
+        options_bit = bool(kwargs["flags"] & BIND_FLAG_OPTIONS)
+        assert options_bit == (kwargs["options"] is not None), "OPTIONS bit vs options"
+        kwargs["flags"] &= ~BIND_FLAG_OPTIONS
     names = {f.name for f in dataclasses.fields(cls)}
     assert set(kwargs) == names, f"vector fields {sorted(kwargs)} != {cls.__name__} {sorted(names)}"
     frame: Frame = cls(**kwargs)
@@ -226,8 +243,29 @@ def test_vector_is_well_formed(vector: dict[str, Any]) -> None:
         assert vector["error"] in {code.name for code in ErrorCode}
 
 
-def test_annotated_rendering_matches_json() -> None:
-    """Appendix A.2 (for humans) shows the same bytes as the JSON block (for machines)."""
+def _generator() -> ModuleType:
+    """scripts/spec_vectors.py, which writes Appendix A.2 from the JSON block of A.3."""
+    path = SPEC.parent / "scripts" / "spec_vectors.py"
+    spec = importlib.util.spec_from_file_location("spec_vectors", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_annotated_vectors_are_generated_from_the_json() -> None:
+    """Appendix A.2 (for humans) is exactly what the generator renders from A.3 (for machines)."""
+    generator = _generator()
+    text = _spec_text()
+    assert generator.splice(text) == text, (
+        f"protocol-spec.md Appendix A.2 is out of date; run: {generator.FIX_COMMAND}"
+    )
+    assert generator.main(["--check"]) == 0
+
+
+def test_annotated_rendering_shows_every_byte() -> None:
+    """Each A.2 block shows the vector's bytes in order, whatever its annotations say."""
     text = _spec_text()
     rendered: dict[str, str] = {}
     pattern = re.compile(
@@ -241,6 +279,17 @@ def test_annotated_rendering_matches_json() -> None:
                 hex_parts.append(m.group(1).replace(" ", ""))
         rendered[name] = "".join(hex_parts)
     assert rendered == {v["name"]: v["hex"] for v in VECTORS}
+
+
+def test_generator_check_fails_on_a_stale_appendix(tmp_path: Path) -> None:
+    generator = _generator()
+    stale = tmp_path / "spec.md"
+    stale.write_text(
+        _spec_text().replace("header: length 5;", "header: length 6;", 1), encoding="utf-8"
+    )
+    assert generator.main(["--check", "--spec", str(stale)]) == 1
+    assert generator.main(["--spec", str(stale)]) == 0
+    assert stale.read_text(encoding="utf-8") == _spec_text()
 
 
 # ---------------------------------------------------------------------------------------

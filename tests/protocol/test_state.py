@@ -1,12 +1,20 @@
-"""The stream transition table: every (state, input) pair."""
+"""The stream transition table (every (state, input) pair) and the session lifecycle tables."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import pytest
 
-from muxtunnel.errors import StreamStateError
+from muxtunnel.protocol.constants import Role
+from muxtunnel.protocol.lifecycle import (
+    CLIENT_TRANSITIONS,
+    SERVER_TRANSITIONS,
+    Lifecycle,
+    SessionInput,
+    SessionState,
+)
 from muxtunnel.protocol.state import (
     RECV_DATA_STATES,
     SEND_DATA_STATES,
@@ -14,11 +22,18 @@ from muxtunnel.protocol.state import (
     TRANSITIONS,
     StreamInput,
     StreamState,
-    transition,
+    advance,
+    allows,
 )
 
 S = StreamState
 I = StreamInput  # noqa: E741
+
+
+@dataclass
+class _Stream:
+    state: StreamState
+
 
 #: The table written out independently, as the spec's prose states it.
 ALLOWED: dict[tuple[StreamState, StreamInput], StreamState] = {
@@ -29,6 +44,8 @@ ALLOWED: dict[tuple[StreamState, StreamInput], StreamState] = {
     (S.OPENING_OUT, I.SEND_RESET): S.CLOSED,
     (S.OPENING_OUT, I.RECV_ACK): S.OPEN,
     (S.OPENING_OUT, I.RECV_FAIL): S.CLOSED,
+    (S.OPENING_OUT, I.RECV_GOAWAY): S.CLOSED,
+    (S.OPENING_OUT_LOCAL_DONE, I.RECV_GOAWAY): S.CLOSED,
     (S.OPENING_OUT_LOCAL_DONE, I.SEND_WINDOW): S.OPENING_OUT_LOCAL_DONE,
     (S.OPENING_OUT_LOCAL_DONE, I.SEND_RESET): S.CLOSED,
     (S.OPENING_OUT_LOCAL_DONE, I.RECV_ACK): S.LOCAL_DONE,
@@ -47,14 +64,17 @@ ALLOWED: dict[tuple[StreamState, StreamInput], StreamState] = {
     (S.OPEN, I.RECV_FIN): S.REMOTE_DONE,
     (S.OPEN, I.SEND_RESET): S.CLOSED,
     (S.OPEN, I.RECV_RESET): S.CLOSED,
+    (S.OPEN, I.RECV_GOAWAY): S.CLOSED,
     **{(S.LOCAL_DONE, i): S.LOCAL_DONE for i in (I.RECV_DATA, I.SEND_WINDOW, I.RECV_WINDOW)},
     (S.LOCAL_DONE, I.RECV_FIN): S.CLOSED,
     (S.LOCAL_DONE, I.SEND_RESET): S.CLOSED,
     (S.LOCAL_DONE, I.RECV_RESET): S.CLOSED,
+    (S.LOCAL_DONE, I.RECV_GOAWAY): S.CLOSED,
     **{(S.REMOTE_DONE, i): S.REMOTE_DONE for i in (I.SEND_DATA, I.RECV_WINDOW)},
     (S.REMOTE_DONE, I.SEND_FIN): S.CLOSED,
     (S.REMOTE_DONE, I.SEND_RESET): S.CLOSED,
     (S.REMOTE_DONE, I.RECV_RESET): S.CLOSED,
+    (S.REMOTE_DONE, I.RECV_GOAWAY): S.CLOSED,
     **{
         (S.CLOSED, i): S.CLOSED
         for i in (I.RECV_DATA, I.RECV_FIN, I.RECV_WINDOW, I.RECV_RESET, I.RECV_ACK, I.RECV_FAIL)
@@ -66,13 +86,11 @@ ALLOWED: dict[tuple[StreamState, StreamInput], StreamState] = {
     ("state", "inp"), list(itertools.product(StreamState, StreamInput)), ids=str
 )
 def test_every_state_input_pair(state: StreamState, inp: StreamInput) -> None:
+    stream = _Stream(state)
     expected = ALLOWED.get((state, inp))
-    if expected is None:
-        assert (state, inp) not in TRANSITIONS
-        with pytest.raises(StreamStateError):
-            transition(state, inp)
-    else:
-        assert transition(state, inp) is expected
+    assert allows(stream, inp) is (expected is not None)
+    assert advance(stream, inp) is expected
+    assert stream.state is (state if expected is None else expected)
 
 
 def test_table_has_nothing_else() -> None:
@@ -90,3 +108,63 @@ def test_no_transition_leaves_closed_or_returns_to_idle() -> None:
         if state is S.CLOSED:
             assert nxt is S.CLOSED
         assert nxt is not S.IDLE
+
+
+L = SessionState
+LI = SessionInput
+#: The handshake as spec §3.3 and §7.1 describe it, per role; CLOSE ends every state.
+SERVER_ALLOWED = {
+    (L.AWAIT_HELLO, LI.RECV_HELLO): L.HELLO_RECEIVED,
+    (L.AWAIT_HELLO, LI.SEND_CHALLENGE): L.CHALLENGE_SENT,
+    (L.CHALLENGE_SENT, LI.RECV_HELLO): L.AWAIT_AUTH,
+    (L.HELLO_RECEIVED, LI.SEND_CHALLENGE): L.AWAIT_AUTH,
+    (L.AWAIT_AUTH, LI.RECV_AUTH): L.AUTH_RECEIVED,
+    (L.AUTH_RECEIVED, LI.AUTH_OK): L.OPEN,
+}
+CLIENT_ALLOWED = {
+    (L.AWAIT_HELLO, LI.RECV_HELLO): L.HELLO_RECEIVED,
+    (L.HELLO_RECEIVED, LI.RECV_CHALLENGE): L.CHALLENGE_RECEIVED,
+    (L.CHALLENGE_RECEIVED, LI.AUTH_OK): L.OPEN,
+    (L.CHALLENGE_RECEIVED, LI.AUTH_REFUSED): L.AUTH_REFUSED,
+}
+
+
+@pytest.mark.parametrize(
+    ("role", "table", "allowed"),
+    [
+        (Role.SERVER, SERVER_TRANSITIONS, SERVER_ALLOWED),
+        (Role.CLIENT, CLIENT_TRANSITIONS, CLIENT_ALLOWED),
+    ],
+    ids=["server", "client"],
+)
+def test_lifecycle_tables(
+    role: Role,
+    table: dict[tuple[SessionState, SessionInput], SessionState],
+    allowed: dict[tuple[SessionState, SessionInput], SessionState],
+) -> None:
+    states = {s for s, _ in allowed} | set(allowed.values())
+    expected = dict(allowed)
+    expected.update({(s, LI.CLOSE): L.CLOSED for s in states})
+    assert table == expected
+    for state, inp in itertools.product(SessionState, SessionInput):
+        life = Lifecycle(role)
+        life.state = state
+        assert life.allows(inp) is ((state, inp) in expected)
+        assert life.advance(inp) is expected.get((state, inp))
+        assert life.state is expected.get((state, inp), state)
+
+
+def test_lifecycle_flags_follow_the_state() -> None:
+    life = Lifecycle(Role.SERVER)
+    seen = [(life.hello_received, life.authenticated, life.closed)]
+    for inp in (LI.SEND_CHALLENGE, LI.RECV_HELLO, LI.RECV_AUTH, LI.AUTH_OK, LI.CLOSE):
+        assert life.advance(inp) is not None
+        seen.append((life.hello_received, life.authenticated, life.closed))
+    assert seen == [
+        (False, False, False),
+        (False, False, False),  # CHALLENGE sent before the client's HELLO
+        (True, False, False),
+        (True, False, False),
+        (True, True, False),
+        (True, True, True),  # authenticated stays true once closed, for statistics
+    ]

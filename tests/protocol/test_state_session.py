@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from muxtunnel.errors import ErrorCode, ProtocolError, StreamStateError
+from muxtunnel.errors import ErrorCode, LocalProtocolError, ProtocolError
 from muxtunnel.protocol.constants import OpenFailReason
 from muxtunnel.protocol.events import StreamReset
 from muxtunnel.protocol.frames import (
@@ -98,7 +98,8 @@ SETUPS: dict[StreamState, Callable[[SessionPair], int]] = {
     S.CLOSED: _closed,
 }
 
-RECV_INPUTS = [i for i in StreamInput if i.name.startswith("RECV_")]
+#: RECV_GOAWAY is not a frame on the stream: GOAWAY refusals are tested in test_session_streams.
+RECV_INPUTS = [i for i in StreamInput if i.name.startswith("RECV_") and i is not I.RECV_GOAWAY]
 
 
 def _frame(pair: SessionPair, sid: int, inp: StreamInput) -> bytes:
@@ -137,7 +138,7 @@ def test_received_input_in_every_state(state: StreamState, inp: StreamInput) -> 
     sid = SETUPS[state](pair)
     raw = _frame(pair, sid, inp)
     if (state, inp) in TRANSITIONS:
-        pair.client.receive_data(raw)
+        pair.client.receive_data(raw, 0.0)
         assert not pair.client.closed
         expected = TRANSITIONS[state, inp]
         stream = pair.client._streams.get(sid)
@@ -147,14 +148,14 @@ def test_received_input_in_every_state(state: StreamState, inp: StreamInput) -> 
             assert stream is not None
             assert stream.state is expected
     elif state is S.REMOTE_DONE and inp in (I.RECV_DATA, I.RECV_FIN):
-        events = pair.client.receive_data(raw)
+        events = pair.client.receive_data(raw, 0.0)
         assert events == [
             StreamReset(stream_id=sid, error_code=ErrorCode.STREAM_STATE_ERROR, remote=False)
         ]
         assert not pair.client.closed
     else:
         with pytest.raises(ProtocolError):
-            pair.client.receive_data(raw)
+            pair.client.receive_data(raw, 0.0)
         assert pair.client.closed
 
 
@@ -180,6 +181,6 @@ def test_local_input_in_every_live_state(state: StreamState, inp: StreamInput) -
         expected = TRANSITIONS[state, inp]
         assert (stream.state if stream is not None else S.CLOSED) is expected
     else:
-        with pytest.raises(StreamStateError):
+        with pytest.raises(LocalProtocolError):
             call(pair, sid)
         assert not pair.client.closed

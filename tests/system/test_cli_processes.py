@@ -206,7 +206,13 @@ def test_wrong_fingerprint_exits_4_and_binds_nothing(
     assert relay.proc.returncode is None, relay.proc.describe()
     assert_nothing_bound(relay)
     # The client hung up before authenticating: an impostor never even sees an AUTH attempt.
-    time.sleep(0.3)
+    relay.proc.wait_for_line(
+        re.compile(r"handshake failed: connection ended before authentication"),
+        stream="stderr",
+        start=mark,
+        timeout=10,
+        what="the relay's line about the client hanging up",
+    )
     attempts = [
         line
         for line in relay.proc.stderr_lines[mark:]

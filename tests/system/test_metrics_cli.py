@@ -78,8 +78,11 @@ def test_scrape_relay_and_client_processes(procs: ProcessGroup, tmp_path: Path) 
 
     for port, role in ((relay_port, "relay"), (client_port, "client")):
         # The splices count their last bytes as the stream ends: wait for it to be closed.
+        def streams_closed(port: int = port) -> bool:
+            return sample(scrape(port), "muxtunnel_streams_open") == 0
+
         wait_until(
-            lambda port=port: sample(scrape(port), "muxtunnel_streams_open") == 0,
+            streams_closed,
             timeout=20,
             what=f"the {role}'s stream to close",
             details=procs.describe,
