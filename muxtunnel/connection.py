@@ -916,7 +916,6 @@ class MuxConnection:
         self.close_code: ErrorCode | None = None
         #: The peer's GOAWAY, once received.
         self.goaway: GoAwayReceived | None = None
-        self._protocol_error: ProtocolError | None = None
         self._last_receive = trio.current_time()
         self._last_ping = -math.inf
         self.bytes_received = 0
@@ -1445,7 +1444,6 @@ class MuxConnection:
             logger.warning(
                 "%s: protocol error from peer: %s (%s)", self.name, exc, exc.error_code.name
             )
-            self._protocol_error = exc
             self._begin_close(f"protocol error: {exc}", exc.error_code)
             return False
         handlers = self._handlers

@@ -163,6 +163,11 @@ class MuxTarget(Target):
                 fp,
                 "--state-dir",
                 str(cdir),
+                # The idle scenario's 10,000 visitors are 10,000 local connections of one tunnel.
+                "--max-streams-per-tunnel",
+                "20000",
+                "--max-streams",
+                "20000",
                 str(self.service_port),
             ],
             self.workdir,
