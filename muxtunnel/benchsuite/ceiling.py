@@ -215,21 +215,11 @@ async def relay(args: argparse.Namespace) -> None:
     print(f"tunnel {lst.getsockname()[1]} public {pub.getsockname()[1]}", flush=True)
     tsock, _ = await lst.accept()
     tsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    stream: trio.abc.Stream = trio.SocketStream(tsock)
-    raw: socket.socket | None = None
+    ctx: ssl.SSLContext | None = None
     if args.tls:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.cert, args.key)
-        if args.raw:
-            raw = await _raw_tls(ctx, tsock, server_side=True)
-        else:
-            tls_stream = _tls_stream(args, stream, ctx, server_side=True)
-            await tls_stream.do_handshake()
-            stream = tls_stream
-    elif args.raw:
-        raw = socket.socket(fileno=os.dup(tsock.fileno()))
-        raw.setblocking(False)
-    tun = _Tunnel(stream, raw)
+    tun = await _open_tunnel(args, tsock, ctx, server_side=True)
     sids = iter(range(1, 1 << 31))
 
     async def on_frame(sid: int, kind: int, payload: bytes) -> None:
@@ -247,6 +237,30 @@ async def relay(args: argparse.Namespace) -> None:
             nursery.start_soon(visitor, _plain(_detach(vs), args.raw), next(sids))
 
 
+async def _open_tunnel(
+    args: argparse.Namespace,
+    tsock: trio.socket.SocketType,
+    ctx: ssl.SSLContext | None,
+    *,
+    server_side: bool,
+) -> _Tunnel:
+    """The tunnel end over the connected ``tsock``: TLS when ``ctx`` is given, raw socket calls
+    with ``--raw``, else trio's streams."""
+    stream: trio.abc.Stream = trio.SocketStream(tsock)
+    raw: socket.socket | None = None
+    if ctx is not None:
+        if args.raw:
+            raw = await _raw_tls(ctx, tsock, server_side=server_side)
+        else:
+            tls_stream = _tls_stream(args, stream, ctx, server_side=server_side)
+            await tls_stream.do_handshake()
+            stream = tls_stream
+    elif args.raw:
+        raw = socket.socket(fileno=os.dup(tsock.fileno()))
+        raw.setblocking(False)
+    return _Tunnel(stream, raw)
+
+
 def _detach(s: trio.socket.SocketType) -> socket.socket:
     return socket.socket(fileno=s.detach())
 
@@ -256,22 +270,12 @@ async def client(args: argparse.Namespace) -> None:
     tsock = trio.socket.socket()
     await tsock.connect(("127.0.0.1", args.tunnel_port))
     tsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    stream: trio.abc.Stream = trio.SocketStream(tsock)
-    raw: socket.socket | None = None
+    ctx: ssl.SSLContext | None = None
     if args.tls:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        if args.raw:
-            raw = await _raw_tls(ctx, tsock, server_side=False)
-        else:
-            tls_stream = _tls_stream(args, stream, ctx, server_side=False)
-            await tls_stream.do_handshake()
-            stream = tls_stream
-    elif args.raw:
-        raw = socket.socket(fileno=os.dup(tsock.fileno()))
-        raw.setblocking(False)
-    tun = _Tunnel(stream, raw)
+    tun = await _open_tunnel(args, tsock, ctx, server_side=False)
 
     async def dial(sid: int) -> None:
         try:

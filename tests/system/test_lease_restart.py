@@ -48,6 +48,29 @@ def stored_ports(relay: Relay) -> set[int]:
     return {int(lease["port"]) for lease in doc.get("leases", [])}
 
 
+def _relay_for_tokens(
+    procs: ProcessGroup,
+    tmp_path: Path,
+    tokens: tuple[str, str],
+    state: Path,
+    *,
+    lease: int,
+    port_range: tuple[int, int] | None = None,
+    name: str = "relay",
+) -> Relay:
+    """A relay accepting both ``tokens`` on the state dir ``state`` with ``--lease`` seconds."""
+    a, b = tokens
+    return start_relay(
+        procs,
+        tmp_path,
+        token=a,
+        state_dir=state,
+        port_range=port_range,
+        extra_args=["--token", b, "--lease", str(lease)],
+        name=name,
+    )
+
+
 def _stop(relay: Relay, how: str) -> None:
     if how == "sigterm":
         assert relay.proc.terminate() == 0, relay.proc.describe()
@@ -62,14 +85,7 @@ def test_restart_keeps_a_tokens_port_for_that_token(
     a, b = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     state = tmp_path / "relay-state"
     with EchoServer() as echo:
-        relay = start_relay(
-            procs,
-            tmp_path,
-            token=a,
-            state_dir=state,
-            extra_args=["--token", b, "--lease", "600"],
-            name="relay1",
-        )
+        relay = _relay_for_tokens(procs, tmp_path, (a, b), state, lease=600, name="relay1")
         first = start_client(procs, tmp_path, relay, [str(echo.port)], name="a1")
         (fwd,) = first.forwards
         port = fwd.port
@@ -91,14 +107,8 @@ def test_restart_keeps_a_tokens_port_for_that_token(
         else:
             assert stored["expires"] is None  # still held: a full lease from the next start
 
-        relay = start_relay(
-            procs,
-            tmp_path,
-            token=a,
-            state_dir=state,
-            port_range=relay.port_range,
-            extra_args=["--token", b, "--lease", "600"],
-            name="relay2",
+        relay = _relay_for_tokens(
+            procs, tmp_path, (a, b), state, lease=600, port_range=relay.port_range, name="relay2"
         )
         relay.proc.wait_for_line(
             re.compile(r"restored 1 port leases from "), stream="stderr", timeout=5
@@ -146,28 +156,15 @@ def test_an_expired_lease_is_freed_for_another_token(procs: ProcessGroup, tmp_pa
     a, b = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     state = tmp_path / "relay-state"
     with EchoServer() as echo:
-        relay = start_relay(
-            procs,
-            tmp_path,
-            token=a,
-            state_dir=state,
-            extra_args=["--token", b, "--lease", "8"],
-            name="relay1",
-        )
+        relay = _relay_for_tokens(procs, tmp_path, (a, b), state, lease=8, name="relay1")
         first = start_client(procs, tmp_path, relay, [str(echo.port)], name="a1")
         (fwd,) = first.forwards
         port = fwd.port
         wait_until(lambda: port in stored_ports(relay), timeout=10, what=f"port {port} stored")
         relay.proc.kill()
         first.proc.kill()
-        relay = start_relay(
-            procs,
-            tmp_path,
-            token=a,
-            state_dir=state,
-            port_range=relay.port_range,
-            extra_args=["--token", b, "--lease", "8"],
-            name="relay2",
+        relay = _relay_for_tokens(
+            procs, tmp_path, (a, b), state, lease=8, port_range=relay.port_range, name="relay2"
         )
         # B is refused while the lease runs (8 s from the load) and retries in the background;
         # when the lease expires the port is freed and B's retry gets it.
