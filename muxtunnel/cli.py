@@ -361,6 +361,14 @@ def server(
             "(default: 60).",
         ),
     ] = None,
+    resume_window: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="Keep a session whose connection dropped this long for the client to resume "
+            "it; 0: never (default: the --lease time).",
+        ),
+    ] = None,
     drain_timeout: Annotated[
         float | None,
         typer.Option(
@@ -452,6 +460,7 @@ def server(
         "key": key,
         "keepalive-timeout": keepalive_timeout,
         "lease": lease,
+        "resume-window": resume_window,
         "drain-timeout": drain_timeout,
         "max-tunnels-per-client": max_tunnels_per_client,
         "handshake-timeout": handshake_timeout,
@@ -592,6 +601,14 @@ def client(
     ] = None,
     max_retries: MaxRetriesOpt = None,
     keepalive_timeout: KeepaliveTimeoutOpt = None,
+    resume_window: Annotated[
+        float | None,
+        typer.Option(
+            metavar="SECONDS",
+            help="After the connection to the relay drops, keep the session and its streams "
+            "this long while dialing again to resume it; 0: never (default: 60).",
+        ),
+    ] = None,
     connect_timeout: Annotated[
         float | None,
         typer.Option(metavar="SECONDS", help="Timeout dialing the local service (default: 10)."),
@@ -649,6 +666,7 @@ def client(
         "private": private,
         "max-retries": max_retries,
         "keepalive-timeout": keepalive_timeout,
+        "resume-window": resume_window,
         "connect-timeout": connect_timeout,
         "backoff-cap": backoff_cap,
         "max-streams-per-tunnel": max_streams_per_tunnel,

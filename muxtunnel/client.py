@@ -31,6 +31,15 @@ instead of waiting on the kernel's doubling SYN retransmissions (1, 3, 7, 15 s .
 client whose network comes back is connected again within about ``RELAY_DIAL_TIMEOUT -
 1 s + PATH_RETRY_CAP`` plus the handshake (the fault suite holds it to 5 s: tests/faults).
 
+Session resumption (protocol-spec.md §10.6): once a session with resumption on has its ticket,
+losing the TLS connection (a read or write error, EOF without CLOSE, the keepalive timeout) does
+not end it. The streams and their local sockets stay; the client is "resuming": it dials the relay
+again at once and then every :data:`PATH_RETRY_CAP` at most (the same identity checks), and
+authenticates afresh with the ticket (``MuxConnection.resume_over``). The session goes on where it
+stopped, no byte lost. If the relay no longer knows the session (it restarted, the window passed
+there, the offsets do not fit) or our resume window passes, the session ends as without
+resumption and a new one starts at once (its durable leases give the same ports back).
+
 A tunnel the relay refuses for a reason that can pass (:data:`RETRYABLE`: the port is held by
 another client, by a live session of the same token or by another program) is "pending": it
 is asked for again on the live session with backoff (:data:`RETRY_BASE` doubling to
@@ -44,6 +53,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import os
 import random
 import socket
@@ -56,12 +66,13 @@ import trio
 from muxtunnel import tls
 from muxtunnel.accesslog import log_splice, log_unopened
 from muxtunnel.admin import ADMIN_AUTO, resolve_admin, serve_admin
-from muxtunnel.config import ClientConfig, TunnelSpec, format_host_port
+from muxtunnel.config import MAX_RESUME_WINDOW, ClientConfig, TunnelSpec, format_host_port
 from muxtunnel.connection import (
     CLOSE_GRACE,
     MuxConnection,
     MuxSessionClosedError,
     MuxStream,
+    ResumeRefusedError,
     make_session,
     wrap_tls,
 )
@@ -76,7 +87,7 @@ from muxtunnel.errors import (
     SessionClosedError,
     TunnelError,
 )
-from muxtunnel.handshake import BindOutcome, client_handshake
+from muxtunnel.handshake import BindOutcome, client_credential, client_handshake
 from muxtunnel.logsafe import peer_text
 from muxtunnel.netopts import cap_retransmit_timeout
 from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamInfo, StreamPolicy
@@ -122,6 +133,9 @@ _NO_ANSWER = frozenset(
 )
 #: What ``_Client.run_session`` returns when its session ended because the relay fell silent.
 PEER_SILENT = "peer silent"
+#: What ``_Client.run_session`` returns when its session could not be resumed (the relay refused
+#: the ticket or the offsets, or the resume window passed): a new session starts at once.
+RESUME_ENDED = "resume ended"
 #: On shutdown, how long open streams may take to finish before the session is closed.
 DRAIN_TIMEOUT = 10.0
 #: A session that ends sooner than this after coming up counts towards the reconnect backoff.
@@ -433,6 +447,8 @@ class _Client:
             config.server_key, rtt=lambda: None if self.conn is None else self.conn.rtt
         )
         self.relay_stats.state = "connecting"
+        # Bytes the session holds for a replay after a resume (protocol-spec.md §10.6).
+        self.relay_stats.replay = lambda: 0 if self.conn is None else self.conn.replay_size
         # Background BINDs waiting for their RESULT, by req_id: _control_loop (the only reader
         # of control events once the session is up) hands each RESULT to its waiter.
         self.waiting: dict[int, tuple[trio.Event, list[ResultReceived]]] = {}
@@ -460,6 +476,13 @@ class _Client:
         self.splice_policy = policy
         if any(spec.proxy_protocol is not None for spec in self.specs.values()):
             self.splice_policy = _ProxyHeaderPolicy(policy, lambda tid: self.up.get(tid))
+        # Session resumption, per session: whether the session is being resumed now, why it
+        # could not be (it then ends), and an error that ends the client (token revoked, wrong
+        # relay identity) met while resuming.
+        self.resuming = False
+        self.resume_end: str | None = None
+        self.resume_fatal: Exception | None = None
+        self._resume_scope: trio.CancelScope | None = None
 
     async def connect(self) -> tuple[trio.SSLStream[trio.SocketStream] | TLSStream, str]:
         return await connect_relay(self.config, self.ssl_context, self.known_hosts, self.report)
@@ -475,7 +498,10 @@ class _Client:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream, fingerprint = await self.connect()
         session = make_session(
-            Role.CLIENT, idle_timeout=config.keepalive_timeout, open_rate=config.max_open_rate
+            Role.CLIENT,
+            idle_timeout=config.keepalive_timeout,
+            open_rate=config.max_open_rate,
+            settings_overrides=_resume_settings(config.resume_window),
         )
         conn = MuxConnection(
             stream,
@@ -491,6 +517,9 @@ class _Client:
         self.waiting = {}
         self.relay_stats.state = "connecting"
         self.relay_stats.retry_at = None
+        self.resuming = False
+        self.resume_end = None
+        self.resume_fatal = None
         authenticated = False
         body_error: Exception | None = None
         try:
@@ -588,6 +617,7 @@ class _Client:
                     self.notify.ready(self.status_line)
                     on_up(ClientInfo(fingerprint, tuple(bound)))
                     nursery.start_soon(self._control_loop, conn)
+                    nursery.start_soon(self._keep_session, conn, shutdown)
                     self.relay_stats.state = "up"
                     for tid in pending:
                         nursery.start_soon(self._retry_bind, conn, tid)
@@ -607,11 +637,14 @@ class _Client:
         finally:
             self.conn = None
             self.up = {}
+            self._resume_scope = None
             self._tunnels_down(f"disconnected: {_inert(conn.close_reason or 'closed')}")
             self._summarize_refusals(conn)
             self.status_line = f"reconnecting to relay {config.server_key}"
         if body_error is not None:
             raise body_error
+        if self.resume_fatal is not None:
+            raise self.resume_fatal
         if not authenticated:
             raise HandshakeError(
                 f"relay {config.server_key} ended the session: {conn.close_reason}"
@@ -623,10 +656,16 @@ class _Client:
             )
         if shutdown.is_set():
             logger.info("disconnected from relay %s", config.server_key)
-        else:
-            logger.warning(
-                "session with relay %s ended: %s", config.server_key, _inert(conn.close_reason)
-            )
+            return True
+        if self.resuming and self.resume_end is None:  # our resume window passed
+            self.resume_end = _inert(conn.close_reason or "the resume window passed")
+        logger.warning(
+            "session with relay %s ended: %s",
+            config.server_key,
+            self.resume_end or _inert(conn.close_reason),
+        )
+        if self.resume_end is not None:
+            return RESUME_ENDED
         # Our keepalive's verdict (nothing received for the idle timeout), not a relay's
         # CLOSE(TIMEOUT): a relay that ends sessions itself keeps the full backoff.
         idle = conn.idle_timeout
@@ -776,16 +815,119 @@ class _Client:
 
     async def _watch_shutdown(self, conn: MuxConnection, shutdown: trio.Event) -> None:
         await shutdown.wait()
-        if self.active_streams and conn.usable:
+        if self.active_streams and conn.usable and not conn.suspended:
             # GOAWAY: the relay sends no new visitors; open streams get DRAIN_TIMEOUT to finish.
             conn.go_away(ErrorCode.NO_ERROR, "client shutting down")
             logger.info(
                 "draining %d open streams for up to %.0f s", self.active_streams, DRAIN_TIMEOUT
             )
             with trio.move_on_after(DRAIN_TIMEOUT):
+                # A loss now ends the session (_keep_session: no resume after shutdown).
                 while self.active_streams:
                     await self._idle.wait()
+        # Not while resuming: there is no relay to drain to, and no new connection is wanted.
+        if self._resume_scope is not None:
+            self._resume_scope.cancel()
         conn.close(ErrorCode.NO_ERROR, "client shutting down")
+
+    async def _keep_session(self, conn: MuxConnection, shutdown: trio.Event) -> None:
+        """Resume the session each time its connection is lost (protocol-spec.md §10.6).
+
+        The connection suspends the session itself when its transport fails while it holds a
+        ticket, and ends it when the resume window passes; without resumption this task only
+        waits.
+        """
+        while not conn.closed:
+            await conn.wait_suspended()
+            if conn.closed or not conn.suspended:
+                await trio.lowlevel.checkpoint()
+                continue
+            if shutdown.is_set():
+                conn.close(ErrorCode.NO_ERROR, "client shutting down")
+                return
+            await self._resume(conn)
+
+    async def _resume(self, conn: MuxConnection) -> None:
+        """Dial the relay again and again (at once, then every PATH_RETRY_CAP at most) and resume
+        the suspended session over the first connection that works; give up on a refusal."""
+        key = self.config.server_key
+        lost_at = trio.current_time()
+        deadline = conn.resume_deadline
+        logger.warning(
+            "connection to relay %s lost; resuming the session (for up to %.0f s)",
+            key,
+            max(0.0, (deadline if deadline is not None else lost_at) - lost_at),
+        )
+        self.resuming = True
+        self.relay_stats.state = "resuming"
+        self.relay_stats.retry_at = None
+        up_line = self.status_line
+        self.status_line = f"resuming the session with relay {key}"
+        self.notify.status(self.status_line)
+        self.stats.count("suspensions")
+        attempts = 0
+        last_text: str | None = None
+        with trio.CancelScope() as scope:
+            self._resume_scope = scope
+            while conn.suspended and not conn.closed:
+                attempts += 1
+                started = trio.current_time()
+                try:
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        # The same identity checks as a new session; the connection owns the
+                        # stream from resume_over() on (it aborts it on failure).
+                        stream, _fingerprint = await self.connect()
+                        await conn.resume_over(
+                            stream, partial(client_credential, self.config.token)
+                        )
+                except ResumeRefusedError as exc:
+                    # The relay answered: the session is gone there (restart, window, offsets).
+                    self.resume_end = _describe(exc)
+                    self.stats.count("resume_refusals")
+                    return
+                except (AuthError, IdentityMismatchError) as exc:
+                    # The token was revoked, or this is not our relay any more: never retried.
+                    self.resume_fatal = (
+                        AuthError(f"relay {key} revoked the token: {_describe(exc)}")
+                        if isinstance(exc, AuthError)
+                        else exc
+                    )
+                    conn.close(ErrorCode.NO_ERROR, "cannot resume: " + _describe(exc))
+                    return
+                except (
+                    OSError,
+                    trio.BrokenResourceError,
+                    trio.TooSlowError,
+                    MuxtunnelError,
+                ) as exc:
+                    text = _describe(exc)
+                    logger.log(
+                        logging.INFO if text != last_text else logging.DEBUG,
+                        "resuming the session with relay %s: attempt %d failed: %s",
+                        key,
+                        attempts,
+                        text,
+                    )
+                    last_text = text
+                else:
+                    took = trio.current_time() - lost_at
+                    self.resuming = False
+                    self.stats.count("resumes")
+                    self.relay_stats.resumes += 1
+                    continuing = conn.statistics().get("adapter_streams", 0)
+                    logger.info(
+                        "session with relay %s resumed after %.1f s: %d streams continued",
+                        key,
+                        took,
+                        continuing,
+                    )
+                    self.relay_stats.state = "up"
+                    self.status_line = up_line
+                    self.notify.status(self.status_line)
+                    return
+                # At once, then every PATH_RETRY_CAP at most (jittered) from the previous start:
+                # like a lost path (PEER_SILENT), an attempt costs the relay little.
+                await trio.sleep_until(started + PATH_RETRY_CAP * random.uniform(0.5, 1.0))
 
     async def _control_loop(self, conn: MuxConnection) -> None:
         """Log what the relay announces; anything unexpected (a RESULT nobody asked for, a
@@ -985,6 +1127,13 @@ class _Client:
             )
 
 
+def _resume_settings(window: float) -> dict[str, int] | None:
+    """The HELLO settings declaring our resume window (whole seconds; 0: resumption off)."""
+    if window <= 0:
+        return None
+    return {"resume_window": min(MAX_RESUME_WINDOW, max(1, math.ceil(window)))}
+
+
 def _os_error_text(exc: OSError) -> str:
     """``Connection refused``: the system's text for the error, without the address trio adds
     (``Error connecting to ('127.0.0.1', 22): ...``); the target is named by the caller."""
@@ -1095,7 +1244,9 @@ async def reconnect(
     ``task_status.started``. Failed attempts back off exponentially with jitter (capped at
     ``backoff_cap``); so do sessions that end within ``STABLE_SESSION`` of coming up. After an
     attempt nothing answered (:func:`_no_answer`) or a session that returned
-    :data:`PEER_SILENT`, the wait is capped at :data:`PATH_RETRY_CAP` instead.
+    :data:`PEER_SILENT`, the wait is capped at :data:`PATH_RETRY_CAP` instead. After a session
+    that returned :data:`RESUME_ENDED` (it was lost and could not be resumed: the relay answered,
+    or the resume attempts already waited out the window), the next one starts at once.
 
     Raises:
         AuthError, IdentityMismatchError, ConfigError, TunnelError: From a session (never
@@ -1127,8 +1278,11 @@ async def reconnect(
         error: BaseException | None = None
         up_at.clear()
         path_lost = False
+        fresh = False
         try:
-            path_lost = await run_session(shutdown, on_up) == PEER_SILENT
+            result = await run_session(shutdown, on_up)
+            path_lost = result == PEER_SILENT
+            fresh = result == RESUME_ENDED
         except (AuthError, IdentityMismatchError, ConfigError, TunnelError):
             raise
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, MuxtunnelError) as exc:
@@ -1163,6 +1317,9 @@ async def reconnect(
                 + ("s" if failures != 1 else "")
                 + (f": {_describe(error)}" if error is not None else "")
             )
+        if fresh:
+            logger.info("starting a new session with relay %s", server_key)
+            continue
         delay = min(backoff_cap, BACKOFF_BASE * 2 ** (max(failures, flaps) - 1))
         if path_lost:  # nothing reached the relay: no load to spare it, try again soon
             delay = min(delay, PATH_RETRY_CAP)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from muxtunnel.access import AddressRule, TokenEntry, parse_cidrs
 from muxtunnel.errors import ConfigError
+from muxtunnel.protocol.constants import MAX_RESUME_WINDOW
 from muxtunnel.tls import normalize_fingerprint
 from muxtunnel.tokens import plaintext_entry, read_token_file
 from muxtunnel.tokenstore import is_named_token_file, load_token_file
@@ -33,10 +34,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PORT",
+    "MAX_RESUME_WINDOW",
     "ClientConfig",
     "ServerConfig",
     "TunnelSpec",
     "VisitConfig",
+    "as_resume_window",
     "as_tunnel_name",
     "build_client_config",
     "build_server_config",
@@ -259,6 +262,10 @@ class ServerConfig:
     key_file: Path | None = None
     keepalive_timeout: float = 30.0
     lease_seconds: float = 60.0
+    #: Seconds a session whose connection dropped is kept for the client to resume it
+    #: (protocol-spec.md §10.6); 0: never; None: the lease time (``lease_seconds``), at most
+    #: :data:`MAX_RESUME_WINDOW`. See :meth:`resume_seconds`.
+    resume_window: float | None = None
     drain_timeout: float = 10.0
     max_tunnels_per_client: int = 64
     handshake_timeout: float = 10.0
@@ -288,6 +295,12 @@ class ServerConfig:
     admin: str | None = None
     #: Prometheus endpoint (:mod:`muxtunnel.metrics`): ``(host, port)``; None: off.
     metrics: tuple[str, int] | None = None
+
+    def resume_seconds(self) -> float:
+        """The resume window the relay declares: ``resume_window``, or the lease time (capped)."""
+        if self.resume_window is None:
+            return min(self.lease_seconds, float(MAX_RESUME_WINDOW))
+        return self.resume_window
 
     def accepted_tokens(self) -> tuple[TokenEntry, ...]:
         """Every token the relay accepts: ``tokens`` as unnamed entries, then ``token_entries``.
@@ -367,6 +380,10 @@ class ClientConfig:
     state_dir: Path
     tunnels: tuple[TunnelSpec, ...]
     keepalive_timeout: float = 30.0
+    #: Seconds a session whose connection dropped is kept while the client dials again to
+    #: resume it (protocol-spec.md §10.6; the relay's window counts too: the smaller one
+    #: applies); 0: never resume.
+    resume_window: float = 60.0
     #: Reconnect attempts after a failure; None retries until stopped.
     max_retries: int | None = None
     #: Timeout for dialing the local target of a stream.
@@ -411,6 +428,7 @@ _SERVER_KEYS = frozenset(
         "key",
         "keepalive-timeout",
         "lease",
+        "resume-window",
         "drain-timeout",
         "max-tunnels-per-client",
         "handshake-timeout",
@@ -439,6 +457,7 @@ _CLIENT_KEYS = frozenset(
         "state-dir",
         "tunnel",
         "keepalive-timeout",
+        "resume-window",
         "max-retries",
         "connect-timeout",
         "backoff-cap",
@@ -602,6 +621,18 @@ def _as_seconds(value: object, what: str) -> float:
     return seconds
 
 
+def as_resume_window(value: object, what: str) -> float:
+    """``resume-window``: seconds from 0 (never resume) to :data:`MAX_RESUME_WINDOW`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{what}: expected a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_RESUME_WINDOW:
+        raise ConfigError(
+            f"{what}: expected 0 (off) to {MAX_RESUME_WINDOW} seconds, got {value!r}"
+        )
+    return seconds
+
+
 def _as_count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{what}: expected an integer, got {value!r}")
@@ -746,6 +777,7 @@ def build_server_config(
         key_file=key,
         keepalive_timeout=_get(src, "keepalive-timeout", 30.0, _as_seconds),
         lease_seconds=_get(src, "lease", 60.0, _as_seconds),
+        resume_window=_get(src, "resume-window", None, as_resume_window),
         drain_timeout=_get(src, "drain-timeout", 10.0, _as_seconds),
         max_tunnels_per_client=_get(src, "max-tunnels-per-client", 64, _as_positive),
         handshake_timeout=_get(src, "handshake-timeout", 10.0, _as_seconds),
@@ -1040,6 +1072,7 @@ def build_client_config(
         state_dir=_get(src, "state-dir", None, _as_path) or default_state_dir(),
         tunnels=tunnels,
         keepalive_timeout=_get(src, "keepalive-timeout", 30.0, _as_seconds),
+        resume_window=_get(src, "resume-window", 60.0, as_resume_window),
         max_retries=max_retries,
         connect_timeout=_get(src, "connect-timeout", 10.0, _as_seconds),
         backoff_cap=_get(src, "backoff-cap", 30.0, _as_seconds),

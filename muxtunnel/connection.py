@@ -70,6 +70,23 @@ long.
 stream; otherwise it sends FIN, and data that arrives later resets the stream (the peer's
 ``send_all`` then fails, like EPIPE).
 
+**Resumption** (protocol-spec §10.6). :meth:`MuxConnection.run` runs until the *session*
+ends; the reader, writer, keepalive, RTT sampler and timer are the tasks of one transport and
+run in a nursery of their own. While the session is :attr:`~MuxConnection.resumable`
+(resumption negotiated and a ticket issued or received), a lost transport (read or write error,
+EOF without CLOSE, keepalive silence) does not end it: the transport's tasks are cancelled, the
+transport is aborted and the session is *suspended* (``Session.suspend``). Streams stay, local
+calls keep queueing, and keepalive, open timeout and stall checks do not run. The next
+transport arrives through :meth:`~MuxConnection.attach` (relay) or
+:meth:`~MuxConnection.resume_over` (client); when the resume window passes first, the session
+ends as it would have without resumption, with the reason ``resume window of N s passed``.
+The relay's handshake connection of a resume gives its transport away with
+:meth:`~MuxConnection.release_transport`: its session pauses its input after the AUTH that
+followed a RESUME, so the reader is never inside a TLS receive at that point (a cancelled
+receive is safe with :class:`~muxtunnel.tlsstream.TLSStream`, but ``trio.SSLStream`` breaks when
+the cancel lands in a write that a read needed), and the writer stops by itself after the write
+under way. A task of an earlier transport stops as soon as it sees the transport change.
+
 When the connection ends (CLOSE sent or received, EOF, transport error, idle timeout) every
 stream that is not finished fails with :class:`MuxSessionClosedError` and both channels close.
 Why a stream failed is :attr:`MuxStream.failure`, a :class:`StreamFailure` (kind, error code,
@@ -91,27 +108,39 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from muxtunnel.errors import (
+    AuthError,
     ErrorCode,
+    HandshakeError,
+    LocalProtocolError,
+    MuxtunnelError,
     ProtocolError,
     SessionClosedError,
     StreamResetError,
 )
+from muxtunnel.logsafe import peer_text
 from muxtunnel.policy import StreamInfo
-from muxtunnel.protocol.constants import OpenFailReason, Role, TunnelProto
+from muxtunnel.protocol.constants import OpenFailReason, ResultStatus, Role, TunnelProto
 from muxtunnel.protocol.events import (
+    AuthRequested,
+    ChallengeReceived,
     ConnectionClosed,
     DataReceived,
     Event,
     GoAwayReceived,
     HelloReceived,
     PongReceived,
+    ResultReceived,
+    ResumeRefused,
+    SessionResumed,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
     StreamRejected,
     StreamReset,
+    TicketReceived,
     WindowUpdated,
 )
+from muxtunnel.protocol.replay import ResumeOffsetError
 from muxtunnel.protocol.session import Session, SessionConfig
 from muxtunnel.tlsstream import TLSStream
 
@@ -120,7 +149,6 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from types import TracebackType
 
-    from muxtunnel.protocol.constants import ResultStatus
     from muxtunnel.protocol.frames import Address, BindOptions, Settings
 
 __all__ = [
@@ -141,6 +169,7 @@ __all__ = [
     "MuxStream",
     "MuxStreamResetError",
     "OpenRejectedError",
+    "ResumeRefusedError",
     "StreamFailure",
     "make_session",
     "open_mux_connection",
@@ -219,6 +248,10 @@ RTT_SAMPLE_INTERVAL: Final = 1.0
 DEFAULT_OPEN_TIMEOUT: Final = 30.0
 #: How long a closing connection may take to flush its CLOSE and TLS close_notify.
 CLOSE_GRACE: Final = 2.0
+#: Request ids of the RESUME and the AUTH of a resume handshake: far above the client's
+#: BIND counter, so they never collide with a request of the session being resumed.
+RESUME_REQ_ID: Final = 0xFFFF_FFFF
+RESUME_AUTH_REQ_ID: Final = 0xFFFF_FFFE
 
 
 class MuxStreamResetError(StreamResetError, trio.BrokenResourceError):
@@ -238,6 +271,20 @@ class OpenRejectedError(MuxStreamResetError):
 
 class MuxSessionClosedError(SessionClosedError, trio.BrokenResourceError):
     """Stream I/O after the session ended (CLOSE, EOF, transport error or idle timeout)."""
+
+
+class ResumeRefusedError(MuxtunnelError):
+    """The relay refused to resume the session (RESULT TICKET_UNKNOWN or RESUME_FAILED).
+
+    The session is ended (CLOSE NO_ERROR on the new connection); start a fresh one.
+    """
+
+    def __init__(self, message: str, status: int, detail: str = "") -> None:
+        super().__init__(message)
+        #: The RESULT status (a ``ResultStatus`` value).
+        self.status = status
+        #: The relay's message as sent (peer text: log it via ``logsafe.peer_text``).
+        self.detail = detail
 
 
 class FailureKind(enum.Enum):
@@ -850,7 +897,10 @@ class MuxStream(trio.abc.HalfCloseableStream):
 
 
 class MuxConnection:
-    """One session on one transport: reader, writer and keepalive tasks (see module docs).
+    """One session: reader, writer and keepalive tasks on its transport (see module docs).
+
+    With resumption on, the session outlives its transport (suspend, :meth:`attach`,
+    :meth:`resume_over`; module docs, "Resumption").
 
     Args:
         transport: The byte stream the session runs over (normally a ``trio.SSLStream``).
@@ -892,6 +942,7 @@ class MuxConnection:
         self.stall_resets = 0
         #: Bytes asked of the transport per read.
         self.receive_size = receive_size or _receive_size_for(transport)
+        self._fixed_receive_size = receive_size is not None
         self._session = session
         self.name = name
         self.token_id = token_id
@@ -910,6 +961,48 @@ class MuxConnection:
         self._closing = trio.Event()  # teardown started
         self._closed = trio.Event()  # run() finished
         self._dead: str | None = None  # transport unusable: do not write
+        # -- session resumption (protocol-spec §10.6); see "Resumption" in the module docs --
+        #: Why the current transport was let go while the session goes on (lost, replaced,
+        #: handed over), else None.
+        self._lost: str | None = None
+        #: Counts transports: a task of an earlier transport stops when it sees it changed.
+        self._generation = 0
+        #: The cancel scope and nursery of the current transport's tasks.
+        self._transport_scope: trio.CancelScope | None = None
+        self._transport_nursery: trio.Nursery | None = None
+        self._writer_done = trio.Event()
+        #: Set when a new transport is handed to the suspended session (attach, resume_over).
+        self._transport_ready = trio.Event()
+        #: attach(): (transport, req_id, peer_received) to resume on; resume_over(): transport.
+        self._pending_attach: tuple[trio.abc.Stream, int, int] | None = None
+        self._pending_resume: trio.abc.Stream | None = None
+        #: TICKETs sent between attach() and the RESUMED it queues (sent right after it).
+        self._deferred_tickets: list[tuple[bytes, int]] = []
+        self._released = False  # release_transport(): the transport belongs to someone else
+        self._input_held = False  # the session paused its input: the reader waits
+        self._reader_waiter: trio.Event | None = None
+        self._resuming = False  # client: resume handshake under way on a new transport
+        #: resume_over() waits on this for the handshake's events (instead of the control channel).
+        self._resume_events: trio.MemorySendChannel[Event | None] | None = None
+        self._control_out: trio.MemorySendChannel[Event] | trio.MemorySendChannel[Event | None]
+        self._control_out = self._control_send
+        self._suspended_event = trio.Event()
+        self._suspended = False  # from a transport loss until resumed (or the end)
+        self._suspended_at = 0.0
+        self._window_scope = trio.CancelScope()
+        #: Transports handed over but never used (aborted when run() ends).
+        self._orphans: list[trio.abc.Stream] = []
+        self._goaway_sent = False
+        #: The newest ticket: relay, the one we issued; client, the one we received.
+        self.ticket: bytes | None = None
+        #: Times the session lost its transport and was kept, and times it was resumed.
+        self.suspensions = 0
+        self.resumes = 0
+        #: ``trio.current_time()`` when the resume window of the current suspension ends.
+        self.resume_deadline: float | None = None
+        #: Called (no arguments) when the session is suspended and when it is resumed.
+        self.on_suspend: Callable[[], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
         #: Why the connection ended (set once it ends).
         self.close_reason: str | None = None
         #: The error code of the CLOSE we sent or received, if any.
@@ -941,6 +1034,10 @@ class MuxConnection:
             PongReceived: self._on_pong,  # type: ignore[dict-item]
             GoAwayReceived: self._on_goaway,  # type: ignore[dict-item]
             ConnectionClosed: self._on_connection_closed,  # type: ignore[dict-item]
+            AuthRequested: self._on_auth_requested,  # type: ignore[dict-item]
+            TicketReceived: self._on_ticket,  # type: ignore[dict-item]
+            SessionResumed: self._on_session_resumed,  # type: ignore[dict-item]
+            ResumeRefused: self._on_resume_refused,  # type: ignore[dict-item]
         }
 
     # -- public API ----------------------------------------------------------------------
@@ -984,6 +1081,241 @@ class MuxConnection:
     def last_receive(self) -> float:
         """``trio.current_time()`` when bytes last arrived."""
         return self._last_receive
+
+    # -- session resumption (protocol-spec §10.6) ------------------------------------------
+
+    @property
+    def resume_window(self) -> float:
+        """Seconds a lost session is kept for resumption (0.0: resumption is off)."""
+        return float(self._session.resume_window)
+
+    @property
+    def resumable(self) -> bool:
+        """True if a lost transport suspends the session instead of ending it.
+
+        Resumption is on for the session and a ticket exists (relay: issued with
+        :meth:`send_ticket`; client: received).
+        """
+        return self.ticket is not None and self._session.resume_enabled
+
+    @property
+    def suspended(self) -> bool:
+        """True from a transport loss (resumption on) until the session is resumed or ends."""
+        return self._suspended and not self._closing.is_set()
+
+    async def wait_suspended(self) -> None:
+        """Wait until the session is suspended or the connection has ended (at once if so)."""
+        while not self._suspended and not self._closing.is_set():
+            await self._suspended_event.wait()
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def sent_offset(self) -> int:
+        """Bytes of our session byte stream written so far (protocol-spec §10.6)."""
+        return int(self._session.sent_offset)
+
+    @property
+    def received_offset(self) -> int:
+        """Bytes of the peer's session byte stream received in complete frames."""
+        return int(self._session.received_offset)
+
+    @property
+    def replay_size(self) -> int:
+        """Bytes held in the replay log (sent, not yet acknowledged by the peer)."""
+        return int(self._session.replay_size)
+
+    def can_resume(self, peer_received: int) -> bool:
+        """Relay: True if the log can continue the session from the client's ``peer_received``."""
+        return bool(self._session.can_resume(peer_received))
+
+    def send_ticket(self, ticket: bytes, lifetime: int) -> None:
+        """Relay: send TICKET (new session: right after RESULT(OK); after :meth:`attach`).
+
+        A ticket sent right after :meth:`attach` goes out after RESUMED and the replay.
+        """
+        self.ticket = ticket
+        if self._pending_attach is not None:
+            self._deferred_tickets.append((ticket, lifetime))
+            return
+        self._session.send_ticket(ticket, lifetime)
+        self._queued()
+
+    def attach(self, transport: trio.abc.Stream, *, req_id: int, peer_received: int) -> None:
+        """Relay: continue the session on ``transport`` (a resumed client's new connection).
+
+        Queues RESUMED(``req_id``) and the replay from the client's ``peer_received``. A
+        transport still attached is let go first: its tasks are cancelled and it is aborted
+        (no frame is written on it). From here the connection owns ``transport`` (if this
+        raises, it stays the caller's).
+
+        Raises:
+            ResumeOffsetError: ``peer_received`` is outside what the log holds; the session
+                is ended (the caller answers RESULT RESUME_FAILED).
+            MuxSessionClosedError: The session has ended.
+            RuntimeError: Resumption is not on for this session.
+        """
+        if self._closing.is_set() or self._released:
+            raise self.ended_error()
+        if not self.resumable:
+            raise RuntimeError(f"{self.name}: this session cannot be resumed")
+        if not self.can_resume(peer_received):
+            reason = (
+                f"resume failed: the client has received {peer_received} bytes, outside "
+                f"what the replay log holds (up to {self.sent_offset})"
+            )
+            if self._lost is None:
+                self._lose_transport(reason)
+            self._begin_close(reason, ErrorCode.PROTOCOL_ERROR)
+            raise ResumeOffsetError(reason)
+        if self._pending_attach is not None:
+            # A newer connection wins; the older one is aborted with the suspension.
+            self._orphans.append(self._pending_attach[0])
+        self._pending_attach = (transport, req_id, peer_received)
+        if self._lost is None:
+            self._lose_transport("replaced by a resumed connection")
+        self._transport_ready.set()
+
+    async def release_transport(self) -> trio.abc.Stream:
+        """Relay: stop this connection's tasks and hand its transport over, unclosed.
+
+        For the handshake connection of a resume: the session paused its input after the
+        AUTH that followed a RESUME (the reader waits; a TLS receive is never cancelled).
+        Frames already queued (the RESULT for the AUTH) are written first. The connection then
+        ends (:meth:`run` returns) without writing or closing anything.
+
+        Raises:
+            RuntimeError: The session's input is not paused.
+            trio.BrokenResourceError: Writing the queued frames failed.
+        """
+        if self._lost is not None or self._closing.is_set():
+            raise self.ended_error()
+        if not self._input_held:
+            raise RuntimeError(f"{self.name}: release_transport() needs the input paused")
+        transport = self.transport
+        self._released = True
+        self.close_reason = "transport handed over to a resumed session"
+        # Not _lose_transport(): a cancelled send would break the TLS stream. The writer
+        # finishes what it is writing and stops by itself; then the other tasks are cancelled
+        # (the reader waits on an event, not in a receive).
+        self._lost = self._dead = self.close_reason
+        self._generation += 1
+        self._fast_transport = None
+        self._wake_writer()
+        try:
+            await self._writer_done.wait()
+            out = self._session.data_to_send(1 << 30)
+            if out or (isinstance(transport, TLSStream) and transport.backlog):
+                await transport.send_all(out)
+                self.bytes_sent += len(out)
+            await self._closed.wait()
+        except BaseException:
+            # Cancelled or the write failed: nobody takes the transport; abort it.
+            self._transport_scope_cancel()
+            await trio.aclose_forcefully(transport)
+            raise
+        return transport
+
+    async def resume_over(
+        self,
+        transport: trio.abc.Stream,
+        authenticate: Callable[[bytes, int], tuple[int, bytes]],
+    ) -> None:
+        """Client: resume the suspended session over ``transport`` (new, connected, TLS).
+
+        Runs the resume handshake (protocol-spec §10.6.4): MAGIC + HELLO, then on CHALLENGE
+        RESUME + AUTH (``authenticate(server_nonce, minor)`` returns the AUTH method and
+        credential), then waits for RESUMED; the replay follows. A transport still attached is
+        let go first. The connection owns ``transport`` from the call on (aborted on failure).
+        Bound the wait with the caller's own cancel scope.
+
+        Raises:
+            ResumeRefusedError: The relay refused (ticket unknown, offsets): the session ended.
+            AuthError: The relay refused the token: the session ended.
+            HandshakeError: The new connection failed or ended: still suspended.
+            MuxSessionClosedError: The session ended (window passed, closed locally).
+            RuntimeError: Resumption is not on for this session, or a resume is under way.
+        """
+        if self._session.role != Role.CLIENT:
+            raise RuntimeError("resume_over() is for the client")
+        try:
+            if self._closing.is_set():
+                raise self.ended_error()
+            if not self.resumable:
+                raise RuntimeError(f"{self.name}: this session cannot be resumed")
+            if self._resume_events is not None:
+                raise RuntimeError(f"{self.name}: a resume is already under way")
+            if self._lost is None and not self._suspended:
+                self._lose_transport("replaced by a new connection")
+            await self.wait_suspended()
+            if self._closing.is_set():
+                raise self.ended_error()
+        except BaseException:
+            await trio.aclose_forcefully(transport)
+            raise
+        send, receive = trio.open_memory_channel[Event | None](math.inf)
+        self._resume_events = send
+        self._control_out = send
+        self._pending_resume = transport
+        self._transport_ready.set()
+        done = False
+        try:
+            await self._resume_handshake(receive, authenticate)
+            done = True
+        finally:
+            self._control_out = self._control_send
+            self._resume_events = None
+            if not done:
+                if self._pending_resume is transport:
+                    self._pending_resume = None  # the connection never took it
+                    await trio.aclose_forcefully(transport)
+                elif self._resuming and self._lost is None and not self._closing.is_set():
+                    self._lose_transport("resume handshake abandoned")
+
+    async def _resume_handshake(
+        self,
+        events: trio.MemoryReceiveChannel[Event | None],
+        authenticate: Callable[[bytes, int], tuple[int, bytes]],
+    ) -> None:
+        """resume_over(): answer CHALLENGE with RESUME + AUTH, then wait for RESUMED."""
+        challenged = False
+        while True:
+            event = await events.receive()
+            if event is None:
+                if self._closing.is_set():
+                    raise self.ended_error()
+                raise HandshakeError(f"resume failed: {self._lost or 'connection lost'}")
+            if isinstance(event, ChallengeReceived) and not challenged:
+                challenged = True
+                method, credential = authenticate(event.nonce, self.minor)
+                assert self.ticket is not None
+                self._session.send_resume(RESUME_REQ_ID, self.ticket)
+                self._session.send_auth(RESUME_AUTH_REQ_ID, method, credential)
+                self._queued()
+            elif isinstance(event, SessionResumed):
+                return
+            elif isinstance(event, ResumeRefused):
+                raise ResumeRefusedError(
+                    f"relay refused to resume the session ({_status_name(event.status)}: "
+                    f"{peer_text(event.message)})",
+                    int(event.status),
+                    event.message,
+                )
+            elif isinstance(event, ResultReceived) and event.req_id == RESUME_AUTH_REQ_ID:
+                if event.status != ResultStatus.OK:
+                    raise AuthError(
+                        "authentication failed: the relay refused the token "
+                        f"({peer_text(event.message) or _status_name(event.status)})"
+                    )
+            elif isinstance(event, ConnectionClosed):
+                if event.error_code == ErrorCode.AUTH_FAILED:
+                    raise AuthError(
+                        f"authentication failed: the relay refused the token "
+                        f"({peer_text(event.message)})"
+                    )
+                raise HandshakeError(
+                    f"relay closed the connection during the resume ({event.error_code.name}: "
+                    f"{peer_text(event.message)})"
+                )
 
     # -- control frames: each queues its frame and wakes the writer ----------------------
 
@@ -1031,9 +1363,13 @@ class MuxConnection:
         """
         self._session.send_result(req_id, status, message, bound)
         self._queued()
+        if self._input_held:
+            self._release_input()
 
     def process_held(self) -> None:
         """Process frames the server session held behind the AUTH (after ``send_result``)."""
+        if self._input_held:
+            self._release_input()
         if not self.closed:
             self._feed(b"", trio.current_time())
         self._queued()
@@ -1133,12 +1469,16 @@ class MuxConnection:
     def go_away(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
         """Queue GOAWAY: we open no new streams (the peer may finish its own)."""
         if self.usable:
+            self._goaway_sent = True
             self._session.go_away(code, message)
             self._wake_writer()
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
-        """Queue CLOSE and end the connection once it is flushed (bounded by CLOSE_GRACE)."""
-        if not self._session.closed:
+        """Queue CLOSE and end the connection once it is flushed (bounded by CLOSE_GRACE).
+
+        A suspended session (or one in its resume handshake) ends at once: no frame is sent.
+        """
+        if not self._session.closed and not self._suspended:
             self._session.close(code, message)
         self._begin_close(f"closed locally: {code.name}{': ' + message if message else ''}", code)
 
@@ -1175,7 +1515,9 @@ class MuxConnection:
             adapter_blocked_senders=len(self._blocked),
             open_timeouts=self.open_timeouts,
             pings_sent=self.pings_sent,
+            resumes=self.resumes,
             stall_resets=self.stall_resets,
+            suspensions=self.suspensions,
             transport_bytes_received=self.bytes_received,
             transport_bytes_sent=self.bytes_sent,
         )
@@ -1184,30 +1526,222 @@ class MuxConnection:
     async def run(
         self, *, task_status: trio.TaskStatus[MuxConnection] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run the reader, writer and keepalive tasks until the connection ends.
+        """Run the connection's tasks until the session ends.
 
-        Returns normally whatever ended the connection (see :attr:`close_reason`); every stream
-        that is not finished fails with :class:`MuxSessionClosedError`.
+        The reader, writer, keepalive, RTT sampler and timer run per transport. With
+        resumption on (:attr:`resumable`) a lost transport suspends the session and they start
+        again on the transport that :meth:`attach` or :meth:`resume_over` hands over, unless the
+        resume window passes first. Returns normally whatever ended the connection (see
+        :attr:`close_reason`); every stream that is not finished fails with
+        :class:`MuxSessionClosedError`.
         """
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._reader_loop)
-                nursery.start_soon(self._keepalive_loop)
-                nursery.start_soon(self._rtt_sampler)
-                if self.open_timeout is not None or self.stall_timeout is not None:
-                    nursery.start_soon(self._timer_loop)
-                nursery.start_soon(self._close_watchdog, nursery.cancel_scope)
-                task_status.started(self)
-                await self._writer_loop()
-                if self._dead is None:
-                    # CLOSE is flushed: send TLS close_notify and close the socket.
-                    with trio.move_on_after(CLOSE_GRACE):
-                        await self.transport.aclose()
-                nursery.cancel_scope.cancel()
+            await self._run_transport(task_status)
+            while not self._released and not self._closing.is_set():
+                if self._lost is None:
+                    if not self._resuming:
+                        break  # defensive: the tasks ended with neither loss nor close
+                    self._lost = "resume handshake did not finish within the resume window"
+                await trio.aclose_forcefully(self.transport)
+                if not await self._suspended_phase():
+                    break
+                await self._run_transport(None)
         finally:
             self._finish()
-            await trio.aclose_forcefully(self.transport)
+            if not self._released:
+                await trio.aclose_forcefully(self.transport)
+            if self._pending_attach is not None:
+                self._orphans.append(self._pending_attach[0])
+                self._pending_attach = None
+            for orphan in self._orphans:
+                await trio.aclose_forcefully(orphan)
             self._closed.set()
+
+    async def _run_transport(self, task_status: trio.TaskStatus[MuxConnection] | None) -> None:
+        """Run the current transport's tasks until it is closed, fails or is let go."""
+        transport = self.transport
+        self._writer_done = trio.Event()
+        window = trio.CancelScope()
+        if self._resuming and self.resume_deadline is not None:
+            window.deadline = self.resume_deadline  # the handshake must end within the window
+        self._window_scope = window
+        try:
+            with window:
+                async with trio.open_nursery() as nursery:
+                    self._transport_scope = nursery.cancel_scope
+                    self._transport_nursery = nursery
+                    nursery.start_soon(self._reader_loop)
+                    if not self._resuming:
+                        self._start_timers(nursery)
+                    nursery.start_soon(self._close_watchdog, nursery.cancel_scope)
+                    if task_status is not None:
+                        task_status.started(self)
+                    try:
+                        await self._writer_loop()
+                    finally:
+                        self._writer_done.set()
+                    if self._dead is None:
+                        # CLOSE is flushed: send TLS close_notify and close the socket.
+                        with trio.move_on_after(CLOSE_GRACE):
+                            await transport.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._transport_scope = self._transport_nursery = None
+
+    def _start_timers(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._keepalive_loop)
+        nursery.start_soon(self._rtt_sampler)
+        if self.open_timeout is not None or self.stall_timeout is not None:
+            nursery.start_soon(self._timer_loop)
+
+    async def _suspended_phase(self) -> bool:
+        """The transport is gone and the session kept: wait for the next one.
+
+        Returns True once a new transport is installed (attach: resumed; resume_over: the
+        handshake runs on it), False if the session ended (window passed, closed, refused).
+        """
+        try:
+            if not self._suspended:
+                self._enter_suspension()
+            elif self._resuming:
+                # The new connection failed during the resume handshake: suspended again.
+                self._resuming = False
+                self._session.suspend()
+        except LocalProtocolError as exc:
+            self._begin_close(f"{self._lost} (cannot suspend: {exc})", self.close_code)
+            return False
+        deadline = self.resume_deadline if self.resume_deadline is not None else -math.inf
+        with trio.move_on_at(deadline):
+            while (
+                not self._closing.is_set()
+                and self._pending_attach is None
+                and self._pending_resume is None
+            ):
+                self._transport_ready = trio.Event()
+                await self._transport_ready.wait()
+        if self._closing.is_set():
+            return False
+        pending = self._pending_attach
+        if pending is not None:
+            self._pending_attach = None
+            transport, req_id, peer_received = pending
+            try:
+                self._session.resume(req_id, peer_received)
+            except (LocalProtocolError, ValueError) as exc:
+                self._orphans.append(transport)
+                self._begin_close(f"resume failed: {exc}", ErrorCode.PROTOCOL_ERROR)
+                return False
+            self._install_transport(transport)
+            self._resumed()
+            tickets, self._deferred_tickets = self._deferred_tickets, []
+            for ticket, lifetime in tickets:
+                self._session.send_ticket(ticket, lifetime)
+            return True
+        transport_ = self._pending_resume
+        if transport_ is not None:
+            self._pending_resume = None
+            try:
+                self._session.begin_resume()
+            except LocalProtocolError as exc:
+                self._orphans.append(transport_)
+                self._begin_close(f"cannot resume: {exc}", ErrorCode.INTERNAL_ERROR)
+                return False
+            self._install_transport(transport_)
+            self._resuming = True
+            return True
+        window = self.resume_window
+        reason = f"resume window of {window:g} s passed"
+        logger.info("%s: %s; the session ends", self.name, reason)
+        self._begin_close(reason, ErrorCode.TIMEOUT)
+        return False
+
+    def _enter_suspension(self) -> None:
+        """The transport was lost: keep the session for the resume window."""
+        now = trio.current_time()
+        self._session.suspend()  # first: it raises if the session cannot be suspended
+        self._suspended = True
+        self._suspended_at = now
+        self.resume_deadline = now + self.resume_window
+        self.suspensions += 1
+        ev, self._suspended_event = self._suspended_event, trio.Event()
+        ev.set()
+        if self._pending_attach is None:
+            logger.info(
+                "%s: transport lost (%s); session kept for up to %g s",
+                self.name,
+                self._lost,
+                self.resume_window,
+            )
+            if self.on_suspend is not None:
+                self.on_suspend()
+
+    def _install_transport(self, transport: trio.abc.Stream) -> None:
+        """Make ``transport`` the session's transport (resume)."""
+        kind_changed = isinstance(transport, TLSStream) != isinstance(self.transport, TLSStream)
+        self.transport = transport
+        self._fast_transport = (
+            transport if INLINE_FLUSH and isinstance(transport, TLSStream) else None
+        )
+        if kind_changed and not self._fixed_receive_size:
+            # Otherwise the read size stays what the owner set (the relay tunes it).
+            self.receive_size = _receive_size_for(transport)
+        self._dead = None
+        self._lost = None
+        self._last_receive = trio.current_time()
+        # Events of the previous transport's tasks (cancelled while waiting) are stale.
+        self._writer_waiter = self._keepalive_waiter = self._timer_waiter = None
+        self._activity_waiter = self._reader_waiter = None
+
+    def _resumed(self) -> None:
+        """The session continues on the new transport (RESUMED queued or received)."""
+        now = trio.current_time()
+        paused = now - self._suspended_at
+        timeout = self.open_timeout
+        if timeout is not None and self._open_deadlines:
+            # The open timeout does not run while suspended (spec §10.6.3).
+            start = self._suspended_at
+            shifted = [
+                (deadline + now - max(start, deadline - timeout), sid)
+                for deadline, sid in self._open_deadlines
+            ]
+            self._open_deadlines.clear()
+            self._open_deadlines.extend(shifted)
+        self._suspended = False
+        self._resuming = False
+        self.resume_deadline = None
+        self._window_scope.deadline = math.inf
+        self.resumes += 1
+        # The relay and the client log the resume themselves, with their figures.
+        logger.debug("%s: session resumed after %.1f s", self.name, paused)
+        if self.on_resume is not None:
+            self.on_resume()
+
+    def _lose_transport(self, reason: str) -> None:
+        """Let the current transport go while the session goes on (see :meth:`run`)."""
+        self._lost = reason
+        if self._dead is None:
+            self._dead = reason
+        self._generation += 1
+        self._fast_transport = None
+        self._transport_scope_cancel()
+        events = self._resume_events
+        if events is not None:
+            events.send_nowait(None)
+
+    def _transport_scope_cancel(self) -> None:
+        scope = self._transport_scope
+        if scope is not None:
+            scope.cancel()
+
+    def _may_suspend(self) -> bool:
+        """True if losing the transport now suspends the session rather than ending it."""
+        return (
+            self.resumable
+            and not self._closing.is_set()
+            and not self._session.closed
+            and self.goaway is None
+            and not self._goaway_sent
+        )
 
     # -- for MuxStream: its requests to the session ---------------------------------------
 
@@ -1297,8 +1831,23 @@ class MuxConnection:
         self._wake_writer()
 
     def _ping(self, now: float) -> None:
-        """Queue a PING (unless 4 are outstanding) and note when."""
-        if self.usable and self._session.ping(now) is not None:
+        """Queue a PING (unless 4 are outstanding) and note when.
+
+        Never while suspended, in a resume handshake or with the input paused, nor before
+        authentication on a relay with resumption on: a resuming client must get nothing but
+        the handshake's frames (protocol-spec §10.6.4).
+        """
+        if (
+            self.usable
+            and not self._suspended
+            and not self._input_held
+            and (
+                self._session.authenticated
+                or self._session.role == Role.CLIENT
+                or not self._session.resume_enabled
+            )
+            and self._session.ping(now) is not None
+        ):
             self.pings_sent += 1
             self._wake_writer()
         self._last_ping = now
@@ -1414,13 +1963,16 @@ class MuxConnection:
 
     async def _reader_loop(self) -> None:
         transport = self.transport
+        generation = self._generation
         while True:
             try:
                 data = await transport.receive_some(self.receive_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                if not self.closed:
+                if not self.closed and generation == self._generation:
                     self._mark_dead(f"transport read failed: {exc!r}")
                 return
+            if generation != self._generation:
+                return  # the transport was let go (resume) while this read completed
             if not data:
                 if not self.closed:
                     self._mark_dead("transport EOF without CLOSE")
@@ -1434,6 +1986,22 @@ class MuxConnection:
                 ev.set()
             if not self._feed(data, now):
                 return
+            if self._input_held:
+                # The session paused its input (a RESUME before the AUTH): no TLS receive is
+                # pending while the relay decides, so release_transport() cancels nothing.
+                while self._input_held and generation == self._generation:
+                    ev = self._reader_waiter = trio.Event()
+                    await ev.wait()
+                if generation != self._generation:
+                    return
+
+    def _release_input(self) -> None:
+        """Let the reader go on once the session no longer pauses its input."""
+        if self._input_held and not self._session.input_paused:
+            self._input_held = False
+            ev, self._reader_waiter = self._reader_waiter, None
+            if ev is not None:
+                ev.set()
 
     def _feed(self, data: bytes | bytearray, now: float) -> bool:
         """Give bytes to the session and dispatch its events; False if the session ended."""
@@ -1441,6 +2009,12 @@ class MuxConnection:
         try:
             events = session.receive_data(data, now)
         except ProtocolError as exc:
+            if self._resuming and not session.closed:
+                # A fault on the resume handshake's connection: the session stays suspended.
+                logger.warning("%s: resume handshake failed: %s", self.name, exc)
+                self._resuming = False  # the session went back to SUSPENDED itself
+                self._lose_transport(f"resume handshake failed: {exc}")
+                return False
             logger.warning(
                 "%s: protocol error from peer: %s (%s)", self.name, exc, exc.error_code.name
             )
@@ -1452,7 +2026,7 @@ class MuxConnection:
             if handler is not None:
                 handler(event)
             else:
-                self._control_send.send_nowait(event)
+                self._control_out.send_nowait(event)
         if session.closed:
             if not self._closing.is_set():
                 self._begin_close(self.close_reason or "session closed", self.close_code)
@@ -1470,6 +2044,11 @@ class MuxConnection:
                 continue
             now = trio.current_time()
             if now - self._last_receive >= idle:
+                if self._may_suspend():
+                    silent = f"peer silent for {now - self._last_receive:.1f} s"
+                    logger.warning("%s: %s; suspending the session", self.name, silent)
+                    self._mark_dead(silent)
+                    return
                 logger.warning(
                     "%s: peer silent for %.1f s, declaring it dead",
                     self.name,
@@ -1502,7 +2081,9 @@ class MuxConnection:
         """Enforce ``open_timeout`` and ``stall_timeout`` (see the class docstring)."""
         stall = self.stall_timeout
         interval = None if stall is None else min(STALL_CHECK_INTERVAL, max(stall / 4, 0.01))
-        next_stall = math.inf if interval is None else trio.current_time() + interval
+        # After a resume a stream gets a full stall_timeout again (the check was paused).
+        wait = stall if self.resumes and stall is not None else interval
+        next_stall = math.inf if wait is None else trio.current_time() + wait
         deadlines = self._open_deadlines
         while not self.closed:
             now = trio.current_time()
@@ -1571,13 +2152,27 @@ class MuxConnection:
         self._fail_streams()
         self._wake_writer()
         self._wake_slot()
-        for ev in (self._keepalive_waiter, self._timer_waiter, self._activity_waiter):
+        for ev in (
+            self._keepalive_waiter,
+            self._timer_waiter,
+            self._activity_waiter,
+            self._transport_ready,
+            self._suspended_event,
+        ):
             if ev is not None:
                 ev.set()
+        events = self._resume_events
+        if events is not None:
+            events.send_nowait(None)
 
     def _mark_dead(self, reason: str) -> None:
+        if self._lost is not None:
+            return  # this transport was let go already; the session goes on
         if self._dead is None:
             self._dead = reason
+        if self._may_suspend():
+            self._lose_transport(reason)
+            return
         self._begin_close(reason, self.close_code)
 
     def _fail_streams(self) -> None:
@@ -1680,13 +2275,14 @@ class MuxConnection:
         self._wake_slot()
 
     def _on_hello(self, event: HelloReceived) -> None:
-        self._peer_idle_ms = event.settings.idle_timeout_ms
+        if not self._resuming:  # a resumed session keeps its first HELLOs' settings
+            self._peer_idle_ms = event.settings.idle_timeout_ms
         ev = self._keepalive_waiter
         if ev is not None:
             ev.set()
         # One RTT sample from the start, so window auto-tuning can begin early (spec §8.6).
         self._ping(trio.current_time())
-        self._control_send.send_nowait(event)
+        self._control_out.send_nowait(event)
 
     def _on_pong(self, event: PongReceived) -> None:
         if self.on_rtt is not None:
@@ -1695,14 +2291,47 @@ class MuxConnection:
     def _on_goaway(self, event: GoAwayReceived) -> None:
         self.goaway = event
         self._wake_slot()
-        self._control_send.send_nowait(event)
+        self._control_out.send_nowait(event)
 
     def _on_connection_closed(self, event: ConnectionClosed) -> None:
+        self._control_out.send_nowait(event)  # before the end, so resume_over() sees it
         msg = f": {event.message}" if event.message else ""
         self._begin_close(
             f"peer closed the connection ({event.error_code.name}{msg})", event.error_code
         )
-        self._control_send.send_nowait(event)
+
+    def _on_auth_requested(self, event: AuthRequested) -> None:
+        if self._session.input_paused:
+            self._input_held = True  # a RESUME came before this AUTH (relay)
+        self._control_out.send_nowait(event)
+
+    def _on_ticket(self, event: TicketReceived) -> None:
+        self.ticket = event.ticket
+
+    def _on_session_resumed(self, event: SessionResumed) -> None:
+        events = self._resume_events
+        self._control_out = self._control_send  # what follows RESUMED is the session's again
+        self._resumed()
+        nursery = self._transport_nursery
+        if nursery is not None:
+            self._start_timers(nursery)
+        if events is not None:
+            events.send_nowait(event)
+
+    def _on_resume_refused(self, event: ResumeRefused) -> None:
+        self._control_out.send_nowait(event)  # before the end, so resume_over() sees it
+        text = f": {event.message}" if event.message else ""
+        self._begin_close(
+            f"relay refused to resume the session ({_status_name(event.status)}{text})",
+            ErrorCode.NO_ERROR,
+        )
+
+
+def _status_name(status: int) -> str:
+    try:
+        return ResultStatus(status).name
+    except ValueError:
+        return str(status)
 
 
 def _receive_size_for(transport: trio.abc.Stream) -> int:

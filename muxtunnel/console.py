@@ -237,7 +237,12 @@ class ClientConsole:
         head.append("muxtunnel client", style="bold")
         head.append(f"   relay {self.relay}   ")
         state = str(session.get("state", "up"))
-        style = {"up": "green", "connecting": "yellow", "reconnecting": "yellow"}.get(state, "red")
+        style = {
+            "up": "green",
+            "connecting": "yellow",
+            "reconnecting": "yellow",
+            "resuming": "yellow",
+        }.get(state, "red")
         head.append(self._session_line(session, wall), style=style)
 
         why = Text(style="yellow")

@@ -30,15 +30,17 @@ from muxtunnel.protocol.frames import Address
 from muxtunnel.tokens import token_id
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from muxtunnel.access import TokenEntry
+    from muxtunnel.protocol.events import Event
     from muxtunnel.protocol.frames import BindOptions
 
 __all__ = [
     "AUTH_REQ_ID",
     "BindOutcome",
     "authenticate_client",
+    "client_credential",
     "client_handshake",
     "make_credential",
     "match_entry",
@@ -59,6 +61,13 @@ def make_credential(token: str, server_nonce: bytes, method: int = AuthMethod.HM
     return auth.hmac_credential(token, server_nonce, client_nonce)
 
 
+def client_credential(token: str, server_nonce: bytes, minor: int) -> tuple[int, bytes]:
+    """The client's AUTH method and credential for a relay of protocol minor ``minor``: method 2
+    from minor 1 on, else method 1 (spec §7.1). Also answers the CHALLENGE of a resume."""
+    method = AuthMethod.HMAC_SHA256_STORED_KEY if minor >= 1 else AuthMethod.HMAC_SHA256
+    return method, make_credential(token, server_nonce, method)
+
+
 def match_entry(
     entries: Sequence[TokenEntry], method: int, server_nonce: bytes, credential: bytes
 ) -> TokenEntry | None:
@@ -77,10 +86,17 @@ def match_entry(
 _METHODS = frozenset({AuthMethod.HMAC_SHA256, AuthMethod.HMAC_SHA256_STORED_KEY})
 
 
-async def authenticate_client(conn: MuxConnection, entries: Sequence[TokenEntry]) -> TokenEntry:
+async def authenticate_client(
+    conn: MuxConnection,
+    entries: Sequence[TokenEntry],
+    *,
+    before_auth: Callable[[Event], None] | None = None,
+) -> TokenEntry:
     """Relay side: send CHALLENGE, check the client's AUTH, answer RESULT; return the entry.
 
     On failure RESULT(AUTH_FAILED or UNSUPPORTED_METHOD) and CLOSE(AUTH_FAILED) are queued.
+    ``before_auth`` gets every other control event that arrives before the AUTH (the relay
+    watches for a RESUME, protocol-spec.md §10.6).
 
     Raises:
         AuthError: Wrong token or unsupported method; the message is the bare reason
@@ -100,6 +116,8 @@ async def authenticate_client(conn: MuxConnection, entries: Sequence[TokenEntry]
             raise HandshakeError(
                 f"peer closed the connection before authentication ({event.error_code.name})"
             )
+        if before_auth is not None:
+            before_auth(event)
     if event.method not in _METHODS:
         conn.send_result(event.req_id, ResultStatus.UNSUPPORTED_METHOD, "unsupported auth method")
         conn.close(ErrorCode.AUTH_FAILED, "unsupported auth method")
@@ -177,8 +195,7 @@ async def client_handshake(
             raise HandshakeError(
                 f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
-    method = AuthMethod.HMAC_SHA256_STORED_KEY if conn.minor >= 1 else AuthMethod.HMAC_SHA256
-    conn.send_auth(AUTH_REQ_ID, method, make_credential(token, event.nonce, method))
+    conn.send_auth(AUTH_REQ_ID, *client_credential(token, event.nonce, conn.minor))
     requests: dict[int, tuple[int, int]] = {}
     for index, (tunnel_id, port, options) in enumerate(binds):
         req_id = AUTH_REQ_ID + 1 + index
@@ -206,7 +223,7 @@ async def client_handshake(
                 f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
         if not isinstance(event, ResultReceived):
-            continue
+            continue  # TICKET (the connection keeps the newest), GOAWAY ...
         if event.req_id == AUTH_REQ_ID:
             if event.status != ResultStatus.OK:
                 raise AuthError(

@@ -10,13 +10,14 @@ Reloadable (apply at once, or to the next session / BIND / visitor as noted):
   still accepted goes on untouched and its new policy applies to its next BIND, visitor and
   chunk; a session whose token was removed (or whose name now has another key) is closed at
   once with ``CLOSE(AUTH_FAILED, "token revoked")`` and every port of that token is released
-  at once (not after ``--lease``); an added token is accepted at once;
+  at once (not after ``--lease``); its resumption tickets die and its sessions waiting for a
+  resume (protocol-spec.md §10.6) end at once; an added token is accepted at once;
 - ``max-sessions-per-token``, ``max-tunnels-per-token``, ``max-streams-per-token``,
   ``max-visitors-per-tunnel``, ``max-tunnels-per-client`` (next BIND or visitor);
 - ``max-startups``, ``max-startups-per-source``, ``auth-failures``, ``auth-ban`` (next
   connection);
 - ``handshake-timeout``, ``keepalive-timeout``, ``open-timeout``, ``stall-timeout``,
-  ``max-visit-streams`` (next session), ``drain-timeout``;
+  ``max-visit-streams``, ``resume-window`` (next session), ``drain-timeout``;
 - ``log-level`` and ``log-format``.
 
 Need a restart (a changed value is logged and ignored): ``listen``, ``ports``, ``bind``,
@@ -87,11 +88,17 @@ def relay_status(relay: _Relay) -> str:
     sessions = list(relay.sessions)
     tunnels = sum(len(rs.tunnels) for rs in sessions)
     streams = sum(rs.active_streams for rs in sessions)
-    return f"{len(sessions)} sessions, {tunnels} tunnels, {streams} open streams"
+    suspended = sum(1 for rs in sessions if rs.suspended_at is not None)
+    waiting = f", {suspended} waiting for a resume" if suspended else ""
+    return f"{len(sessions)} sessions, {tunnels} tunnels, {streams} open streams{waiting}"
 
 
 def _revoke(relay: _Relay, rs: RelaySession) -> int:
-    """Close ``rs`` (its token was removed) and release its ports now; the ports released."""
+    """Close ``rs`` (its token was removed) and release its ports now; the ports released.
+
+    Its resumption ticket dies with it, and a session waiting for a resume ends at once.
+    """
+    relay.tickets.revoke(rs)
     ports = 0
     for lease in list(rs.tunnels.values()):
         if lease.owner is rs:
@@ -159,6 +166,10 @@ def apply_reload(relay: _Relay, new: ServerConfig) -> str:
         elif rs.alive:
             _revoke(relay, rs)
             closed += 1
+    for name, before in old_entries.items():
+        current = entries.get(name)
+        if current is None or current.stored_key != before.stored_key:
+            relay.tickets.revoke_token(name)  # no resume with the old key (protocol-spec §10.6)
     # Ports kept for a gone session of a removed (or re-keyed) token: free now, not after
     # the lease (and dropped from the state dir's leases file).
     for lease in list(relay.registry.leases.values()):

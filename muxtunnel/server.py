@@ -67,8 +67,21 @@ from muxtunnel.netopts import cap_retransmit_timeout
 from muxtunnel.policy import DEFAULT_POLICY, StreamInfo, StreamPolicy
 from muxtunnel.preflight import listen_error
 from muxtunnel.private import PrivateTunnels
-from muxtunnel.protocol.constants import ALPN, OpenFailReason, ResultStatus, Role, TunnelProto
-from muxtunnel.protocol.events import BindRequested, GoAwayReceived, UnbindReceived
+from muxtunnel.protocol.constants import (
+    ALPN,
+    MAX_RESUME_WINDOW,
+    OpenFailReason,
+    ResultStatus,
+    Role,
+    TunnelProto,
+)
+from muxtunnel.protocol.events import (
+    BindRequested,
+    Event,
+    GoAwayReceived,
+    ResumeRequested,
+    UnbindReceived,
+)
 from muxtunnel.protocol.frames import Address
 from muxtunnel.registry import BindError, PortLease, PortRegistry
 from muxtunnel.relaypolicy import RelayPolicy, StreamLimits
@@ -76,6 +89,7 @@ from muxtunnel.reload import refresh_token, relay_signals, relay_status
 from muxtunnel.sdnotify import Notifier
 from muxtunnel.splice import SpliceResult, splice
 from muxtunnel.stats import SessionStats, Stats, TunnelStats, outcome_of
+from muxtunnel.tickets import TicketBook
 from muxtunnel.tlsstream import RECEIVE_SIZE as TLS_RECEIVE_SIZE, TLSStream
 
 if TYPE_CHECKING:
@@ -162,6 +176,10 @@ class RelaySession:
         self.done = trio.Event()
         #: This session in the relay's :class:`~muxtunnel.stats.Stats` (set once admitted).
         self.stats: SessionStats | None = None
+        #: ``trio.current_time()`` when the connection was lost (None while connected).
+        self.suspended_at: float | None = None
+        #: Times the client resumed this session on a new connection.
+        self.resumes = 0
 
     # -- LeaseOwner ----------------------------------------------------------------------
 
@@ -171,7 +189,11 @@ class RelaySession:
         return not self.conn.closed
 
     async def probe(self, within: float) -> bool:
-        """True if the client shows life within ``within`` seconds."""
+        """True if the client shows life within ``within`` seconds (never while the session
+        waits for its client to resume it: a new session of the token may take over)."""
+        if self.suspended_at is not None:
+            await trio.lowlevel.checkpoint()
+            return False
         return await self.conn.probe(within)
 
     async def wait_idle(self) -> None:
@@ -556,6 +578,11 @@ class RelaySession:
             )
 
 
+def _wire_window(seconds: float) -> int:
+    """A resume window as whole seconds for HELLO and TICKET (a fraction rounds up; 0: off)."""
+    return min(MAX_RESUME_WINDOW, math.ceil(seconds)) if seconds > 0 else 0
+
+
 def _same_host(host: str, bind_host: str) -> bool:
     """True if a BIND's ``host`` means the relay's ``bind_host``: an unspecified address
     (0.0.0.0, ::), or the same address or name (protocol-spec.md §7.2 item 3)."""
@@ -678,6 +705,8 @@ class _Relay:
             descriptors=self.descriptors,
         )
         self.sessions: set[RelaySession] = set()
+        #: Resumption tickets of the sessions (protocol-spec.md §10.6, :mod:`muxtunnel.tickets`).
+        self.tickets: TicketBook[RelaySession] = TicketBook(trio.current_time)
         #: Sessions and streams per token (entries go when a token has neither).
         self.usage: dict[str, _TokenUsage] = {}
         #: What the admin endpoint and the metrics read (:mod:`muxtunnel.stats`).
@@ -874,6 +903,7 @@ class _Relay:
     async def _handle_client(self, tcp: trio.SocketStream, pending: _Pending) -> None:
         config = self.config
         peer = pending.peer
+        handed_over = False  # the transport went to a resumed session
         cap_retransmit_timeout(tcp.socket)  # resume soon after an outage (muxtunnel.netopts)
         # Small buffers until authenticated (protocol-spec §5.3 bounds pre-AUTH input too).
         if muxtunnel.connection.FAST_TLS:
@@ -899,8 +929,12 @@ class _Relay:
             session = make_session(
                 Role.SERVER,
                 idle_timeout=config.keepalive_timeout,
-                # Clients may open streams to visit private tunnels (protocol-spec.md §9.2).
-                settings_overrides={"max_concurrent_streams": config.max_visit_streams},
+                settings_overrides={
+                    # Clients may open streams to visit private tunnels (protocol-spec.md §9.2).
+                    "max_concurrent_streams": config.max_visit_streams,
+                    # How long a lost session is kept for the client (protocol-spec.md §10.6).
+                    "resume_window": _wire_window(config.resume_seconds()),
+                },
             )
             conn = MuxConnection(
                 stream,
@@ -914,14 +948,17 @@ class _Relay:
             async with trio.open_nursery() as nursery:
                 await nursery.start(conn.run)
                 try:
-                    await self._run_session(conn, str(peer), pending)
+                    handed_over = await self._run_session(conn, str(peer), pending)
                 finally:
-                    conn.close()
-                    with trio.move_on_after(3):
-                        await conn.wait_closed()
+                    if not handed_over:
+                        conn.close()
+                        with trio.move_on_after(3):
+                            await conn.wait_closed()
                     nursery.cancel_scope.cancel()
         finally:
-            await trio.aclose_forcefully(stream)
+            # A resumed session runs on this transport now: it closes it when done.
+            if not handed_over:
+                await trio.aclose_forcefully(stream)
 
     def _leave_preauth(self, ticket: Ticket) -> None:
         """The connection left the handshake phase (authenticated, failed or gone)."""
@@ -974,13 +1011,25 @@ class _Relay:
             if scope is not None and ticket is not pending.ticket:
                 scope.cancel()
 
-    async def _authenticate(self, conn: MuxConnection, pending: _Pending) -> TokenEntry | None:
-        """Run the AUTH exchange within the connection's deadline; the token's entry, or None."""
+    async def _authenticate(
+        self, conn: MuxConnection, pending: _Pending, resume: list[ResumeRequested]
+    ) -> TokenEntry | None:
+        """Run the AUTH exchange within the connection's deadline; the token's entry, or None.
+
+        A RESUME that came before the AUTH is appended to ``resume``.
+        """
         config = self.config
         logger.debug("client %s: TLS established", pending.peer)
+
+        def before_auth(event: Event) -> None:
+            if isinstance(event, ResumeRequested):
+                resume.append(event)
+
         with trio.move_on_at(pending.deadline) as scope:
             try:
-                token = await authenticate_client(conn, config.accepted_tokens())
+                token = await authenticate_client(
+                    conn, config.accepted_tokens(), before_auth=before_auth
+                )
             except AuthError as exc:
                 self._auth_failed(pending, str(exc))
                 return None
@@ -999,18 +1048,34 @@ class _Relay:
         conn.receive_size = pending.receive_size
         return token
 
-    async def _run_session(self, conn: MuxConnection, peer: str, pending: _Pending) -> None:
-        entry = await self._authenticate(conn, pending)
+    async def _run_session(self, conn: MuxConnection, peer: str, pending: _Pending) -> bool:
+        """Authenticate, then resume a session or run a new one; True if the transport went to
+        a resumed session (this connection must then neither close nor write it)."""
+        resume: list[ResumeRequested] = []
+        entry = await self._authenticate(conn, pending, resume)
         if entry is None:
-            return
+            return False
         tid = entry.name
         conn.token_id = tid
+        if resume:
+            outcome = await self._resume(conn, entry, resume[0], peer)
+            if outcome == "resumed":
+                return True
+            if outcome == "ended":
+                return False
+            # Refused: the connection goes on as a new session (protocol-spec.md §10.6).
         admitted = await self._admit_session(entry, peer, conn)
         if admitted is None:
-            return
+            return False
         rs = admitted
         refresh_token(self, rs)  # a reload during authentication may have changed the token
+        if rs.alive and conn.resume_window > 0:
+            # Right after the RESULT(OK) of the AUTH: the client may resume from now on.
+            conn.send_ticket(self.tickets.issue(tid, rs), _wire_window(conn.resume_window))
+            conn.on_suspend = partial(self._suspended, rs)
         session_stats = rs.stats = self.stats.add_session(peer, tid, rtt=lambda: conn.rtt)
+        if conn.resume_window > 0:
+            session_stats.replay = lambda: conn.replay_size
         conn.on_rtt = self.stats.observe_rtt
         conn.on_stall = partial(self.stats.count, "stalls")
         logger.info("client %s authenticated (token %s)", peer, tid)
@@ -1020,17 +1085,123 @@ class _Relay:
         try:
             await rs.run()
         finally:
+            self.tickets.revoke(rs)
             self.sessions.discard(rs)
             self.stats.remove_session(session_stats)
             self._session_gone(rs)
             rs.done.set()
-            logger.info("client %s gone (%s)", peer, peer_text(conn.close_reason or "closed"))
+            reason = peer_text(rs.conn.close_reason or "closed")
+            if rs.suspended_at is not None:
+                logger.info(
+                    "client %s: session ended after %.1f s without a resume (%s)",
+                    rs.peer,
+                    trio.current_time() - rs.suspended_at,
+                    reason,
+                )
+            else:
+                logger.info("client %s gone (%s)", rs.peer, reason)
+        return False
+
+    def _suspended(self, rs: RelaySession) -> None:
+        """``rs`` lost its connection: keep it (ports, streams) for the resume window."""
+        conn = rs.conn
+        rs.suspended_at = trio.current_time()
+        self.tickets.suspended(rs, conn.resume_window)
+        if rs.stats is not None:
+            rs.stats.state = "suspended"
+        logger.info(
+            "client %s: connection lost; session kept %g s for a resume (%d streams, %d tunnels)",
+            rs.peer,
+            conn.resume_window,
+            rs.active_streams,
+            len(rs.tunnels),
+        )
+
+    def _refuse_resume(
+        self, conn: MuxConnection, request: ResumeRequested, status: ResultStatus, why: str
+    ) -> None:
+        """Answer a RESUME with a refusal; the connection goes on as a new session."""
+        self.stats.count("resume_refusals")
+        message = "cannot resume: unknown ticket" if status == ResultStatus.TICKET_UNKNOWN else why
+        conn.send_result(request.req_id, status, message)
+        logger.info("client %s: resume refused: %s", conn.name, why)
+
+    async def _resume(
+        self, conn: MuxConnection, entry: TokenEntry, request: ResumeRequested, peer: str
+    ) -> str:
+        """Continue the session of ``request``'s ticket on ``conn``'s transport.
+
+        Returns ``"resumed"`` (the transport now belongs to the old session), ``"refused"``
+        (RESULT sent: the connection goes on as a new session) or ``"ended"`` (the connection
+        is gone).
+        """
+        rs = None if self.shutting_down else self.tickets.claim(request.ticket, entry.name)
+        if rs is not None and (not rs.alive or rs.token.stored_key != entry.stored_key):
+            self.tickets.revoke(rs)
+            rs = None
+        if rs is None:
+            # Unknown, expired, replaced, revoked or another token's: one answer (§10.6).
+            self._refuse_resume(conn, request, ResultStatus.TICKET_UNKNOWN, "unknown ticket")
+            return "refused"
+        old = rs.conn
+        if not old.can_resume(request.received):
+            self.tickets.revoke(rs)
+            self._refuse_resume(
+                conn,
+                request,
+                ResultStatus.RESUME_FAILED,
+                "the session cannot continue from the client's offset; it is ended",
+            )
+            old.close(ErrorCode.PROTOCOL_ERROR, "resume failed: offsets do not match")
+            return "refused"
+        try:
+            transport = await conn.release_transport()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, MuxSessionClosedError):
+            self.tickets.unclaim(rs)
+            return "ended"
+        if not rs.alive:  # ended while the transport was being released
+            await trio.aclose_forcefully(transport)
+            return "resumed"
+        streams = rs.active_streams
+        lost = 0.0 if rs.suspended_at is None else trio.current_time() - rs.suspended_at
+        replayed = old.sent_offset - request.received
+        try:
+            old.attach(transport, req_id=request.req_id, peer_received=request.received)
+        except Exception:
+            self.tickets.revoke(rs)
+            old.close(ErrorCode.PROTOCOL_ERROR, "resume failed")
+            await trio.aclose_forcefully(transport)
+            raise
+        ticket = self.tickets.rotate(rs)
+        if ticket is not None:
+            old.send_ticket(ticket, _wire_window(old.resume_window))
+        rs.suspended_at = None
+        rs.resumes += 1
+        self.stats.count("resumes")
+        if rs.stats is not None:
+            rs.stats.state = "up"
+            rs.stats.peer = peer
+            rs.stats.resumes = rs.resumes
+        rs.peer = peer
+        old.name = peer
+        logger.info(
+            "client %s resumed after %.1f s: %d streams continued, %d bytes replayed",
+            peer,
+            lost,
+            streams,
+            replayed,
+        )
+        return "resumed"
 
     async def drain(self) -> None:
         """GOAWAY every session, wait for streams (bounded), then CLOSE them all."""
         self.shutting_down = True
         for rs in list(self.sessions):
-            rs.begin_drain()
+            if rs.suspended_at is not None:
+                # No resume during a shutdown: its streams end now, not at the drain deadline.
+                rs.conn.close(ErrorCode.NO_ERROR, "relay shutting down")
+            else:
+                rs.begin_drain()
         # Visitors that connect now get a refused connection, not a hang. The leases stay:
         # each runs from the end of its session and is written to disk (§10.5).
         self.registry.close_listeners()

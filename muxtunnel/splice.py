@@ -387,11 +387,13 @@ def _mux_failure(mux: MuxStream) -> str:
 
 
 async def _wait_reset(sock: trio.socket.SocketType) -> None:
-    """Return once the TCP connection of ``sock`` is reset or gone (state CLOSE).
+    """Return once the TCP connection of ``sock`` is reset or gone (state CLOSE with an error).
 
     Waits for readability first (data, FIN or an error), then looks at the TCP state every
     :data:`RESET_POLL` seconds: pending data or a FIN (a legitimate half-close) keep the socket
-    readable, so readiness alone cannot tell a reset apart.
+    readable, so readiness alone cannot tell a reset apart. A connection both sides closed
+    (our FIN after the peer's half-close, then the local peer's FIN) is in state CLOSE too on
+    Linux, with its last bytes possibly still unread: no error, so no reset.
     """
     await trio.lowlevel.wait_readable(sock)
     while True:
@@ -402,8 +404,12 @@ async def _wait_reset(sock: trio.socket.SocketType) -> None:
 
 def _tcp_closed(sock: trio.socket.SocketType) -> bool:
     try:
-        if _TCP_INFO is not None:
-            return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_STATE_CLOSE
+        if (
+            _TCP_INFO is not None
+            and sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] != _TCP_STATE_CLOSE
+        ):
+            return False
+        # A reset (or a timeout) leaves an error; a close by both sides does not.
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
     except OSError:
         return True

@@ -16,7 +16,7 @@ metrics exporter and the console read it)::
 
     {"role": "relay", "started": 1.7e9, "uptime": 12.5,
      "sessions": [{"id": 1, "peer": "127.0.0.1:40000", "token": "default", "since": 1.7e9,
-                   "rtt": 0.0004, "state": "up", "retry_at": null,
+                   "rtt": 0.0004, "state": "up", "retry_at": null, "resumes": 0, "replay": 0,
                    "tunnels": [{"id": 1, "public": "127.0.0.1:20001",
                    "local": null, "state": "up", "last_error": null, "since": 1.7e9,
                    "open": 1, "total": 3, "bytes_in": 10, "bytes_out": 20,
@@ -197,6 +197,8 @@ class SessionStats:
     __slots__ = (
         "_owner",
         "peer",
+        "replay",
+        "resumes",
         "retry_at",
         "rtt",
         "session_id",
@@ -225,10 +227,16 @@ class SessionStats:
         self.since = since
         #: Reads the session's smoothed RTT in seconds (None before the first sample).
         self.rtt = rtt
-        #: "connecting" | "up" | "reconnecting" | "down" (a client's relay session; the relay's
-        #: sessions are always "up"), and when the next attempt is due (wall clock) if known.
+        #: "connecting" | "up" | "resuming" | "reconnecting" | "down" (a client's relay session;
+        #: the relay's sessions are "up", or "suspended" while the connection is lost and the
+        #: session waits for its client to resume it, protocol-spec.md §10.6), and when the next
+        #: attempt is due (wall clock) if known.
         self.state = "up"
         self.retry_at: float | None = None
+        #: Times the session was resumed on a new connection (protocol-spec.md §10.6).
+        self.resumes = 0
+        #: Reads the bytes the session holds for a replay after a resume (None: no resumption).
+        self.replay: Callable[[], int] | None = None
         self.tunnels: dict[int, TunnelStats] = {}
 
     def add_tunnel(
@@ -271,6 +279,8 @@ class SessionStats:
             "rtt": self.current_rtt(),
             "state": self.state,
             "retry_at": self.retry_at,
+            "resumes": self.resumes,
+            "replay": None if self.replay is None else self.replay(),
             "tunnels": [self.tunnels[k].snapshot() for k in sorted(self.tunnels)],
         }
 

@@ -40,6 +40,7 @@ TYPES = {
     0x03: "OPEN_ACK",
     0x04: "OPEN_FAIL",
     0x05: "RESET",
+    0x06: "ACK",
     0x08: "HELLO",
     0x09: "PING",
     0x0A: "GOAWAY",
@@ -49,9 +50,23 @@ TYPES = {
     0x12: "UNBIND",
     0x13: "RESULT",
     0x14: "CHALLENGE",
+    0x15: "TICKET",
+    0x16: "RESUME",
+    0x17: "RESUMED",
 }
 #: Payload size of the fixed-size types (§6).
-FIXED = {0x01: 8, 0x03: 0, 0x05: 12, 0x09: 8, 0x12: 12, 0x14: 32}
+FIXED = {
+    0x01: 8,
+    0x03: 0,
+    0x05: 12,
+    0x06: 8,
+    0x09: 8,
+    0x12: 12,
+    0x14: 32,
+    0x15: 36,
+    0x16: 44,
+    0x17: 12,
+}
 #: Error codes (§11.1).
 ERRORS = [
     "NO_ERROR",
@@ -97,6 +112,8 @@ STATUSES = [
     "UNKNOWN_TUNNEL",
     "INTERNAL",
     "OUT_OF_RANGE",
+    "TICKET_UNKNOWN",
+    "RESUME_FAILED",
 ]
 #: Settings (§5.3).
 SETTINGS = {
@@ -107,6 +124,7 @@ SETTINGS = {
     5: "MAX_PENDING_OPENS",
     6: "IDLE_TIMEOUT_MS",
     7: "MAX_CONTROL_PAYLOAD",
+    8: "RESUME_WINDOW",
 }
 AUTH_METHODS = {1: "HMAC-SHA256", 2: "HMAC-SHA256-STORED-KEY"}
 OPTION_KINDS = {1: "ALLOW", 2: "DENY", 3: "NAME", 4: "VISIT"}
@@ -366,6 +384,8 @@ def _payload(w: _Walker, frame_type: int, stream_id: int) -> None:
     elif frame_type == 0x05:
         w.named(4, "error_code", ERRORS)
         w.field(8, "final_offset")
+    elif frame_type == 0x06:
+        w.field(8, "received")
     elif frame_type == 0x08:
         _hello(w)
     elif frame_type == 0x09:
@@ -395,6 +415,16 @@ def _payload(w: _Walker, frame_type: int, stream_id: int) -> None:
             w.addr("bound")
     elif frame_type == 0x14:
         w.raw(w.take(32, "nonce"), "nonce (32 bytes)")
+    elif frame_type == 0x15:
+        w.raw(w.take(32, "ticket"), "ticket (32 bytes)")
+        w.field(4, "lifetime", f"lifetime {int.from_bytes(w.data[32:36], 'big')} s")
+    elif frame_type == 0x16:
+        w.field(4, "req_id")
+        w.raw(w.take(32, "ticket"), "ticket (32 bytes)")
+        w.field(8, "received")
+    elif frame_type == 0x17:
+        w.field(4, "req_id")
+        w.field(8, "received")
     elif frame_type >= 0x80:
         text = _quote(w.data) if _printable(w.data) else f"({length} bytes)"
         w.raw(w.take(length, "payload"), f"opaque payload {text}")

@@ -424,7 +424,11 @@ async def test_client_gone_mid_stream(
             arrived.set()
             await trio.sleep_forever()
 
-    client = await _tunnel(nursery, tmp_path, await start_service(nursery, service))
+    # A client gone without CLOSE may come back: the relay keeps its session for the resume
+    # window (protocol-spec.md §10.6), then its streams end with the session.
+    relay = await start_relay(nursery, tmp_path, resume_window=1.0)
+    local = await start_service(nursery, service)
+    client = await start_client(nursery, tmp_path, relay, [TunnelSpec(local_port=local)])
     with trio.fail_after(30):
         stream = await _visitor_connect(client.port(0))
         await stream.send_all(b"y")

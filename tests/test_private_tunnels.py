@@ -301,7 +301,9 @@ async def test_publisher_allow_list_applies_to_visiting_client(
 async def test_publisher_going_away_resets_visit_streams(
     nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
 ) -> None:
-    relay = await start_relay(nursery, tmp_path)
+    # A publisher gone without CLOSE may come back: its session is kept for the resume window
+    # (protocol-spec.md §10.6), then ends like any other.
+    relay = await start_relay(nursery, tmp_path, resume_window=1.0)
     echo = await start_echo(nursery)
     client = await publish(nursery, tmp_path, relay, echo, "gone")
     visit, _, _ = await start_visitor(nursery, tmp_path, relay, "gone")

@@ -12,7 +12,7 @@ import trio
 from muxtunnel.connection import MuxStream, MuxStreamResetError
 from muxtunnel.errors import ErrorCode
 from muxtunnel.policy import Direction, StreamInfo, StreamPolicy
-from muxtunnel.splice import SpliceResult, splice
+from muxtunnel.splice import RESET_POLL, SpliceResult, splice
 from tests.conftest import mux_connection_pair, mux_stream_pair
 
 
@@ -173,3 +173,71 @@ async def test_reset_while_blocked_on_a_silent_local_peer_ends_the_splice(
     async with app:
         with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
             await drain()
+
+
+async def _blocked_on_window(
+    nursery: trio.Nursery,
+) -> tuple[MuxStream, trio.SocketStream, list[SpliceResult], trio.Event]:
+    """A splice whose stream peer (``far``, returned) half-closes at once and reads nothing;
+    the local application (returned) has big kernel buffers, so it can write far more than the
+    stream's 16 KiB window before blocking."""
+    server, client = await mux_connection_pair(nursery, settings={"initial_stream_window": 16384})
+    far, near = await mux_stream_pair(server, client)
+    app, local = await tcp_pair()
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    local.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    results: list[SpliceResult] = []
+    done = trio.Event()
+
+    async def run() -> None:
+        results.append(await splice(local, near))
+        done.set()
+
+    nursery.start_soon(run)
+    await far.send_eof()
+    with trio.fail_after(10):
+        assert await app.receive_some(100) == b""  # the splice passed the half-close on
+    return far, app, results, done
+
+
+async def test_an_answer_closed_by_both_sides_is_not_taken_for_a_reset(
+    nursery: trio.Nursery,
+) -> None:
+    """The peer half-closed, the local application answers more than the window and closes:
+    both sides of the local connection have sent FIN (Linux: TCP state CLOSE, the answer still
+    unread) while the splice waits for window. Every byte arrives, then a clean EOF."""
+    far, app, results, done = await _blocked_on_window(nursery)
+    answer = bytes(range(256)) * 1024  # 256 KiB
+    with trio.fail_after(10):
+        await app.send_all(answer)
+    await app.aclose()
+    await trio.sleep(RESET_POLL * 3)  # the splice watches the local socket meanwhile
+    got = bytearray()
+    with trio.fail_after(10):
+        while chunk := await far.receive_some(65536):
+            got += chunk
+        await done.wait()
+    assert got == answer
+    assert results[0].error is None
+
+
+async def test_a_reset_while_blocked_on_the_window_is_noticed(nursery: trio.Nursery) -> None:
+    """The local application resets while the splice waits for window: the stream is reset
+    within a few RESET_POLL periods, not when the window opens."""
+    far, app, results, done = await _blocked_on_window(nursery)
+    with trio.fail_after(10):
+        await app.send_all(b"x" * 65536)
+    await trio.sleep(RESET_POLL * 2)  # the splice watches the local socket meanwhile
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await trio.aclose_forcefully(app)
+    with trio.fail_after(RESET_POLL * 6):
+        await done.wait()
+    assert results[0].error is not None
+    assert results[0].failed_side == "tcp"
+
+    async def drain() -> None:
+        while await far.receive_some(65536):
+            pass
+
+    with pytest.raises(MuxStreamResetError):
+        await drain()

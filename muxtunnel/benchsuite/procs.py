@@ -234,5 +234,21 @@ def tree_rss(pid: int) -> int:
     return rss_bytes(pid) + sum(rss_bytes(p) for p in descendants(pid))
 
 
+def sched_times(pids: list[int]) -> tuple[int, int] | None:
+    """Nanoseconds on a CPU and runnable but waiting for one, summed over *pids* and their
+    descendants (main threads, ``/proc/PID/schedstat``); None without any readable process."""
+    cpu = wait = 0
+    found = False
+    for pid in {p for root in pids for p in (root, *descendants(root))}:
+        try:
+            fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+            cpu += int(fields[0])
+            wait += int(fields[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        found = True
+    return (cpu, wait) if found else None
+
+
 def python() -> str:
     return sys.executable

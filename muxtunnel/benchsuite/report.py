@@ -45,6 +45,8 @@ ROWS: tuple[Row, ...] = (
     Row("4", "p50_us", "4 RTT under bulk p50", "us", False),
     Row("4", "p99_us", "4 RTT under bulk p99", "us", False),
     Row("4", "bulk_mbps", "4 bulk rate meanwhile", "MB/s", True),
+    Row("4", "tunnel_cpu_ms_s", "4 tunnel processes on a CPU", "ms/s", False),
+    Row("4", "tunnel_wait_ms_s", "4 tunnel processes waiting for a CPU", "ms/s", False),
     Row("5", "per_second", "5 new connections", "conn/s", True),
     Row("6", "relay_per_stream", "6 relay RSS per idle stream", "B", False),
     Row("6", "client_per_stream", "6 client RSS per idle stream", "B", False),

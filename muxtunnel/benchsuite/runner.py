@@ -259,6 +259,9 @@ class Bench:
             ev = bulk.read_json_line(30)
             if "error" in ev:
                 raise BenchError(str(ev["error"]))
+            # How much of the tunnel's time went to waiting for a CPU while the round trips ran:
+            # with every core busy, a round trip waits wherever a tunnel process is preempted.
+            sched0, t0 = t.sched_times(), time.monotonic()
             rtt = self.spawn_load(
                 t,
                 "rtt",
@@ -272,18 +275,24 @@ class Bench:
                 str(max(0.5, s.bulk_seconds - 1.5)),
             )
             r = self._result(rtt, s.bulk_seconds + 60)
+            sched1, t1 = t.sched_times(), time.monotonic()
             b = self._result(bulk, s.bulk_seconds + 60)
         finally:
             if rtt is not None:
                 rtt.stop()
             bulk.stop()
-        return {
+        run: Run = {
             "p50_us": r["p50_us"],
             "p99_us": r["p99_us"],
             "max_us": r["max_us"],
             "samples": r["samples"],
             "bulk_mbps": b["mbps"],
         }
+        if sched0 is not None and sched1 is not None and t1 > t0:
+            # Milliseconds per second of wall time, summed over the tunnel's processes.
+            run["tunnel_cpu_ms_s"] = (sched1[0] - sched0[0]) / 1e6 / (t1 - t0)
+            run["tunnel_wait_ms_s"] = (sched1[1] - sched0[1]) / 1e6 / (t1 - t0)
+        return run
 
     def s_connrate(self, t: Target) -> Run:
         s = self.sizes

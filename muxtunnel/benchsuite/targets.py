@@ -12,7 +12,14 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from muxtunnel.benchsuite.procs import BenchError, Child, python, reference_tree, tree_rss
+from muxtunnel.benchsuite.procs import (
+    BenchError,
+    Child,
+    python,
+    reference_tree,
+    sched_times,
+    tree_rss,
+)
 
 SSHD = "/usr/sbin/sshd"
 AES128 = "aes128-gcm@openssh.com"
@@ -86,6 +93,10 @@ class Target:
 
     def client_rss(self) -> int | None:
         return None
+
+    def sched_times(self) -> tuple[int, int] | None:
+        """CPU and run-queue wait (ns) of the tunnel's processes so far; None for direct TCP."""
+        return sched_times([c.pid for c in self.children]) if self.children else None
 
 
 @dataclass

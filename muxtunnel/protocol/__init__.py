@@ -31,16 +31,21 @@ from .events import (
     HelloReceived,
     PongReceived,
     ResultReceived,
+    ResumeRefused,
+    ResumeRequested,
+    SessionResumed,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
     StreamRejected,
     StreamReset,
+    TicketReceived,
     UnbindReceived,
     WindowUpdated,
 )
 from .frames import Address, BindOptions, Settings, decode_payload, encode_frame
 from .reader import FrameReader
+from .replay import ReplayLog, ResumeOffsetError
 from .session import Session, SessionConfig
 
 __all__ = [
@@ -63,11 +68,16 @@ __all__ = [
     "HelloReceived",
     "OpenFailReason",
     "PongReceived",
+    "ReplayLog",
     "ResultReceived",
     "ResultStatus",
+    "ResumeOffsetError",
+    "ResumeRefused",
+    "ResumeRequested",
     "Role",
     "Session",
     "SessionConfig",
+    "SessionResumed",
     "SettingId",
     "Settings",
     "StreamAccepted",
@@ -75,6 +85,7 @@ __all__ = [
     "StreamOpened",
     "StreamRejected",
     "StreamReset",
+    "TicketReceived",
     "TunnelProto",
     "UnbindReceived",
     "WindowUpdated",

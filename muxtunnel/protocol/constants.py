@@ -1,4 +1,4 @@
-"""Wire constants of muxtunnel protocol version 1 (protocol-spec.md §2-§4, §11)."""
+"""Wire constants of muxtunnel protocol version 1 (protocol-spec.md §2-§4, §10.6, §11)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from enum import IntEnum
 from muxtunnel.errors import ErrorCode
 
 __all__ = [
+    "ACK_INTERVAL",
     "ALPN",
     "AUTH_CONTEXT",
     "AUTH_NONCE_SIZE",
@@ -18,9 +19,11 @@ __all__ = [
     "FLAG_FIN",
     "HEADER_SIZE",
     "MAGIC",
+    "MAX_RESUME_WINDOW",
     "MAX_STR16",
     "PROTOCOL_MAJOR",
     "PROTOCOL_MINOR",
+    "TICKET_SIZE",
     "AuthMethod",
     "BindOptionKind",
     "ErrorCode",
@@ -37,8 +40,9 @@ MAGIC = b"MUXT\r\n\x1a\n"
 #: TLS ALPN protocol id (§2).
 ALPN = "muxtunnel/1"
 PROTOCOL_MAJOR = 1
-#: Minor version 1 adds BIND options, private tunnels and client-opened streams (§3.2).
-PROTOCOL_MINOR = 1
+#: Minor version 1 adds BIND options, private tunnels and client-opened streams (§3.2);
+#: minor version 2 adds session resumption (§10.6).
+PROTOCOL_MINOR = 2
 #: Size of the fixed frame header (§4).
 HEADER_SIZE = 16
 #: Size of each side's nonce in the challenge-response authentication (§7.1).
@@ -58,6 +62,13 @@ BIND_FLAG_OPTIONS = 0x01
 BIND_OPTION_LIST_MAX = 64
 #: Longest private tunnel name in bytes (§6.12, §12).
 BIND_NAME_MAX = 63
+#: Size of a session resumption ticket (§10.6).
+TICKET_SIZE = 32
+#: An endpoint with resumption on sends ACK whenever its received offset grew by this many
+#: bytes since its last ACK (§10.6).
+ACK_INTERVAL = 65_536
+#: Largest RESUME_WINDOW setting, in seconds (one week, §5.3).
+MAX_RESUME_WINDOW = 604_800
 
 
 class Role(IntEnum):
@@ -84,6 +95,8 @@ class FrameType(IntEnum):
     OPEN_FAIL = 0x04
     #: Aborts a stream with a code and the sender's final offset.
     RESET = 0x05
+    #: Resumption: the sender received the peer's session stream up to an offset (minor 2).
+    ACK = 0x06
     #: First frame of each side: version, role, settings.
     HELLO = 0x08
     #: Liveness and RTT probe; ACK flag answers.
@@ -102,6 +115,12 @@ class FrameType(IntEnum):
     RESULT = 0x13
     #: Server's authentication nonce.
     CHALLENGE = 0x14
+    #: Resumption: the relay's ticket for resuming this session (minor 2).
+    TICKET = 0x15
+    #: Resumption: the client asks to continue a lost session, before its AUTH (minor 2).
+    RESUME = 0x16
+    #: Resumption: the relay continues the session; the resume boundary (minor 2).
+    RESUMED = 0x17
 
 
 #: Lowest type code in the ignorable extension range (§6.16).
@@ -118,6 +137,8 @@ class SettingId(IntEnum):
     MAX_PENDING_OPENS = 0x5
     IDLE_TIMEOUT_MS = 0x6
     MAX_CONTROL_PAYLOAD = 0x7
+    #: Seconds the sender keeps a lost session for resumption; 0 = never (minor 2, §10.6).
+    RESUME_WINDOW = 0x8
 
 
 class OpenFailReason(IntEnum):
@@ -149,6 +170,10 @@ class ResultStatus(IntEnum):
     UNKNOWN_TUNNEL = 10
     INTERNAL = 11
     OUT_OF_RANGE = 12
+    #: RESUME: the ticket is unknown, expired, revoked, superseded or another token's (§10.6).
+    TICKET_UNKNOWN = 13
+    #: RESUME: the ticket is good but the offsets do not fit; the old session has ended.
+    RESUME_FAILED = 14
 
 
 class AuthMethod(IntEnum):

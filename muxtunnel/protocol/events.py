@@ -30,11 +30,15 @@ __all__ = [
     "HelloReceived",
     "PongReceived",
     "ResultReceived",
+    "ResumeRefused",
+    "ResumeRequested",
+    "SessionResumed",
     "StreamAccepted",
     "StreamEnded",
     "StreamOpened",
     "StreamRejected",
     "StreamReset",
+    "TicketReceived",
     "UnbindReceived",
     "WindowUpdated",
 ]
@@ -71,6 +75,53 @@ class AuthRequested:
     method: int
     #: ``client_nonce || mac`` or ``|| proof`` (64 bytes; the session checked the length).
     credential: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeRequested:
+    """Server side: this handshake's AUTH comes with a RESUME (§10.6).
+
+    Reported just before the :class:`AuthRequested` of the same handshake. Only once that
+    AUTH succeeded: continue the old session with ``Session.resume`` on it, or refuse with
+    ``send_result(req_id, TICKET_UNKNOWN or RESUME_FAILED)`` on this session.
+    """
+
+    #: The RESUME's request id (echoed by RESUMED or by the refusing RESULT).
+    req_id: int
+    #: The 32-byte ticket presented.
+    ticket: bytes
+    #: The client's received offset of the relay's session stream.
+    received: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TicketReceived:
+    """Client side: the relay's resumption ticket for this session (keep the newest)."""
+
+    #: The 32-byte ticket.
+    ticket: bytes
+    #: Seconds the relay keeps the session after a loss (the window in force).
+    lifetime: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionResumed:
+    """Client side: RESUMED arrived; the session continues on the new connection."""
+
+    #: The relay's received offset of our session stream (our replay starts there).
+    peer_received: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeRefused:
+    """Client side: the relay refused the RESUME; the session is closed (CLOSE queued)."""
+
+    #: The RESUME's request id (0: the relay's HELLO no longer offers resumption).
+    req_id: int
+    #: ``ResultStatus.TICKET_UNKNOWN`` or ``RESUME_FAILED`` (a plain int if unknown).
+    status: ResultStatus | int
+    #: Diagnostic text.
+    message: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,4 +296,8 @@ Event = (
     | PongReceived
     | GoAwayReceived
     | ConnectionClosed
+    | ResumeRequested
+    | TicketReceived
+    | SessionResumed
+    | ResumeRefused
 )

@@ -29,7 +29,9 @@ from .constants import (
     EXTENSION_MIN,
     FLAG_ACK,
     FLAG_FIN,
+    MAX_RESUME_WINDOW,
     MAX_STR16,
+    TICKET_SIZE,
     BindOptionKind,
     FrameType,
     SettingId,
@@ -38,6 +40,7 @@ from .constants import (
 __all__ = [
     "HEADER",
     "MAX_WINDOW_OFFSET",
+    "AckFrame",
     "Address",
     "AuthFrame",
     "BindFrame",
@@ -56,7 +59,10 @@ __all__ = [
     "PingFrame",
     "ResetFrame",
     "ResultFrame",
+    "ResumeFrame",
+    "ResumedFrame",
     "Settings",
+    "TicketFrame",
     "UnbindFrame",
     "WindowFrame",
     "decode_payload",
@@ -85,6 +91,9 @@ _OPEN_FIXED = _U32
 _OPEN_FAIL_FIXED = _U32
 _CLOSE_FIXED = _U32
 _PORT = _U16
+_TICKET_TAIL = _U32
+_RESUME_FIXED = _U32
+_RESUMED = struct.Struct("!IQ")
 
 #: Largest WINDOW offset a peer may announce (§8.4); above it is FLOW_CONTROL_ERROR.
 MAX_WINDOW_OFFSET = 1 << 62
@@ -124,6 +133,7 @@ _SETTING_RANGES: dict[int, tuple[int, int]] = {
     SettingId.MAX_PENDING_OPENS: (1, 65_535),
     SettingId.IDLE_TIMEOUT_MS: (0, 3_600_000),
     SettingId.MAX_CONTROL_PAYLOAD: (1_024, 65_535),
+    SettingId.RESUME_WINDOW: (0, MAX_RESUME_WINDOW),
 }
 _SETTING_FIELDS: dict[int, str] = {
     SettingId.INITIAL_STREAM_WINDOW: "initial_stream_window",
@@ -133,6 +143,7 @@ _SETTING_FIELDS: dict[int, str] = {
     SettingId.MAX_PENDING_OPENS: "max_pending_opens",
     SettingId.IDLE_TIMEOUT_MS: "idle_timeout_ms",
     SettingId.MAX_CONTROL_PAYLOAD: "max_control_payload",
+    SettingId.RESUME_WINDOW: "resume_window",
 }
 
 
@@ -160,14 +171,24 @@ class Settings:
     idle_timeout_ms: int = 30_000
     #: Largest payload of any non-DATA frame.
     max_control_payload: int = 4_096
+    #: Seconds the sender keeps a lost session for resumption; 0 = never (§10.6).
+    resume_window: int = 0
 
     def __post_init__(self) -> None:
         for setting_id, name in _SETTING_FIELDS.items():
             _check_setting(setting_id, getattr(self, name))
 
     def to_pairs(self) -> tuple[tuple[int, int], ...]:
-        """All settings as ``(id, value)`` pairs in id order, for a HELLO frame."""
-        return tuple((int(sid), getattr(self, name)) for sid, name in _SETTING_FIELDS.items())
+        """The settings as ``(id, value)`` pairs in id order, for a HELLO frame.
+
+        RESUME_WINDOW is listed only when it is not 0 (absent means 0, §5.3), so a HELLO
+        without resumption is the same as before minor version 2.
+        """
+        return tuple(
+            (int(sid), value)
+            for sid, name in _SETTING_FIELDS.items()
+            if (value := getattr(self, name)) or sid != SettingId.RESUME_WINDOW
+        )
 
     @classmethod
     def from_pairs(
@@ -403,6 +424,38 @@ class ChallengeFrame:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AckFrame:
+    """ACK (§10.6): the sender received the peer's session stream up to ``received``."""
+
+    received: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TicketFrame:
+    """TICKET (§10.6): the relay's 32-byte resumption ticket, valid ``lifetime`` seconds."""
+
+    ticket: bytes
+    lifetime: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeFrame:
+    """RESUME (§10.6): continue the session of ``ticket``; ``received`` = the client's offset."""
+
+    req_id: int
+    ticket: bytes
+    received: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumedFrame:
+    """RESUMED (§10.6): the session continues; ``received`` = the relay's offset."""
+
+    req_id: int
+    received: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ExtensionFrame:
     """A frame of the ignorable extension range 0x80-0xFF (§6.16)."""
 
@@ -427,6 +480,10 @@ ControlFrame = (
     | UnbindFrame
     | ResultFrame
     | ChallengeFrame
+    | AckFrame
+    | TicketFrame
+    | ResumeFrame
+    | ResumedFrame
     | ExtensionFrame
 )
 """Every frame but DATA."""
@@ -454,6 +511,12 @@ def _bytes16(raw: bytes) -> bytes:
     if len(raw) > 0xFFFF:
         raise ValueError("BYTES16 field longer than 65535 bytes")
     return _U16.pack(len(raw)) + raw
+
+
+def _ticket(ticket: bytes) -> bytes:
+    if len(ticket) != TICKET_SIZE:
+        raise ValueError(f"a ticket is {TICKET_SIZE} bytes, not {len(ticket)}")
+    return bytes(ticket)
 
 
 def _addr(address: Address) -> bytes:
@@ -567,6 +630,16 @@ def _payload(frame: ControlFrame) -> tuple[int, int, int, bytes]:
             return FrameType.RESULT, 0, 0, body
         case ChallengeFrame():
             return FrameType.CHALLENGE, 0, 0, bytes(frame.nonce)
+        case AckFrame():
+            return FrameType.ACK, 0, 0, _U64.pack(frame.received)
+        case TicketFrame():
+            body = _ticket(frame.ticket) + _TICKET_TAIL.pack(frame.lifetime)
+            return FrameType.TICKET, 0, 0, body
+        case ResumeFrame():
+            body = _RESUME_FIXED.pack(frame.req_id) + _ticket(frame.ticket)
+            return FrameType.RESUME, 0, 0, body + _U64.pack(frame.received)
+        case ResumedFrame():
+            return FrameType.RESUMED, 0, 0, _RESUMED.pack(frame.req_id, frame.received)
         case _:  # ExtensionFrame: every other control frame is matched above
             return frame.frame_type, frame.flags, frame.stream_id, bytes(frame.payload)
 
@@ -603,6 +676,10 @@ _SESSION_TYPES = frozenset(
         FrameType.UNBIND,
         FrameType.RESULT,
         FrameType.CHALLENGE,
+        FrameType.ACK,
+        FrameType.TICKET,
+        FrameType.RESUME,
+        FrameType.RESUMED,
     }
 )
 _STREAM_TYPES = frozenset(
@@ -616,6 +693,10 @@ _FIXED_LENGTHS: dict[int, int] = {
     FrameType.PING: 8,
     FrameType.UNBIND: 12,
     FrameType.CHALLENGE: AUTH_NONCE_SIZE,
+    FrameType.ACK: 8,
+    FrameType.TICKET: TICKET_SIZE + 4,
+    FrameType.RESUME: 4 + TICKET_SIZE + 8,
+    FrameType.RESUMED: 12,
 }
 
 
@@ -802,6 +883,21 @@ def decode_payload(
         return UnbindFrame(req_id=req_id, tunnel_id=tunnel_id, error_code=code)
     if frame_type == FrameType.CHALLENGE:
         return ChallengeFrame(nonce=bytes(payload))
+    if frame_type == FrameType.ACK:
+        (received,) = _U64.unpack(payload)
+        return AckFrame(received=received)
+    if frame_type == FrameType.TICKET:
+        raw = bytes(payload)
+        (lifetime,) = _TICKET_TAIL.unpack_from(raw, TICKET_SIZE)
+        return TicketFrame(ticket=raw[:TICKET_SIZE], lifetime=lifetime)
+    if frame_type == FrameType.RESUME:
+        raw = bytes(payload)
+        (req_id,) = _RESUME_FIXED.unpack_from(raw, 0)
+        (received,) = _U64.unpack_from(raw, 4 + TICKET_SIZE)
+        return ResumeFrame(req_id=req_id, ticket=raw[4 : 4 + TICKET_SIZE], received=received)
+    if frame_type == FrameType.RESUMED:
+        req_id, received = _RESUMED.unpack(payload)
+        return ResumedFrame(req_id=req_id, received=received)
     if frame_type == FrameType.HELLO:
         if length < _HELLO_FIXED.size or (length - _HELLO_FIXED.size) % _SETTING.size:
             raise FrameSizeError(f"HELLO payload is {length} bytes, must be 4 + 6n")

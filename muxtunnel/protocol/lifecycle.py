@@ -14,6 +14,13 @@ CLOSE, sent or received, or any connection error, ends it from every state (§10
 
 GOAWAY (§10.2) is not a lifecycle state: it forbids new streams and carries the
 ``last_stream_id`` values that the session keeps; a draining session stays OPEN.
+
+Session resumption (§10.6): an OPEN session whose transport is lost becomes SUSPENDED. The
+relay's old session goes back to OPEN when a new connection resumes it; the relay's handshake
+session of that connection takes a RESUME between the client's HELLO and its AUTH. The client's
+old session runs a resume handshake of its own on the new connection (RESUME_* states): the
+relay's HELLO, its CHALLENGE, our RESUME and AUTH, the RESULT for the AUTH, then RESUMED
+(back to OPEN) or a refusal (CLOSE). A failed handshake returns to SUSPENDED.
 """
 
 from __future__ import annotations
@@ -22,7 +29,14 @@ from enum import IntEnum
 
 from .constants import Role
 
-__all__ = ["CLIENT_TRANSITIONS", "SERVER_TRANSITIONS", "Lifecycle", "SessionInput", "SessionState"]
+__all__ = [
+    "CLIENT_TRANSITIONS",
+    "RESUME_HANDSHAKE",
+    "SERVER_TRANSITIONS",
+    "Lifecycle",
+    "SessionInput",
+    "SessionState",
+]
 
 
 class SessionState(IntEnum):
@@ -46,6 +60,24 @@ class SessionState(IntEnum):
     OPEN = 7
     #: CLOSE sent or received, or a connection error: nothing more happens.
     CLOSED = 8
+    #: Resumption on, the transport is lost: the session keeps everything and waits.
+    SUSPENDED = 9
+    #: Server: a RESUME arrived after the client's HELLO; CHALLENGE not sent yet.
+    RESUME_HELLO_RECEIVED = 10
+    #: Server: a RESUME arrived; waiting for the AUTH that follows it.
+    RESUME_RECEIVED = 11
+    #: Client (resume handshake): MAGIC + HELLO queued; waiting for the relay's HELLO.
+    RESUME_AWAIT_HELLO = 12
+    #: Client (resume handshake): the relay's HELLO arrived; waiting for CHALLENGE.
+    RESUME_HELLO_RECEIVED_CLIENT = 13
+    #: Client (resume handshake): CHALLENGE arrived; RESUME not sent yet.
+    RESUME_CHALLENGE_RECEIVED = 14
+    #: Client (resume handshake): RESUME queued; AUTH not sent yet.
+    RESUME_SENT = 15
+    #: Client (resume handshake): RESUME and AUTH queued; waiting for the AUTH's RESULT.
+    RESUME_AUTH_SENT = 16
+    #: Client (resume handshake): the AUTH succeeded; waiting for RESUMED or a refusal.
+    RESUME_AUTHENTICATED = 17
 
 
 class SessionInput(IntEnum):
@@ -61,6 +93,18 @@ class SessionInput(IntEnum):
     AUTH_REFUSED = 5
     #: CLOSE sent or received, or a connection error.
     CLOSE = 6
+    #: The transport is lost (or a resume handshake failed): keep the session.
+    SUSPEND = 7
+    #: Relay: continue the session on a new connection. Client: RESUMED received.
+    RESUME = 8
+    #: Server: RESUME received (before the AUTH).
+    RECV_RESUME = 9
+    #: Client: start a resume handshake on a new connection.
+    BEGIN_RESUME = 10
+    #: Client: RESUME queued.
+    SEND_RESUME = 11
+    #: Client: the AUTH of a resume handshake queued.
+    SEND_AUTH = 12
 
 
 _S = SessionState
@@ -84,6 +128,13 @@ SERVER_TRANSITIONS = _with_close(
         (_S.HELLO_RECEIVED, _I.SEND_CHALLENGE): _S.AWAIT_AUTH,
         (_S.AWAIT_AUTH, _I.RECV_AUTH): _S.AUTH_RECEIVED,
         (_S.AUTH_RECEIVED, _I.AUTH_OK): _S.OPEN,
+        # Resumption (§10.6): a RESUME comes between the client's HELLO and its AUTH.
+        (_S.HELLO_RECEIVED, _I.RECV_RESUME): _S.RESUME_HELLO_RECEIVED,
+        (_S.RESUME_HELLO_RECEIVED, _I.SEND_CHALLENGE): _S.RESUME_RECEIVED,
+        (_S.AWAIT_AUTH, _I.RECV_RESUME): _S.RESUME_RECEIVED,
+        (_S.RESUME_RECEIVED, _I.RECV_AUTH): _S.AUTH_RECEIVED,
+        (_S.OPEN, _I.SUSPEND): _S.SUSPENDED,
+        (_S.SUSPENDED, _I.RESUME): _S.OPEN,
     }
 )
 
@@ -94,10 +145,42 @@ CLIENT_TRANSITIONS = _with_close(
         (_S.HELLO_RECEIVED, _I.RECV_CHALLENGE): _S.CHALLENGE_RECEIVED,
         (_S.CHALLENGE_RECEIVED, _I.AUTH_OK): _S.OPEN,
         (_S.CHALLENGE_RECEIVED, _I.AUTH_REFUSED): _S.AUTH_REFUSED,
+        # Resumption (§10.6).
+        (_S.OPEN, _I.SUSPEND): _S.SUSPENDED,
+        (_S.SUSPENDED, _I.BEGIN_RESUME): _S.RESUME_AWAIT_HELLO,
+        (_S.RESUME_AWAIT_HELLO, _I.RECV_HELLO): _S.RESUME_HELLO_RECEIVED_CLIENT,
+        (_S.RESUME_HELLO_RECEIVED_CLIENT, _I.RECV_CHALLENGE): _S.RESUME_CHALLENGE_RECEIVED,
+        (_S.RESUME_CHALLENGE_RECEIVED, _I.SEND_RESUME): _S.RESUME_SENT,
+        (_S.RESUME_SENT, _I.SEND_AUTH): _S.RESUME_AUTH_SENT,
+        (_S.RESUME_AUTH_SENT, _I.AUTH_OK): _S.RESUME_AUTHENTICATED,
+        (_S.RESUME_AUTH_SENT, _I.AUTH_REFUSED): _S.AUTH_REFUSED,
+        (_S.RESUME_AUTHENTICATED, _I.RESUME): _S.OPEN,
+        **{
+            (state, _I.SUSPEND): _S.SUSPENDED
+            for state in (
+                _S.RESUME_AWAIT_HELLO,
+                _S.RESUME_HELLO_RECEIVED_CLIENT,
+                _S.RESUME_CHALLENGE_RECEIVED,
+                _S.RESUME_SENT,
+                _S.RESUME_AUTH_SENT,
+                _S.RESUME_AUTHENTICATED,
+            )
+        },
     }
 )
 
 _BEFORE_HELLO = frozenset({_S.AWAIT_HELLO, _S.CHALLENGE_SENT})
+#: The client's resume-handshake states (§10.6): only handshake frames go in and out.
+RESUME_HANDSHAKE = frozenset(
+    {
+        _S.RESUME_AWAIT_HELLO,
+        _S.RESUME_HELLO_RECEIVED_CLIENT,
+        _S.RESUME_CHALLENGE_RECEIVED,
+        _S.RESUME_SENT,
+        _S.RESUME_AUTH_SENT,
+        _S.RESUME_AUTHENTICATED,
+    }
+)
 
 
 class Lifecycle:

@@ -12,6 +12,11 @@ when its last byte arrives (no quadratic re-buffering).
 objects, checked in the order of spec §4.5 steps 1-5 (the session applies steps 6-7); DATA,
 the hot path, is decoded inline. :meth:`FrameReader.feed` returns the raw
 ``(type, flags, stream_id, payload)`` of each frame, for tools that decode themselves.
+
+A reader made with ``stop_after`` stops decoding right after the first frame of that (control)
+type: :meth:`FrameReader.read_frames` returns the frames up to and including it and keeps every
+byte after it, undecoded, in ``leftover`` (the resume boundary of spec §10.6: what follows
+RESUMED belongs to another byte stream). Such a reader must not be fed again.
 """
 
 from __future__ import annotations
@@ -46,14 +51,32 @@ class FrameReader:
         max_data_payload: the largest DATA payload accepted (our MAX_FRAME_PAYLOAD).
         max_control_payload: the largest payload of any other frame (our MAX_CONTROL_PAYLOAD).
         expect_magic: check the 8-byte connection preface first.
+        stop_after: a control frame type after which :meth:`read_frames` stops decoding.
     """
 
-    __slots__ = ("_chunks", "_magic_seen", "_max_control", "_max_data", "_need", "buffered")
+    __slots__ = (
+        "_chunks",
+        "_magic_seen",
+        "_max_control",
+        "_max_data",
+        "_need",
+        "_stop",
+        "buffered",
+        "leftover",
+    )
 
     def __init__(
-        self, *, max_data_payload: int, max_control_payload: int, expect_magic: bool = True
+        self,
+        *,
+        max_data_payload: int,
+        max_control_payload: int,
+        expect_magic: bool = True,
+        stop_after: int | None = None,
     ) -> None:
         self._max_data = max_data_payload
+        self._stop = -1 if stop_after is None else stop_after
+        #: The bytes after the ``stop_after`` frame, once it was decoded; else None.
+        self.leftover: bytes | None = None
         self._max_control = max_control_payload
         self._magic_seen = 0 if expect_magic else len(MAGIC)
         self._chunks: list[bytes] = []
@@ -129,6 +152,9 @@ class FrameReader:
                 return []
             joined, rest = done
             frames = parse(joined, 0)
+            if self.leftover is not None:  # the joined frame was the stop frame
+                self.leftover = chunk[rest:]
+                return frames
             if rest < len(chunk):
                 frames += parse(chunk, rest)
             return frames
@@ -169,6 +195,7 @@ class FrameReader:
         data_type = _DATA
         header_size = HEADER_SIZE
         copy_max = _COPY_MAX
+        stop_type = self._stop
         view = memoryview(chunk)
         end = len(chunk)
         while end - off >= header_size:
@@ -196,6 +223,9 @@ class FrameReader:
             else:  # decode_payload raises for stream 0 and for empty DATA without FIN
                 append(decode_payload(frame_type, flags, stream_id, view[start:stop]))
             off = stop
+            if frame_type == stop_type:
+                self.leftover = chunk[off:]
+                return frames
         if off < end:
             self._chunks = [chunk[off:]]
             self.buffered = end - off

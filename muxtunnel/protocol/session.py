@@ -100,10 +100,26 @@ streams, spec §9.9) once authenticated, within the MAX_CONCURRENT_STREAMS it de
 default: any client OPEN is STREAM_LIMIT_ERROR); which tunnel ids are visit tunnels is the
 application's to judge. BIND options (spec §6.12) arrive in ``BindRequested.options``; a BIND
 that carries them while the negotiated minor version is 0 is a PROTOCOL_ERROR.
+
+Session resumption (spec §10.6). On when the negotiated minor version is >= 2 and both HELLOs
+declare RESUME_WINDOW > 0; otherwise none of this happens. Each direction is one byte stream
+from the first connection's MAGIC: ``sent_offset`` counts what ``data_to_send`` handed out,
+``received_offset`` the bytes of complete frames the reader returned. Every counted batch is
+kept by reference in a :class:`~muxtunnel.protocol.replay.ReplayLog` until the peer's ACK
+(queued by the session itself: every ACK_INTERVAL bytes received, before each connection
+WINDOW and with each PONG) releases it. ``suspend()`` keeps everything when the transport is
+lost; local calls keep queueing. The relay's old session continues with ``resume()`` (RESUMED
+uncounted, then the log's tail from the client's offset); the client's old session runs a resume
+handshake on the new connection (``begin_resume``, ``send_resume``, ``send_auth``) whose frames
+are not part of the stream, and its reader stops exactly after RESUMED: the bytes behind it are
+the relay's replay. The relay's handshake session takes the RESUME before the AUTH, reports
+``ResumeRequested`` just before ``AuthRequested`` and pauses its input (``input_paused``) until
+the application answered the RESUME or dropped the session.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
@@ -121,11 +137,13 @@ from muxtunnel.errors import (
 )
 
 from .constants import (
+    ACK_INTERVAL,
     AUTH_NONCE_SIZE,
     EXTENSION_MIN,
     MAGIC,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
+    TICKET_SIZE,
     AuthMethod,
     FrameType,
     OpenFailReason,
@@ -144,17 +162,22 @@ from .events import (
     HelloReceived,
     PongReceived,
     ResultReceived,
+    ResumeRefused,
+    ResumeRequested,
+    SessionResumed,
     StreamAccepted,
     StreamEnded,
     StreamOpened,
     StreamRejected,
     StreamReset,
+    TicketReceived,
     UnbindReceived,
     WindowUpdated,
 )
 from .flowcontrol import ReceiveWindow, SendCredit, WindowBudget, min_conn_window
 from .frames import (
     HEADER,
+    AckFrame,
     Address,
     AuthFrame,
     BindFrame,
@@ -172,13 +195,17 @@ from .frames import (
     PingFrame,
     ResetFrame,
     ResultFrame,
+    ResumedFrame,
+    ResumeFrame,
     Settings,
+    TicketFrame,
     UnbindFrame,
     WindowFrame,
     encode_frame,
 )
-from .lifecycle import Lifecycle, SessionInput
+from .lifecycle import Lifecycle, SessionInput, SessionState
 from .reader import FrameReader
+from .replay import ReplayLog
 from .requests import IncomingRequests, OutgoingRequests
 from .scheduler import OutboundStream, Scheduler
 from .state import (
@@ -234,10 +261,16 @@ _MAX_STREAM_ID: Final = (1 << 64) - 1
 _S = StreamState
 _I = StreamInput
 _L = SessionInput
+_LS = SessionState
+_U32_MAX: Final = (1 << 32) - 1
 _REMOTE_FINISHED = frozenset({_S.OPENING_IN_REMOTE_DONE, _S.REMOTE_DONE})
 _OPENING_IN = frozenset({_S.OPENING_IN, _S.OPENING_IN_REMOTE_DONE})
 #: What the server accepts before it has sent RESULT(OK) for the AUTH (spec §7.1, §7.6).
-_PREAUTH_TYPES = frozenset({FrameType.HELLO, FrameType.AUTH, FrameType.PING, FrameType.CLOSE})
+_PREAUTH_TYPES = frozenset(
+    {FrameType.HELLO, FrameType.AUTH, FrameType.PING, FrameType.CLOSE, FrameType.RESUME}
+)
+#: RESULT statuses that refuse a RESUME (spec §10.6).
+_RESUME_REFUSALS = frozenset({ResultStatus.TICKET_UNKNOWN, ResultStatus.RESUME_FAILED})
 #: The type code of each decoded frame class (extension frames carry their own).
 _FRAME_TYPES: dict[type, FrameType] = {
     DataFrame: FrameType.DATA,
@@ -255,6 +288,10 @@ _FRAME_TYPES: dict[type, FrameType] = {
     UnbindFrame: FrameType.UNBIND,
     ResultFrame: FrameType.RESULT,
     ChallengeFrame: FrameType.CHALLENGE,
+    AckFrame: FrameType.ACK,
+    TicketFrame: FrameType.TICKET,
+    ResumeFrame: FrameType.RESUME,
+    ResumedFrame: FrameType.RESUMED,
 }
 
 
@@ -280,6 +317,11 @@ class SessionConfig:
         open_rate: inbound OPENs accepted per second (token bucket); more are refused with
             OPEN_FAIL(RESOURCE_SHORTAGE) without creating the stream.
         open_burst: the bucket's size: OPENs accepted at once after a quiet period.
+        max_replay: with resumption on, no DATA is framed while the replay log holds this many
+            bytes or more (spec §10.6.2 item 5: a local bound against a peer that announces
+            huge windows or sends no ACK; the peer's next ACK, sent on receipt, releases it).
+            None -> our own connection window cap (``max_conn_window``); never below
+            4 x ACK_INTERVAL, so that a peer acknowledging every ACK_INTERVAL keeps it moving.
     """
 
     settings: Settings | None = None
@@ -292,6 +334,7 @@ class SessionConfig:
     receive_budget: int | None = None
     open_rate: float = OPEN_RATE
     open_burst: int = OPEN_BURST
+    max_replay: int | None = None
 
 
 class _Bucket:
@@ -425,6 +468,37 @@ class Session:
         self._goaway_sent: int | None = None
         self._goaway_received: int | None = None
 
+        # Session resumption (spec §10.6).
+        self._resume_on = False
+        self._resume_window = 0.0
+        #: Our stream from offset 0, while resumption may be on (dropped at the peer's HELLO
+        #: if it is off, and at the end of the session).
+        self._log: ReplayLog | None = ReplayLog() if settings.resume_window > 0 else None
+        #: No DATA is framed while the log holds this many bytes (spec §10.6.2 item 5).
+        self._max_replay = max(
+            4 * ACK_INTERVAL, self._max_conn_window if cfg.max_replay is None else cfg.max_replay
+        )
+        self._sent = 0  # bytes of our stream handed out
+        self._recv_base = 0  # received offset where the current reader's stream starts
+        self._recv_mark = 0  # stats["bytes_received"] when the current reader started
+        self._ack_sent = 0  # the last ACK we sent
+        self._ack_recv = 0  # the last ACK (or resume offset) the peer gave us
+        #: The transport is lost or a resume handshake runs: stream output is held back.
+        self._detached = False
+        #: receive_data() leaves the plain path (detached, or input paused behind a RESUME).
+        self._special_in = False
+        #: data_to_send() leaves the plain path (detached, or a prefix / replay is pending).
+        self._special_out = False
+        #: Uncounted output: a resume handshake's frames (client), RESUMED (relay).
+        self._hs_out: list[bytes] = []
+        #: The replay still to send after a resume (views of the log's chunks).
+        self._replay: deque[memoryview] = deque()
+        self._resume_in: ResumeFrame | None = None  # relay: the RESUME held until the AUTH
+        self._resume_hold = False  # relay: input paused behind RESUME + AUTH
+        self._hs_resume_req: int | None = None  # client: our RESUME's req_id
+        self._hs_auth_req: int | None = None  # client: the resume handshake's AUTH req_id
+        self._hs_fatal = False  # client: the handshake error ends the session
+
         self._ping_bucket = _Bucket(PING_RATE, PING_BURST)
         self._idle_bucket = _Bucket(NONPRODUCTIVE_RATE, NONPRODUCTIVE_BURST)
         self._reset_bucket = _Bucket(RESET_RATE, RESET_BURST)
@@ -446,6 +520,10 @@ class Session:
             UnbindFrame: self._on_unbind,
             ResultFrame: self._on_result,
             ChallengeFrame: self._on_challenge,
+            AckFrame: self._on_ack,
+            TicketFrame: self._on_ticket,
+            ResumeFrame: self._on_resume,
+            ResumedFrame: self._on_resumed,
             ExtensionFrame: self._on_extension,
         }
 
@@ -481,6 +559,49 @@ class Session:
         """Server: RESULT(OK) sent for AUTH. Client: RESULT(OK) received for our AUTH."""
         return self._life.authenticated
 
+    @property
+    def resume_enabled(self) -> bool:
+        """Session resumption is on (minor >= 2, both HELLOs declare RESUME_WINDOW > 0)."""
+        return self._resume_on
+
+    @property
+    def resume_window(self) -> float:
+        """Seconds a lost session is kept: the smaller declared window; 0.0 if off."""
+        return self._resume_window
+
+    @property
+    def suspended(self) -> bool:
+        """The transport is lost (``suspend``) and no resume has completed yet."""
+        return self._detached
+
+    @property
+    def input_paused(self) -> bool:
+        """Relay handshake session: RESUME + AUTH processed, the RESUME not answered yet.
+
+        Read nothing more from the transport meanwhile (the client sends nothing: after the
+        answer its bytes belong to the resumed session, or to this one after a refusal).
+        """
+        return self._resume_hold
+
+    @property
+    def sent_offset(self) -> int:
+        """Bytes of our session stream handed out by ``data_to_send`` (spec §10.6)."""
+        return self._sent
+
+    @property
+    def received_offset(self) -> int:
+        """Bytes of the peer's session stream received as complete frames (spec §10.6)."""
+        if self._detached:
+            return self._recv_base
+        received = self._stats["bytes_received"] - self._recv_mark - self._reader.buffered
+        return self._recv_base + received
+
+    @property
+    def replay_size(self) -> int:
+        """Bytes held in the replay log (0 with resumption off)."""
+        log = self._log
+        return 0 if log is None else log.size
+
     # ------------------------------------------------------------------------------------
     # Input
 
@@ -502,6 +623,8 @@ class Session:
         if self._life.closed:
             return []
         self._now = now
+        if self._special_in:
+            return self._receive_special(data, now)
         events: list[Event] = []
         try:
             size = len(data)
@@ -521,6 +644,11 @@ class Session:
                 self._held = []
             if frames:
                 self._process(frames, events, now)
+            if self._log is not None and self._life.authenticated:
+                received = self.received_offset
+                if received - self._ack_sent >= ACK_INTERVAL:
+                    self._ack_sent = received
+                    self._queue(AckFrame(received=received))
             if len(self._control) > MAX_CONTROL_FRAMES or self._control_bytes > MAX_CONTROL_BYTES:
                 raise ProtocolError(
                     "peer makes us queue too much control output", ErrorCode.ENHANCE_YOUR_CALM
@@ -577,6 +705,8 @@ class Session:
                     handlers[cls](frame, events)
                     if self._auth_req is not None:
                         self._held = list(it)
+                        if self._held and self._resume_hold:
+                            raise ProtocolError("frames after the AUTH of a resume handshake")
                         return
                     if self._life.closed:
                         return
@@ -717,14 +847,49 @@ class Session:
         if not self._idle_bucket.take(self._now):
             raise ProtocolError("too many frames that do nothing", ErrorCode.ENHANCE_YOUR_CALM)
 
+    def _on_ack(self, frame: AckFrame, events: list[Event]) -> None:
+        log = self._log
+        if log is None or not self._life.authenticated:
+            raise ProtocolError("ACK while resumption is off or before authentication")
+        received = frame.received
+        if received > self._sent:
+            raise ProtocolError(f"ACK of {received} bytes; {self._sent} were sent")
+        if received <= self._ack_recv:
+            self._nonproductive()  # not above the previous ACK: ignored (spec §10.6)
+            return
+        self._ack_recv = received
+        blocked = self._max_replay - log.size < self._sched.sws
+        log.release(received)
+        if blocked:  # the local bound held DATA back: the writer may go on (spec §10.6.2)
+            events.append(WindowUpdated(stream_id=0))
+
+    def _on_ticket(self, frame: TicketFrame, events: list[Event]) -> None:
+        if self.role != Role.CLIENT:
+            raise ProtocolError("TICKET sent to a relay")
+        if self._log is None or not self._life.authenticated:
+            raise ProtocolError("TICKET while resumption is off or before authentication")
+        events.append(TicketReceived(ticket=frame.ticket, lifetime=frame.lifetime))
+
+    def _on_resume(self, frame: ResumeFrame, events: list[Event]) -> None:
+        if self.role != Role.SERVER:
+            raise ProtocolError("RESUME sent to a client")
+        if not self._resume_on:
+            raise ProtocolError("RESUME while resumption is off")
+        if not self._life.advance(_L.RECV_RESUME):
+            raise ProtocolError("RESUME outside the handshake's place between HELLO and AUTH")
+        self._requests_in.take(frame.req_id, FrameType.RESUME)
+        self._resume_in = frame
+
+    def _on_resumed(self, frame: ResumedFrame, events: list[Event]) -> None:
+        raise ProtocolError("RESUMED outside a resume handshake")
+
     def _on_extension(self, frame: ExtensionFrame, events: list[Event]) -> None:
         self._nonproductive()  # skipped (§6.16), but it counts as non-productive
 
     def _on_close(self, frame: CloseFrame, events: list[Event]) -> None:
         code = ErrorCode.from_wire(frame.error_code)
         self._shutdown()
-        self._control.clear()  # the peer is gone: nothing more is worth sending
-        self._control_bytes = 0
+        self._drop_output()  # the peer is gone: nothing more is worth sending
         events.append(ConnectionClosed(error_code=code, message=frame.message))
 
     def _on_hello(self, frame: HelloFrame, events: list[Event]) -> None:
@@ -742,6 +907,12 @@ class Session:
         self._life.advance(_L.RECV_HELLO)
         self.peer_settings = settings
         self.minor = min(PROTOCOL_MINOR, frame.minor)
+        ours = self.local_settings.resume_window
+        if self.minor >= 2 and ours and settings.resume_window:  # spec §10.6
+            self._resume_on = True
+            self._resume_window = float(min(ours, settings.resume_window))
+        else:
+            self._log = None
         self._conn_send.limit = settings.initial_conn_window
         self._sched.single_max = min(MAX_SEND_FRAME, settings.max_frame_payload)
         events.append(HelloReceived(settings=settings, minor=self.minor))
@@ -949,6 +1120,16 @@ class Session:
             )
             raise ProtocolError("malformed auth credential", ErrorCode.AUTH_FAILED)
         self._auth_req = frame.req_id
+        resume = self._resume_in
+        if resume is not None:
+            if self._reader.buffered:
+                raise ProtocolError("bytes after the AUTH of a resume handshake")
+            self._resume_hold = self._special_in = True
+            events.append(
+                ResumeRequested(
+                    req_id=resume.req_id, ticket=resume.ticket, received=resume.received
+                )
+            )
         events.append(
             AuthRequested(req_id=frame.req_id, method=frame.method, credential=frame.credential)
         )
@@ -1029,15 +1210,32 @@ class Session:
         Control frames come first (FIFO), then coalesced PING answers and WINDOW updates,
         then DATA frames chosen by the scheduler until about ``max_bytes``.
 
+        With resumption on, every byte of the stream is recorded in the replay log. After a
+        resume, RESUMED (relay) and the replay come first, at most ``max_bytes`` per call;
+        while suspended only the frames of a resume handshake go out (spec §10.6).
+
         Args:
             max_bytes: soft size limit of the batch; None -> ``config.max_batch``.
         """
+        if self._special_out:
+            return self._special_output(max_bytes)
         parts: list[bytes | memoryview] = list(self._control)
         used = self._control_bytes
         self._control.clear()
         self._control_bytes = 0
         if not self._life.closed:
             pack = HEADER.pack
+            if (
+                self._log is not None
+                and (self._pong is not None or self._conn_dirty)
+                and self._life.authenticated
+            ):
+                received = self.received_offset
+                if received > self._ack_sent:  # the ACK rule of spec §10.6
+                    self._ack_sent = received
+                    parts.append(pack(8, FrameType.ACK, 0, 0, 0))
+                    parts.append(received.to_bytes(8, "big"))
+                    used += 24
             if self._pong is not None:
                 parts.append(encode_frame(PingFrame(seq=self._pong, ack=True)))
                 used += 24
@@ -1063,7 +1261,10 @@ class Session:
             if sched.new or sched.old or sched.fins:
                 room = (self.config.max_batch if max_bytes is None else max_bytes) - used
                 conn_send = self._conn_send
-                added, charged, finished = sched.fill(parts, room, conn_send.limit - conn_send.sent)
+                credit = conn_send.limit - conn_send.sent
+                if self._log is not None:
+                    credit = min(credit, self._replay_room())
+                added, charged, finished = sched.fill(parts, room, credit)
                 conn_send.sent += charged
                 used += added
                 self._stats["data_bytes_sent"] += charged
@@ -1074,11 +1275,55 @@ class Session:
         if not parts:
             return b""
         out = b"".join(parts)
-        self._stats["bytes_sent"] += len(out)
+        n = len(out)
+        self._stats["bytes_sent"] += n
+        self._sent += n
+        log = self._log
+        if log is not None:
+            log.record(out)
         return out
+
+    def _special_output(self, max_bytes: int | None) -> bytes:
+        """Uncounted frames (resume handshake, RESUMED), then the replay, then fresh output."""
+        parts: list[bytes | memoryview] = list(self._hs_out)
+        self._hs_out.clear()
+        if self._detached:  # no stream output without a resumed transport
+            out = b"".join(parts)
+            self._stats["bytes_sent"] += len(out)
+            return out
+        limit = max(1, self.config.max_batch if max_bytes is None else max_bytes)
+        used = sum(len(part) for part in parts)
+        replay = self._replay
+        while replay and used < limit:
+            chunk = replay[0]
+            room = limit - used
+            if len(chunk) > room:
+                parts.append(chunk[:room])
+                replay[0] = chunk[room:]
+                used = limit
+            else:
+                parts.append(replay.popleft())
+                used += len(chunk)
+        head = b"".join(parts)
+        self._stats["bytes_sent"] += len(head)
+        if replay:
+            return head
+        self._special_out = False
+        return head + self.data_to_send(limit - used)  # the plain batch, counted
+
+    def _replay_room(self) -> int:
+        """DATA bytes the local bound on the replay log allows now (``config.max_replay``)."""
+        log = self._log
+        assert log is not None
+        return max(0, self._max_replay - log.size)
 
     def wants_write(self) -> bool:
         """True if :meth:`data_to_send` would return something now."""
+        if self._special_out:
+            if self._hs_out or self._replay:
+                return True
+            if self._detached:
+                return False
         if self._control:
             return True
         if self._life.closed:
@@ -1092,6 +1337,8 @@ class Session:
             if out.fin_queued and not out.pending:
                 return True
         conn_available = self._conn_send.limit - self._conn_send.sent
+        if self._log is not None:
+            conn_available = min(conn_available, self._replay_room())
         # The same test as Scheduler.fill: a stream is blocked while its credit (or the
         # connection's) is below both what it has pending and the scheduler's SWS threshold.
         sws = sched.sws
@@ -1145,11 +1392,17 @@ class Session:
     def send_auth(self, req_id: int, method: int, credential: bytes) -> None:
         """Client: queue AUTH (normally right after ChallengeReceived).
 
+        In a resume handshake (spec §10.6) the AUTH follows ``send_resume`` and goes out on the
+        new connection, outside the session stream.
+
         Raises:
             LocalProtocolError: not a client, ``req_id`` is outstanding, or AUTH was sent.
             SessionClosedError: the session is closed.
         """
         frame = AuthFrame(req_id=req_id, method=method, credential=bytes(credential))
+        if self._detached:
+            self._send_resume_auth(req_id, frame)
+            return
         self._new_request(req_id, FrameType.AUTH, 0, frame)
 
     def send_bind(
@@ -1209,6 +1462,10 @@ class Session:
     ) -> None:
         """Server: answer a request. The answer to AUTH decides the session's fate.
 
+        The answer to a RESUME (spec §10.6) is a refusal, TICKET_UNKNOWN or RESUME_FAILED
+        (success is ``resume`` on the old session), after the AUTH's answer; it ends the pause
+        of ``input_paused``.
+
         An OK answer to the AUTH marks the session authenticated; frames held behind the AUTH
         are processed by the next ``receive_data`` call (``receive_data(b"")`` will do). Any
         other answer to the AUTH also queues ``CLOSE(AUTH_FAILED)`` and closes the session.
@@ -1220,7 +1477,7 @@ class Session:
         Raises:
             LocalProtocolError: not a server, or ``req_id`` is not an unanswered request.
             ValueError: ``bound`` is missing on the OK answer to a BIND or present on any
-                other answer.
+                other answer, or a RESUME's answer is not a refusal.
         """
         if self._life.closed:
             return
@@ -1229,6 +1486,9 @@ class Session:
             raise LocalProtocolError(f"no unanswered request {req_id}")
         if (bound is not None) != (kind == FrameType.BIND and status == ResultStatus.OK):
             raise ValueError("bound goes with exactly the OK answer to a BIND")
+        if kind == FrameType.RESUME:
+            self._refuse_resume(req_id, status, message)
+            return
         self._requests_in.answer(req_id)
         self._queue(ResultFrame(req_id=req_id, status=status, message=message, bound=bound))
         if req_id == self._auth_req:
@@ -1242,6 +1502,319 @@ class Session:
             self._control.clear()
             self._control_bytes = 0
             self.close(ErrorCode.ENHANCE_YOUR_CALM, "too many refused requests")
+
+    # ------------------------------------------------------------------------------------
+    # Session resumption (spec §10.6)
+
+    def _new_reader(self, *, magic: bool, stop_after: int | None = None) -> FrameReader:
+        local = self.local_settings
+        return FrameReader(
+            max_data_payload=local.max_frame_payload,
+            max_control_payload=local.max_control_payload,
+            expect_magic=magic,
+            stop_after=stop_after,
+        )
+
+    def suspend(self) -> None:
+        """The transport is gone: keep the session for a resume (spec §10.6).
+
+        OPEN -> SUSPENDED (a client's failed resume handshake: back to SUSPENDED). The partial
+        frame in the reader is dropped (it comes again by replay), outstanding PINGs are
+        forgotten, a replay in progress stops. Streams, queued output and the replay log stay;
+        local calls keep working and their output goes out after the resume.
+
+        Raises:
+            LocalProtocolError: resumption is off, or the session is not OPEN (or resuming).
+        """
+        if not self._resume_on or not self._life.allows(_L.SUSPEND):
+            raise LocalProtocolError(
+                f"cannot suspend: resumption is {'on' if self._resume_on else 'off'}, "
+                f"session state {self._life.state.name}"
+            )
+        if not self._detached:
+            self._recv_base = self.received_offset
+        self._life.advance(_L.SUSPEND)
+        self._detached = self._special_in = self._special_out = True
+        self._reader = self._new_reader(magic=False)
+        self._pings.clear()
+        self._hs_out = []
+        self._replay.clear()
+        self._hs_resume_req = self._hs_auth_req = None
+        self._hs_fatal = False
+
+    def can_resume(self, peer_received: int) -> bool:
+        """Relay: True if a resume from the peer's offset ``peer_received`` can work now.
+
+        The session is resumable (resumption on, OPEN or SUSPENDED) and the offset lies in
+        ``[log start, sent]``. Nothing changes.
+        """
+        log = self._log
+        return (
+            log is not None
+            and self._resume_on
+            and self._life.state in (_LS.OPEN, _LS.SUSPENDED)
+            and log.start <= peer_received <= log.end
+        )
+
+    def resume(self, req_id: int, peer_received: int) -> None:
+        """Relay: continue this (old) session on a new connection (spec §10.6).
+
+        Call it after RESULT(OK) for the new connection's AUTH went out. Suspends first if the
+        old transport was still attached. Queues RESUMED(req_id, received_offset) outside the
+        stream, then the replay of our stream from ``peer_received``; the reader starts afresh
+        without MAGIC: the client's bytes after its AUTH continue its stream. Then call
+        ``send_ticket`` with the rotated ticket.
+
+        Raises:
+            ResumeOffsetError: ``peer_received`` is outside ``[log start, sent]`` (nothing
+                changed; the session cannot resume: answer RESUME_FAILED and end it).
+            LocalProtocolError: not a relay, resumption off, or the session is not OPEN or
+                SUSPENDED.
+            ValueError: ``req_id`` is not a request id (1 .. 2^32-1).
+        """
+        log = self._log
+        if (
+            self.role != Role.SERVER
+            or log is None
+            or not self._resume_on
+            or self._life.state not in (_LS.OPEN, _LS.SUSPENDED)
+        ):
+            raise LocalProtocolError(f"cannot resume a session in state {self._life.state.name}")
+        if not 0 < req_id <= _U32_MAX:
+            raise ValueError(f"request id {req_id} out of range")
+        tail = log.tail(peer_received)  # raises ResumeOffsetError
+        if not self._detached:
+            self.suspend()
+        self._hs_out = [encode_frame(ResumedFrame(req_id=req_id, received=self._recv_base))]
+        self._boundary(peer_received, tail)
+
+    def _boundary(self, peer_received: int, tail: list[memoryview]) -> None:
+        """The resume boundary: the replay from ``peer_received``, a fresh reader, OPEN."""
+        log = self._log
+        assert log is not None
+        self._replay = deque(tail)
+        log.release(peer_received)  # what the peer holds needs no replay
+        if peer_received > self._ack_recv:
+            self._ack_recv = peer_received
+        self._reader = self._new_reader(magic=False)
+        self._recv_mark = self._stats["bytes_received"]
+        self._life.advance(_L.RESUME)
+        self._detached = self._special_in = False
+        self._special_out = True
+
+    def send_ticket(self, ticket: bytes, lifetime: int) -> None:
+        """Relay: queue TICKET (right after RESULT(OK) for the AUTH, or after ``resume``).
+
+        Raises:
+            LocalProtocolError: not a relay, resumption off, or not authenticated.
+            ValueError: the ticket is not 32 bytes or the lifetime not a u32.
+            SessionClosedError: the session is closed.
+        """
+        self._check_open_session()
+        if self.role != Role.SERVER or not self._resume_on or not self._life.authenticated:
+            raise LocalProtocolError("only an authenticated relay with resumption on sends TICKET")
+        if len(ticket) != TICKET_SIZE or not 0 <= lifetime <= _U32_MAX:
+            raise ValueError(f"a ticket is {TICKET_SIZE} bytes and its lifetime a u32")
+        self._queue(TicketFrame(ticket=bytes(ticket), lifetime=lifetime))
+
+    def _refuse_resume(self, req_id: int, status: ResultStatus, message: str) -> None:
+        """Relay handshake session: answer a RESUME with a refusal; input flows again."""
+        if status not in _RESUME_REFUSALS:
+            raise ValueError("a RESUME is refused with TICKET_UNKNOWN or RESUME_FAILED")
+        if not self._life.authenticated:
+            raise LocalProtocolError("answer the AUTH before the RESUME")
+        self._requests_in.answer(req_id)
+        self._queue(ResultFrame(req_id=req_id, status=status, message=message))
+        self._resume_in = None
+        self._resume_hold = self._special_in = False
+
+    def begin_resume(self) -> None:
+        """Client: start a resume handshake on a new connection (spec §10.6).
+
+        Queues MAGIC + HELLO (our settings; outside the session stream) and expects the
+        relay's MAGIC. Then: ``HelloReceived``, ``ChallengeReceived`` -> ``send_resume`` and
+        ``send_auth`` -> ``ResultReceived`` -> ``SessionResumed`` (OPEN again) or
+        ``ResumeRefused`` (closed). A failure of the new connection: ``suspend()`` again.
+
+        Raises:
+            LocalProtocolError: not a client, or the session is not SUSPENDED.
+        """
+        if self.role != Role.CLIENT or not self._life.allows(_L.BEGIN_RESUME):
+            raise LocalProtocolError(
+                f"cannot begin a resume in state {self._life.state.name} ({self.role.name})"
+            )
+        self._life.advance(_L.BEGIN_RESUME)
+        hello = HelloFrame(
+            major=PROTOCOL_MAJOR,
+            minor=PROTOCOL_MINOR,
+            role=self.role,
+            flags=0,
+            settings=self.local_settings.to_pairs(),
+        )
+        self._hs_out = [MAGIC, encode_frame(hello)]
+        self._reader = self._new_reader(magic=True, stop_after=FrameType.RESUMED)
+
+    def send_resume(self, req_id: int, ticket: bytes) -> None:
+        """Client: queue RESUME (after ChallengeReceived, before ``send_auth``).
+
+        Carries ``received_offset``, the offset the relay's replay starts from.
+
+        Raises:
+            LocalProtocolError: not in a resume handshake after CHALLENGE, or sent already.
+            ValueError: ``req_id`` is not 1 .. 2^32-1, or the ticket is not 32 bytes.
+        """
+        if not self._life.allows(_L.SEND_RESUME):
+            raise LocalProtocolError("RESUME goes right after the CHALLENGE of a resume handshake")
+        if not 0 < req_id <= _U32_MAX:
+            raise ValueError(f"request id {req_id} out of range")
+        frame = ResumeFrame(req_id=req_id, ticket=bytes(ticket), received=self._recv_base)
+        raw = encode_frame(frame)  # checks the ticket's size
+        self._life.advance(_L.SEND_RESUME)
+        self._hs_resume_req = req_id
+        self._hs_out.append(raw)
+
+    def _send_resume_auth(self, req_id: int, frame: AuthFrame) -> None:
+        if not self._life.allows(_L.SEND_AUTH):
+            raise LocalProtocolError("the AUTH of a resume handshake follows send_resume, once")
+        if not 0 < req_id <= _U32_MAX or req_id == self._hs_resume_req:
+            raise LocalProtocolError(f"request id {req_id} is 0, too large or the RESUME's")
+        raw = encode_frame(frame)
+        self._life.advance(_L.SEND_AUTH)
+        self._hs_auth_req = req_id
+        self._hs_out.append(raw)
+
+    def _receive_special(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
+        """receive_data() while suspended, paused behind a RESUME, or in a resume handshake."""
+        if not data:
+            return []
+        if self._life.state is _LS.SUSPENDED:
+            raise LocalProtocolError("the session is suspended: it has no transport")
+        self._stats["bytes_received"] += len(data)
+        if self._resume_hold:
+            exc = ProtocolError("bytes after the AUTH of a resume handshake, before the answer")
+            self._fail(exc)
+            raise exc
+        events: list[Event] = []
+        reader = self._reader
+        try:
+            for frame in reader.read_frames(data):
+                self._handshake_frame(frame, events)
+                if self._life.closed:
+                    return events
+        except ProtocolError as exc:
+            self._handshake_failed(exc)
+            raise
+        rest = reader.leftover
+        if rest:  # the relay's replay and stream behind RESUMED, in the same read
+            self._stats["bytes_received"] -= len(rest)
+            self._recv_mark -= len(rest)
+            events += self.receive_data(rest, now)
+        return events
+
+    def _handshake_failed(self, exc: ProtocolError) -> None:
+        """A peer fault in a resume handshake: CLOSE(code) on that connection, SUSPENDED again.
+
+        A bad RESUMED, or a fault once the AUTH was refused, ends the session instead.
+        """
+        if self._hs_fatal or not self._life.allows(_L.SUSPEND):
+            self._fail(exc)
+            return
+        self.suspend()
+        if not isinstance(exc, PrefaceError):
+            self._hs_out = [encode_frame(CloseFrame(error_code=exc.error_code, message=str(exc)))]
+
+    def _handshake_frame(self, frame: Frame, events: list[Event]) -> None:
+        """One frame of the relay's side of a resume handshake (not the session stream)."""
+        cls = frame.__class__
+        life = self._life
+        if life.state is _LS.RESUME_AWAIT_HELLO and cls is not HelloFrame:
+            raise ProtocolError("the first frame must be HELLO")
+        if cls is HelloFrame:
+            self._handshake_hello(cast("HelloFrame", frame), events)
+        elif cls is ChallengeFrame:
+            if not life.advance(_L.RECV_CHALLENGE):
+                raise ProtocolError("second CHALLENGE")
+            events.append(ChallengeReceived(nonce=cast("ChallengeFrame", frame).nonce))
+        elif cls is ResultFrame:
+            self._handshake_result(cast("ResultFrame", frame), events)
+        elif cls is ResumedFrame:
+            self._handshake_resumed(cast("ResumedFrame", frame), events)
+        elif cls is CloseFrame:
+            self._on_close(cast("CloseFrame", frame), events)
+        elif (
+            (cls is PingFrame and not cast("PingFrame", frame).ack)
+            or cls in (TicketFrame, GoAwayFrame, ExtensionFrame)
+            or (cls is WindowFrame and cast("WindowFrame", frame).stream_id == 0)
+        ):
+            # The relay's handshake session speaks for itself: nothing of ours. A PING is
+            # not answered: after our AUTH we send nothing but the resumed stream.
+            self._nonproductive()
+        else:
+            name = "PONG" if cls is PingFrame else _FRAME_TYPES[cls].name
+            raise ProtocolError(f"{name} frame in a resume handshake")
+
+    def _handshake_hello(self, frame: HelloFrame, events: list[Event]) -> None:
+        if not self._life.allows(_L.RECV_HELLO):
+            raise ProtocolError("second HELLO")
+        if frame.major != PROTOCOL_MAJOR:
+            raise VersionMismatchError(
+                f"peer speaks protocol {frame.major}.{frame.minor}, we speak {PROTOCOL_MAJOR}"
+            )
+        if frame.role != Role.SERVER:
+            raise ProtocolError(f"peer HELLO has role {frame.role}, expected {int(Role.SERVER)}")
+        settings = Settings.from_pairs(frame.settings, Settings(max_concurrent_streams=0))
+        minor = min(PROTOCOL_MINOR, frame.minor)
+        self._life.advance(_L.RECV_HELLO)
+        # Informational: the session keeps the settings and minor of its first connection.
+        events.append(HelloReceived(settings=settings, minor=minor))
+        if minor < 2 or not settings.resume_window:
+            events.append(
+                ResumeRefused(
+                    req_id=0,
+                    status=ResultStatus.TICKET_UNKNOWN,
+                    message="the relay no longer offers session resumption",
+                )
+            )
+            self.close(ErrorCode.NO_ERROR, "cannot resume: resumption is off")
+
+    def _handshake_result(self, frame: ResultFrame, events: list[Event]) -> None:
+        if frame.bound is not None:
+            raise ProtocolError("a bound address on the RESULT of an AUTH or RESUME")
+        status: ResultStatus | int
+        try:
+            status = ResultStatus(frame.status)
+        except ValueError:
+            status = frame.status
+        req_id = frame.req_id
+        state = self._life.state
+        if req_id == self._hs_auth_req and state is _LS.RESUME_AUTH_SENT:
+            self._life.advance(_L.AUTH_OK if status == ResultStatus.OK else _L.AUTH_REFUSED)
+            events.append(
+                ResultReceived(req_id=req_id, status=status, message=frame.message, bound=None)
+            )
+        elif req_id == self._hs_resume_req and state is _LS.RESUME_AUTHENTICATED:
+            if status == ResultStatus.OK:
+                raise ProtocolError("RESULT(OK) for a RESUME: success is RESUMED")
+            events.append(ResumeRefused(req_id=req_id, status=status, message=frame.message))
+            self.close(ErrorCode.NO_ERROR, "resume refused")
+        else:
+            raise ProtocolError(f"RESULT for request id {req_id}, unexpected in a resume handshake")
+
+    def _handshake_resumed(self, frame: ResumedFrame, events: list[Event]) -> None:
+        """RESUMED: the boundary. Anything wrong here ends the session for good."""
+        self._hs_fatal = True
+        log = self._log
+        assert log is not None  # a resume handshake needs resumption on
+        if self._life.state is not _LS.RESUME_AUTHENTICATED or frame.req_id != self._hs_resume_req:
+            raise ProtocolError(f"RESUMED for request {frame.req_id} out of place")
+        received = frame.received
+        if not log.start <= received <= log.end:
+            raise ProtocolError(
+                f"RESUMED offset {received} is outside what we kept [{log.start}, {log.end}]"
+            )
+        self._boundary(received, log.tail(received))
+        self._hs_fatal = False
+        events.append(SessionResumed(peer_received=received))
 
     # ------------------------------------------------------------------------------------
     # Streams
@@ -1572,13 +2145,14 @@ class Session:
         """Queue PING; the answer yields PongReceived and an RTT sample.
 
         Returns:
-            The PING's seq, or None if 4 PINGs are outstanding already.
+            The PING's seq, or None if 4 PINGs are outstanding already or the session is
+            suspended (no PING waits out a lost transport, spec §10.6).
 
         Raises:
             SessionClosedError: the session is closed.
         """
         self._check_open_session()
-        if len(self._pings) >= MAX_OUTSTANDING_PINGS:
+        if len(self._pings) >= MAX_OUTSTANDING_PINGS or self._detached:
             return None
         self._now = now
         self._ping_seq += 1
@@ -1619,6 +2193,14 @@ class Session:
 
     def _shutdown(self) -> None:
         """Mark closed and drop all stream state and non-FIFO output."""
+        if self._detached:
+            # Held stream output never goes out; unsent handshake frames go before the CLOSE.
+            self._control[:] = self._hs_out
+            self._control_bytes = sum(len(raw) for raw in self._hs_out)
+            self._hs_out = []
+            self._detached = self._special_out = False
+        self._special_in = self._resume_hold = False
+        self._log = None
         self._life.advance(_L.CLOSE)
         for stream in self._streams.values():
             stream.drop_pending()
@@ -1641,13 +2223,19 @@ class Session:
         """Close the session for a peer fault: CLOSE(code) queued, except for a wrong preface."""
         if isinstance(exc, PrefaceError):
             self._shutdown()
-            self._control.clear()
-            self._control_bytes = 0
+            self._drop_output()
             return
         if exc.error_code == ErrorCode.ENHANCE_YOUR_CALM:
             self._control.clear()
             self._control_bytes = 0
         self.close(exc.error_code, str(exc))
+
+    def _drop_output(self) -> None:
+        self._control.clear()
+        self._control_bytes = 0
+        self._hs_out.clear()
+        self._replay.clear()
+        self._special_out = False
 
     def statistics(self) -> dict[str, int]:
         """A debugging snapshot of counters and windows.

@@ -11,6 +11,10 @@ API (synchronous; needs root, ``ip``, ``nft``, and ``gcc`` for delayed links)::
         client.link.cut(); client.link.restore()          # ip link set down / up (router side)
         client.link.cut(silent=True)           # or: the router drops everything, no ICMP
         client.link.set_loss(2.0); client.link.clear_loss()  # nftables numgen drop, both directions
+        client.move()                          # a new link and address; the old one goes away
+        lab.lan(client, service)               # a direct link between two hosts (no router)
+        sshd = service.start_sshd(2222)        # a throwaway OpenSSH server; sshd.ssh_argv(...)
+        rss_bytes(proc.pid); status_json(state_dir)        # memory; ``muxtunnel status --json``
         lab.start_relay(relay, token=...) -> LabRelay;  lab.start_client(client, relay, specs)
         svc = service.serve(9000)              # tests/faults/peers.py: a service that checks bytes
         v = visitor.visit(relay.addr, port, "down", size, seed); visit_result(v) -> dict
@@ -41,6 +45,7 @@ import atexit
 import contextlib
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
@@ -64,7 +69,7 @@ from tests.system.harness import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = [
     "NETDELAY_SOURCE",
@@ -74,10 +79,13 @@ __all__ = [
     "LabClient",
     "LabError",
     "LabRelay",
+    "LabSshd",
     "Link",
     "Tunnel",
     "build_tunnel",
     "record",
+    "rss_bytes",
+    "status_json",
     "unavailable_reason",
     "visit_result",
 ]
@@ -234,6 +242,8 @@ class Host:
     name: str
     ns: str
     link: Link
+    #: Links this host had before :meth:`move` (down, address deleted).
+    old_links: list[Link] = field(default_factory=list)
 
     @property
     def addr(self) -> str:
@@ -303,6 +313,86 @@ class Host:
             args += ["--rate", str(rate)]
         return self.peers(name, args)
 
+    def move(self, *, close_sockets: bool = False) -> Link:
+        """Move this host to a new link and address (a roaming client); returns the new link.
+
+        A new veth pair to the router (a new subnet) comes up and becomes the default route;
+        the old link's address is deleted and both of its ends go down, so connections bound
+        to the old address are dead (their packets can no longer leave, answers find no one).
+        ``close_sockets``: also abort those TCP connections (``ss -K``, as a mobile OS does when
+        it leaves a network): their owners get an error at once, the peers hear nothing.
+        Only for hosts on plain (undelayed) links.
+        """
+        old = self.link
+        if old.delay_ms > 0 or old.jitter_ms > 0:
+            raise LabError("move() needs a plain link (no delay line)")
+        link = self.lab._veth(self.ns)
+        sub = link.subnet
+        _run(["ip", "-n", self.ns, "route", "replace", "default", "via", f"{sub}.1"])
+        _run(["ip", "-n", self.ns, "addr", "del", f"{old.subnet}.2/24", "dev", old.host_dev])
+        _run(["ip", "-n", self.ns, "link", "set", old.host_dev, "down"])
+        _run(["ip", "-n", self.lab.router_ns, "link", "set", old.router_dev, "down"])
+        if close_sockets:
+            _run(self.argv(["ss", "-K", "-t", "src", f"{old.subnet}.2"]))
+        old.clear_loss()
+        self.old_links.append(old)
+        self.link = link
+        return link
+
+    def start_sshd(self, port: int = 2222, *, timeout: float = 30.0) -> LabSshd:
+        """A throwaway OpenSSH server on ``0.0.0.0:port`` in this namespace (own keys, config)."""
+        sshd = _find_sshd()
+        if sshd is None:
+            raise LabError("sshd not installed")
+        home = self.lab.workdir / f"sshd-{self.name}"
+        home.mkdir(parents=True, exist_ok=True)
+        host_key, user_key = home / "ssh_host_ed25519_key", home / "id_ed25519"
+        for key, comment in ((host_key, "muxtunnel-lab-host"), (user_key, "muxtunnel-lab-user")):
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), "-C", comment])
+        authorized = home / "authorized_keys"
+        shutil.copyfile(user_key.with_suffix(".pub"), authorized)
+        authorized.chmod(0o600)
+        known_hosts = home / "known_hosts"
+        known_hosts.touch()
+        config = home / "sshd_config"
+        options = [
+            f"Port {port}",
+            "ListenAddress 0.0.0.0",
+            f"HostKey {host_key}",
+            f"PidFile {home / 'sshd.pid'}",
+            f"AuthorizedKeysFile {authorized}",
+            "UsePAM no",
+            "StrictModes no",
+            "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "AllowTcpForwarding no",
+            "X11Forwarding no",
+            "PrintMotd no",
+            "UseDNS no",
+            "ClientAliveInterval 0",
+            "LogLevel INFO",
+        ]
+        config.write_text("\n".join(options) + "\n")
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
+        _run([sshd, "-t", "-f", str(config)])
+        # Its session processes inherit its stdout and stderr: they go to a file, not to the
+        # harness's pipes (whose readers would wait for every session to end).
+        log = home / "sshd.log"
+        script = 'exec "$0" -D -e -f "$1" >>"$2" 2>&1'
+        proc = self.start("sshd", ["sh", "-c", script, sshd, str(config), str(log)])
+        user = pwd.getpwuid(os.getuid()).pw_name
+        server = LabSshd(proc, self, port, user, user_key, known_hosts, log)
+        self.lab.cleanups.append(server.close)
+        deadline = time.monotonic() + timeout
+        while "Server listening on 0.0.0.0" not in server.log_text():
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise LabError(f"sshd did not start:\n{server.log_text()}\n{proc.describe()}")
+            time.sleep(0.05)
+        return server
+
     def probe(
         self, target: str, port: int, *, count: int = 5, timeout: float = 2.0
     ) -> dict[str, Any]:
@@ -335,6 +425,11 @@ class Tunnel:
         """A visitor on the visitor host through the tunnel (see :meth:`Host.visit`)."""
         return self.visitor_host.visit(self.relay_host.addr, self.port, mode, size, seed, **kw)
 
+    def public_port(self, service_port: int) -> int:
+        """The public port of the tunnel to ``service_port`` on the service host."""
+        (fwd,) = [f for f in self.client.forwards if f.local.endswith(f":{service_port}")]
+        return fwd.port
+
     def check_logs(self) -> None:
         """Fail if a muxtunnel process of the lab logged an internal error or a traceback."""
         for proc in self.lab.procs.processes:
@@ -350,11 +445,16 @@ def build_tunnel(
     client_jitter_ms: float = 0.0,
     relay_args: Sequence[str] = (),
     client_args: Sequence[str] = (),
+    extra_ports: Sequence[int] = (),
+    service_lan: bool = False,
 ) -> Tunnel:
     """Hosts relay/client/service/visitor, a relay, the checking service, a client exposing it.
 
     ``client_delay_ms``/``client_jitter_ms`` put the delay line on the client's link (one way,
-    each direction: RTT = 2 x delay).
+    each direction: RTT = 2 x delay). ``extra_ports``: more service-host ports the client
+    exposes (:meth:`Tunnel.public_port` finds their public ports). ``service_lan``: the client
+    reaches the service over a direct link (:meth:`Lab.lan`), so a cut or a move of the client's
+    router link leaves only the client↔relay path broken.
     """
     relay_host = lab.host("relay")
     client_host = lab.host("client", delay_ms=client_delay_ms, jitter_ms=client_jitter_ms)
@@ -364,10 +464,10 @@ def build_tunnel(
         relay_host, token=token or secrets.token_urlsafe(24), extra_args=relay_args
     )
     service = service_host.serve(9000)
-    client = lab.start_client(
-        client_host, relay, [f"{service_host.addr}:9000"], extra_args=client_args
-    )
-    (fwd,) = client.forwards
+    service_addr = lab.lan(client_host, service_host)[1] if service_lan else service_host.addr
+    specs = [f"{service_addr}:{p}" for p in (9000, *extra_ports)]
+    client = lab.start_client(client_host, relay, specs, extra_args=client_args)
+    (fwd,) = [f for f in client.forwards if f.local.endswith(":9000")]
     return Tunnel(
         lab, relay_host, client_host, service_host, visitor_host, relay, client, service, fwd.port
     )
@@ -388,6 +488,95 @@ def visit_result(proc: ManagedProcess, timeout: float = 180.0) -> dict[str, Any]
     match, _ = proc.wait_for_line(re.compile(r"^\{.*\}$"), timeout=timeout, what="its JSON result")
     out: dict[str, Any] = json.loads(match.group(0))
     return out
+
+
+def _find_sshd() -> str | None:
+    for path in ("/usr/sbin/sshd", "/usr/local/sbin/sshd"):
+        if os.access(path, os.X_OK):
+            return path
+    return shutil.which("sshd")
+
+
+@dataclass
+class LabSshd:
+    """An OpenSSH server started by :meth:`Host.start_sshd`."""
+
+    proc: ManagedProcess
+    host: Host
+    port: int
+    user: str
+    user_key: Path
+    known_hosts: Path
+    log: Path
+
+    def log_text(self) -> str:
+        """What sshd logged so far."""
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def close(self) -> None:
+        """Stop sshd and the session processes it started (by PID; idempotent)."""
+        for pid in reversed(_descendants(self.proc.pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.close()
+
+    def ssh_argv(self, target: str, port: int, *remote: str) -> list[str]:
+        """An ``ssh`` command to ``target:port`` that reads no system or user configuration."""
+        return [
+            "ssh", "-F", "/dev/null", "-T",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", "BatchMode=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "IdentityAgent=none",
+            "-o", "ControlMaster=no",
+            "-o", "ControlPath=none",
+            "-o", "Compression=no",
+            "-o", "ConnectTimeout=15",
+            "-o", "ServerAliveInterval=0",
+            "-o", "LogLevel=ERROR",
+            "-i", str(self.user_key),
+            "-p", str(port),
+            f"{self.user}@{target}",
+            *remote,
+        ]  # fmt: skip
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of the processes below ``pid`` (children before grandchildren)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = parents.get(todo.pop(0), [])
+        found += children
+        todo += children
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory (``VmRSS``) of process ``pid``, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LabError(f"no VmRSS for pid {pid}")
+
+
+def status_json(state_dir: Path, *, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """``muxtunnel status --state-dir DIR --json``: the snapshots of that state dir's processes."""
+    out = _run(
+        [*muxtunnel_command(), "status", "--state-dir", str(state_dir), "--json"], timeout=timeout
+    )
+    snapshots: list[dict[str, Any]] = json.loads(out)
+    return snapshots
 
 
 @dataclass
@@ -415,6 +604,7 @@ class LabClient:
     proc: ManagedProcess
     host: Host
     forwards: list[Forward] = field(default_factory=list)
+    state_dir: Path | None = None
 
     def wait_forwards(
         self, count: int, *, start: int = 0, timeout: float = 30.0
@@ -450,6 +640,9 @@ class Lab:
         self.env = muxtunnel_env(workdir)
         self._namespaces: list[str] = []
         self._netdelay: Path | None = None
+        self._links = 0
+        #: Called first by :meth:`close` (e.g. :meth:`LabSshd.close`).
+        self.cleanups: list[Callable[[], None]] = []
         self._closed = False
         atexit.register(self.close)
         # SIGTERM (a CI timeout, ``timeout``) would end Python without atexit: make it an
@@ -486,7 +679,8 @@ class Lab:
         """Create host ``name`` linked to the router (``delay_ms`` one way, each direction)."""
         if name in self.hosts:
             raise LabError(f"host {name!r} exists")
-        index = len(self.hosts) + 1
+        self._links += 1
+        index = self._links
         ns = f"mxl{self.suffix}{name}"[:30]
         self._add_ns(ns)
         link = Link(
@@ -557,6 +751,35 @@ class Lab:
         self.hosts[name] = host
         return host
 
+    def _veth(self, ns: str) -> Link:
+        """A new plain link (veth pair, next subnet) from namespace ``ns`` to the router, up."""
+        self._links += 1
+        index = self._links
+        link = Link(self, index, f"h{self.suffix}{index}", f"r{self.suffix}{index}")
+        sub = link.subnet
+        veth = ["type", "veth", "peer", "name", link.router_dev, "netns", self.router_ns]
+        _run(["ip", "link", "add", link.host_dev, "netns", ns, *veth])
+        _run(["ip", "-n", ns, "addr", "add", f"{sub}.2/24", "dev", link.host_dev])
+        _run(["ip", "-n", ns, "link", "set", link.host_dev, "up"])
+        _run(["ip", "-n", self.router_ns, "addr", "add", f"{sub}.1/24", "dev", link.router_dev])
+        _run(["ip", "-n", self.router_ns, "link", "set", link.router_dev, "up"])
+        return link
+
+    def lan(self, a: Host, b: Host) -> tuple[str, str]:
+        """A direct link between hosts ``a`` and ``b`` (not through the router: cuts and moves
+        of their router links leave it alone); returns their addresses on it (10.78.<n>.1, .2).
+        """
+        self._links += 1
+        index = self._links
+        dev_a, dev_b = f"l{self.suffix}{index}a", f"l{self.suffix}{index}b"
+        peer = ["peer", "name", dev_b, "netns", b.ns]
+        _run(["ip", "link", "add", dev_a, "netns", a.ns, "type", "veth", *peer])
+        addrs = (f"10.78.{index}.1", f"10.78.{index}.2")
+        for ns, dev, addr in ((a.ns, dev_a, addrs[0]), (b.ns, dev_b, addrs[1])):
+            _run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+            _run(["ip", "-n", ns, "link", "set", dev, "up"])
+        return addrs
+
     # -- muxtunnel processes -------------------------------------------------------------
 
     def start_relay(
@@ -622,7 +845,7 @@ class Lab:
             *extra_args,
             *specs,
         ]
-        client = LabClient(host.start(name, argv), host)
+        client = LabClient(host.start(name, argv), host, state_dir=state_dir)
         count = len(specs) if expect_forwards is None else expect_forwards
         if count:
             client.forwards, _ = client.wait_forwards(count, timeout=timeout)
@@ -639,6 +862,9 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        for cleanup in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                cleanup()
         with contextlib.suppress(Exception):
             self.procs.close()
         for host in self.hosts.values():

@@ -10,10 +10,26 @@ apart from one that ended cleanly.
     ``echo`` echoes every byte until EOF, then half-closes; ``down`` sends SIZE bytes of the
     seed's stream, then half-closes; ``up`` checks what arrives against the seed's stream and
     answers ``OK <bytes> <sha256>`` or ``BAD <offset>`` at EOF. Prints ``listening`` once ready
-    and one JSON line per finished connection.
+    and one JSON line per finished connection (``down``: ``extra`` counts bytes that arrived
+    after the header, which should be none).
 
 ``peers.py probe HOST PORT [--count N] [--timeout S]``
     N TCP connects; prints ``{"probes": N, "ok": succeeded, "median_ms": connect time}``.
+
+``peers.py lines [--interval S] [--max N] [--until FILE] [--timeout S] -- CMD...``
+    Runs CMD (e.g. ``ssh HOST cat``) and feeds its stdin one numbered line every ``--interval``
+    seconds until FILE exists (or N lines), then closes it; checks that CMD's stdout echoes every
+    line, in order, and ends. Prints ``receiving`` at the first echo, then one JSON line: ``ok``,
+    ``sent``, ``echoed``, ``mismatch`` (index of the first wrong line or None), ``max_gap`` (the
+    longest wait between two echoes, seconds) with ``gap_start``/``gap_end`` (``time.monotonic()``
+    of the echoes around it: one clock for every process of the machine), ``returncode``,
+    ``stderr`` (its tail) and ``seconds``.
+
+``peers.py pull [--rate B/S] [--timeout S] -- CMD...``
+    Runs CMD (e.g. ``ssh HOST cat FILE``) and reads its stdout (paced to ``--rate``), hashing it.
+    Prints ``progress BYTES`` every 4 MiB, then one JSON line: ``bytes``, ``sha256``, ``max_gap``
+    (the longest wait for bytes) with ``gap_start``/``gap_end``, ``returncode``, ``stderr``,
+    ``seconds``.
 
 ``peers.py visit HOST PORT MODE SIZE SEED [--rate B/S] [--timeout S]``
     One connection of that MODE; prints ``receiving`` when the first bytes arrive, then one
@@ -21,16 +37,20 @@ apart from one that ended cleanly.
     ended cleanly), ``sent``, ``received``, ``verified`` (bytes checked correct: always the
     whole of what was received unless ``mismatch`` is set), ``mismatch`` (offset of the first
     wrong byte or None), ``end`` (``eof``, ``reset``, ``timeout`` or the error's name),
-    ``error`` and ``seconds``. ``--rate`` paces what it sends (a long-lived stream).
+    ``error`` and ``seconds``. ``--rate`` paces what it sends (a long-lived stream), or in
+    ``down`` mode how fast it reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -125,7 +145,10 @@ def _serve_one(conn: socket.socket, peer: str) -> None:
                 sent += len(chunk)
             conn.shutdown(socket.SHUT_WR)
             report["sent"] = sent
-            conn.recv(1)
+            extra = 0  # the visitor sends nothing after its header: count what comes anyway
+            while data := conn.recv(BLOCK):
+                extra += len(data)
+            report["extra"] = extra
         elif mode == "up":
             checker = Checker(seed)
             while data := conn.recv(BLOCK):
@@ -184,6 +207,10 @@ def visit(
                     reply.extend(data)
                 else:
                     checker.feed(data)
+                if mode == "down" and rate > 0:  # a slow reader: the tunnel's windows fill up
+                    delay = start + checker.received / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
             end.append("eof")
         except OSError as exc:
             end.append(_end_name(exc))
@@ -231,6 +258,144 @@ def visit(
     return result
 
 
+class _Gaps:
+    """The longest pause between two events (``time.monotonic()``)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.max_gap = 0.0
+        self.gap_start: float | None = None
+        self.gap_end: float | None = None
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.last is not None and now - self.last > self.max_gap:
+            self.max_gap, self.gap_start, self.gap_end = now - self.last, self.last, now
+        self.last = now
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "max_gap": round(self.max_gap, 3),
+            "gap_start": self.gap_start,
+            "gap_end": self.gap_end,
+        }
+
+
+def _child(cmd: list[str], timeout: float) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` with pipes; it is killed (by PID) if it still runs after ``timeout``."""
+    child = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    watchdog = threading.Timer(timeout, child.kill)
+    watchdog.daemon = True
+    watchdog.start()
+    return child
+
+
+def _finish(child: subprocess.Popen[bytes], timeout: float) -> tuple[int | None, str]:
+    """Wait for ``child`` (bounded), kill it if it hangs; its exit status and stderr tail."""
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait(10)
+        return None, "killed: did not exit in time"
+    assert child.stderr is not None
+    return child.returncode, child.stderr.read()[-2000:].decode(errors="replace")
+
+
+def lines(
+    cmd: list[str], interval: float, count: int, until: str | None, timeout: float
+) -> dict[str, Any]:
+    """Feed numbered lines to ``cmd``; check the echoes (see the module docs)."""
+    start = time.monotonic()
+    child = _child(cmd, timeout)
+    assert child.stdin is not None
+    assert child.stdout is not None
+    stdin, stdout = child.stdin, child.stdout
+    sent = [0]
+
+    def feed() -> None:
+        try:
+            for i in range(count):
+                if until is not None and os.path.exists(until):
+                    break
+                stdin.write(f"line {i}\n".encode())
+                stdin.flush()
+                sent[0] = i + 1
+                time.sleep(interval)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            stdin.close()
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    gaps = _Gaps()
+    echoed = 0
+    mismatch: int | None = None
+    deadline = start + timeout
+    for raw in stdout:  # ends at EOF; ``timeout`` is enforced by the watchdog below
+        gaps.tick()
+        if echoed == 0:
+            print("receiving", flush=True)
+        if mismatch is None and raw != f"line {echoed}\n".encode():
+            mismatch = echoed
+        echoed += 1
+        if time.monotonic() > deadline:
+            break
+    writer.join(max(0.0, deadline - time.monotonic()) + 1)
+    returncode, err = _finish(child, max(1.0, deadline - time.monotonic()))
+    ok = mismatch is None and echoed == sent[0] and returncode == 0
+    return {
+        "ok": ok,
+        "sent": sent[0],
+        "echoed": echoed,
+        "mismatch": mismatch,
+        **gaps.report(),
+        "returncode": returncode,
+        "stderr": err,
+        "seconds": round(time.monotonic() - start, 3),
+    }
+
+
+def pull(cmd: list[str], rate: float, timeout: float) -> dict[str, Any]:
+    """Read ``cmd``'s stdout (paced), hash it (see the module docs)."""
+    start = time.monotonic()
+    child = _child(cmd, timeout)
+    assert child.stdin is not None
+    assert child.stdout is not None
+    child.stdin.close()
+    fd = child.stdout.fileno()
+    sha = hashlib.sha256()
+    total = 0
+    step = 4 << 20
+    gaps = _Gaps()
+    gaps.tick()
+    deadline = start + timeout
+    while data := os.read(fd, 4 * BLOCK):
+        gaps.tick()
+        sha.update(data)
+        before, total = total, total + len(data)
+        if total // step != before // step:
+            print(f"progress {total}", flush=True)
+        if rate > 0:
+            delay = start + total / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        if time.monotonic() > deadline:
+            break
+    returncode, err = _finish(child, max(1.0, deadline - time.monotonic()))
+    return {
+        "bytes": total,
+        "sha256": sha.hexdigest(),
+        **gaps.report(),
+        "returncode": returncode,
+        "stderr": err,
+        "seconds": round(time.monotonic() - start, 3),
+    }
+
+
 def probe(host: str, port: int, count: int, timeout: float) -> dict[str, Any]:
     """``count`` TCP connects (each bounded by ``timeout``): how many succeeded, median time."""
     times: list[float] = []
@@ -264,7 +429,24 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("port", type=int)
     pr.add_argument("--count", type=int, default=5)
     pr.add_argument("--timeout", type=float, default=2.0)
+    li = sub.add_parser("lines")
+    li.add_argument("--interval", type=float, default=0.1)
+    li.add_argument("--max", type=int, default=1000)
+    li.add_argument("--until", default=None)
+    li.add_argument("--timeout", type=float, default=120.0)
+    li.add_argument("cmd", nargs="+")
+    pu = sub.add_parser("pull")
+    pu.add_argument("--rate", type=float, default=0.0)
+    pu.add_argument("--timeout", type=float, default=120.0)
+    pu.add_argument("cmd", nargs="+")
     args = parser.parse_args(argv)
+    if args.command == "lines":
+        result = lines(args.cmd, args.interval, args.max, args.until, args.timeout)
+        print(json.dumps(result), flush=True)
+        return 0
+    if args.command == "pull":
+        print(json.dumps(pull(args.cmd, args.rate, args.timeout)), flush=True)
+        return 0
     if args.command == "probe":
         print(json.dumps(probe(args.host, args.port, args.count, args.timeout)), flush=True)
         return 0

@@ -3,7 +3,8 @@
 Every stream that was open ends (never hangs) after bytes that were all correct; the tunnel is
 back with the same public ports once the killed process is back (the client retries the relay
 with backoff; the relay's leases survive a kill -9: muxtunnel/leasestore.py); the service's
-death closes its visitors' connections and leaves the session up.
+death closes its visitors' connections and leaves the session up. Session resumption is off in
+the kills of client and relay (``--resume-window 0``; tests/faults/test_resume.py has them with it on).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .netlab import Lab, Tunnel
 
 MiB = 1 << 20
+NO_RESUME = ["--resume-window", "0"]
 _RECEIVING = re.compile(r"^receiving$")
 
 pytestmark = pytest.mark.netns
@@ -51,7 +53,7 @@ def _ended_intact(streams: list[ManagedProcess], since: float) -> tuple[int, flo
 
 
 def test_kill_client_mid_transfer(lab: Lab) -> None:
-    t = build_tunnel(lab)
+    t = build_tunnel(lab, relay_args=NO_RESUME, client_args=NO_RESUME)
     streams = _running_streams(t)
     t.client.proc.send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -59,7 +61,7 @@ def test_kill_client_mid_transfer(lab: Lab) -> None:
     assert ended <= 10.0, f"visitors' streams took {ended:.1f} s to end"
     restart = time.monotonic()
     client = lab.start_client(
-        t.client_host, t.relay, [f"{t.service_host.addr}:9000"], name="client"
+        t.client_host, t.relay, [f"{t.service_host.addr}:9000"], name="client", extra_args=NO_RESUME
     )
     recovery = time.monotonic() - restart
     assert client.forwards[0].port == t.port, "the restarted client got another port"
@@ -75,7 +77,7 @@ def test_kill_client_mid_transfer(lab: Lab) -> None:
 
 
 def test_kill_relay_mid_transfer(lab: Lab) -> None:
-    t = build_tunnel(lab)
+    t = build_tunnel(lab, relay_args=NO_RESUME, client_args=NO_RESUME)
     streams = _running_streams(t)
     lines = len(t.client.proc.stdout_lines)
     t.relay.proc.send_signal(signal.SIGKILL)
@@ -87,7 +89,11 @@ def test_kill_relay_mid_transfer(lab: Lab) -> None:
     detection = time.monotonic() - killed
     time.sleep(max(0.0, killed + 3.0 - time.monotonic()))  # the relay stays down for 3 s
     relay = lab.start_relay(
-        t.relay_host, token=t.relay.token, state_dir=t.relay.state_dir, name="relay-restarted"
+        t.relay_host,
+        token=t.relay.token,
+        state_dir=t.relay.state_dir,
+        name="relay-restarted",
+        extra_args=NO_RESUME,
     )
     back = time.monotonic()
     assert relay.fingerprint == t.relay.fingerprint

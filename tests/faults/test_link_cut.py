@@ -6,7 +6,8 @@ A cut shorter than the keepalive timeout (30 s) is ridden out: the session stays
 finish intact. A longer cut: both sides declare the silent peer dead within the keepalive timeout
 (protocol-spec §10.1), open streams end with an error (a visitor sees a reset, never a clean EOF
 of a cut-short stream) after a correct prefix, and once the link is back the client is back
-within 5 s with the same public port and new visitors get through.
+within 5 s with the same public port and new visitors get through (``--resume-window 0``: with
+session resumption the session would be resumed instead, tests/faults/test_resume.py).
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def test_link_cut_shorter_than_keepalive_keeps_the_session(
 
 @pytest.mark.parametrize("silent", LONG_CUTS, ids=[_cut_id((s, 60)) for s in LONG_CUTS])
 def test_link_cut_longer_than_keepalive_reconnects_within_5s(lab: Lab, silent: bool) -> None:
-    t = build_tunnel(lab)
+    # Without session resumption (tests/faults/test_resume.py has the cuts that resume).
+    off = ["--resume-window", "0"]
+    t = build_tunnel(lab, relay_args=off, client_args=off)
     streams = [t.visit("echo", 64 * MiB, seed, rate=128 * 1024) for seed in (1, 2)]
     streams.append(t.visit("down", 1 << 36, 4))  # "endless" download, as fast as it goes
     for s in streams:

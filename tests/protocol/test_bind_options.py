@@ -367,7 +367,7 @@ def test_options_round_trip(frame: BindFrame) -> None:
 
 def test_bind_requested_carries_the_options() -> None:
     pair = SessionPair(tunnels=())
-    assert pair.client.minor == pair.server.minor == PROTOCOL_MINOR == 1
+    assert pair.client.minor == pair.server.minor == PROTOCOL_MINOR == 2
     options = BindOptions(allow=(NET4,), deny=(NET6,))
     pair.client.send_bind(5, 3, Address("0.0.0.0", 2222), options=options)
     pair.client.send_bind(6, 4, NONE, options=BindOptions(visit="db"))

@@ -71,7 +71,7 @@ def test_handshake_events_and_output() -> None:
     assert [f[0] for f in parse_frames(wire)] == [FrameType.HELLO]
     assert not client.wants_write()
     pair = SessionPair()
-    assert pair.server_log[0] == HelloReceived(settings=Settings(), minor=1)
+    assert pair.server_log[0] == HelloReceived(settings=Settings(), minor=2)
     assert pair.server.peer_settings == Settings()
     assert pair.client.peer_settings == Settings(max_concurrent_streams=0)
 
@@ -239,8 +239,8 @@ def test_case8_major_version_mismatch_and_minor() -> None:
     server = fresh_server()
     hello = encode_frame(HelloFrame(major=1, minor=7, role=Role.CLIENT))
     events = server.receive_data(MAGIC + hello, 0.0)
-    assert events == [HelloReceived(settings=Settings(), minor=1)]  # min(ours = 1, 7)
-    assert server.minor == 1
+    assert events == [HelloReceived(settings=Settings(), minor=2)]  # min(ours = 2, 7)
+    assert server.minor == 2
     server = fresh_server()
     hello = encode_frame(HelloFrame(major=1, minor=0, role=Role.CLIENT))
     events = server.receive_data(MAGIC + hello, 0.0)

@@ -28,12 +28,13 @@ from muxtunnel.protocol.frames import (
     GoAwayFrame,
     OpenFailFrame,
     ResultFrame,
+    Settings,
     WindowFrame,
     decode_payload,
     encode_frame,
 )
 from muxtunnel.protocol.reader import FrameReader
-from muxtunnel.protocol.session import Session
+from muxtunnel.protocol.session import Session, SessionConfig
 from tests.protocol.test_spec_vectors import FRAME_CLASSES, _expected_frame
 
 SPEC = Path(__file__).resolve().parents[2] / "protocol-spec.md"
@@ -175,6 +176,17 @@ def _event(event: ev.Event) -> dict[str, Any]:
                 "error_code": event.error_code.name,
             }
             return {"event": "goaway", **fields, "message": event.message}
+        case ev.TicketReceived():
+            return {"event": "ticket", "ticket": event.ticket.hex(), "lifetime": event.lifetime}
+        case ev.ResumeRequested():
+            fields = {"req_id": event.req_id, "ticket": event.ticket.hex()}
+            return {"event": "resume", **fields, "received": event.received}
+        case ev.SessionResumed():
+            return {"event": "resumed", "peer_received": event.peer_received}
+        case ev.ResumeRefused():
+            status = event.status.name if isinstance(event.status, ResultStatus) else event.status
+            fields = {"req_id": event.req_id, "status": status}
+            return {"event": "resume_refused", **fields, "message": event.message}
         case _:  # pragma: no cover - an event no story expects
             raise AssertionError(f"unexpected event {event!r}")
 
@@ -198,8 +210,13 @@ def _joined_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class Runner:
     """One endpoint under test, driven step by step."""
 
-    def __init__(self, role: str) -> None:
-        self.session = Session(Role.SERVER if role == "relay" else Role.CLIENT)
+    def __init__(self, role: str, settings: dict[str, int] | None = None) -> None:
+        server = role == "relay"
+        config = None
+        if settings:  # a story's settings differ from the role's defaults (A.4 item 1)
+            base = {"max_concurrent_streams": 0} if server else {}
+            config = SessionConfig(settings=Settings(**{**base, **settings}))
+        self.session = Session(Role.SERVER if server else Role.CLIENT, config)
         self.reader = FrameReader(
             max_data_payload=16_777_215, max_control_payload=65_535, expect_magic=False
         )
@@ -258,6 +275,17 @@ class Runner:
             s.reset_stream(sid, ErrorCode[action["error_code"]])
         elif name == "ping":
             assert s.ping(now) == action["seq"]
+        elif name == "ticket":
+            s.send_ticket(bytes.fromhex(action["ticket"]), action["lifetime"])
+        elif name == "suspend":
+            s.suspend()
+        elif name == "resume":
+            s.resume(action["req_id"], action["received"])
+        elif name == "begin_resume":
+            s.begin_resume()
+            self.started = False  # the new connection starts with MAGIC again
+        elif name == "resume_request":
+            s.send_resume(action["req_id"], bytes.fromhex(action["ticket"]))
         else:  # pragma: no cover - a story with an action this runner does not know
             raise AssertionError(f"unknown action {name!r}")
         return []
@@ -310,9 +338,16 @@ def _ids() -> list[str]:
     return [story["name"] for story in STORIES]
 
 
+def _settings(story: dict[str, Any]) -> dict[str, int] | None:
+    """The story's ``settings`` (A.4 item 1), or those of the story it follows."""
+    if "settings" in story:
+        return dict(story["settings"])
+    return _settings(BY_NAME[story["after"]]) if "after" in story else None
+
+
 @pytest.mark.parametrize("story", STORIES, ids=_ids())
 def test_story(story: dict[str, Any]) -> None:
-    runner = Runner(story["role"])
+    runner = Runner(story["role"], _settings(story))
     for index, step in enumerate(_steps(story), 1):
         runner.step(index, step)
 

@@ -36,6 +36,7 @@ from muxtunnel.protocol.constants import (
     Role,
 )
 from muxtunnel.protocol.frames import (
+    AckFrame,
     Address,
     AuthFrame,
     BindFrame,
@@ -53,7 +54,10 @@ from muxtunnel.protocol.frames import (
     PingFrame,
     ResetFrame,
     ResultFrame,
+    ResumedFrame,
+    ResumeFrame,
     Settings,
+    TicketFrame,
     UnbindFrame,
     WindowFrame,
     decode_payload,
@@ -88,11 +92,15 @@ FRAME_CLASSES: dict[str, type[Any]] = {
     "UNBIND": UnbindFrame,
     "RESULT": ResultFrame,
     "CHALLENGE": ChallengeFrame,
+    "ACK": AckFrame,
+    "TICKET": TicketFrame,
+    "RESUME": ResumeFrame,
+    "RESUMED": ResumedFrame,
     "EXTENSION": ExtensionFrame,
 }
 #: Flag bits each defined type knows; the rest must be ignored on receipt and sent as 0.
 DEFINED_FLAGS: dict[int, int] = {FrameType.DATA: FLAG_FIN, FrameType.PING: FLAG_ACK}
-BYTES_FIELDS = frozenset({"data", "credential", "nonce", "payload"})
+BYTES_FIELDS = frozenset({"data", "credential", "nonce", "payload", "ticket"})
 ADDRESS_FIELDS = frozenset({"origin", "target", "bind", "bound"})
 
 
@@ -380,7 +388,7 @@ def test_minor_1_vectors_exist() -> None:
     [("hello-client-defaults", Role.CLIENT), ("hello-server-minimal", Role.SERVER)],
 )
 def test_hello_vectors_are_what_a_session_sends(name: str, role: Role) -> None:
-    """A default session's first bytes: MAGIC, then exactly the vector (minor version 1)."""
+    """A default session's first bytes: MAGIC, then exactly the vector (minor version 2)."""
     vector = next(v for v in VECTORS if v["name"] == name)
     sent = Session(role).data_to_send()
     assert sent[: len(MAGIC)] == MAGIC

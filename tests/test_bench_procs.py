@@ -1,0 +1,51 @@
+"""The bench's per-process CPU accounting (``muxtunnel bench`` scenario 4 reports it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from muxtunnel.benchsuite.procs import sched_times
+
+#: CPU seconds the child burns before it says so.
+BURN = 0.3
+
+CHILD = f"""
+import sys, time
+end = time.process_time() + {BURN}
+while time.process_time() < end:
+    pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sched_times_sums_a_process_tree() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        assert child.stdout.readline().strip() == "burnt"
+        alone = sched_times([child.pid])
+        tree = sched_times([os.getpid()])
+        assert alone is not None
+        assert tree is not None
+        # The child's main thread ran at least BURN seconds (schedstat counts nanoseconds).
+        assert alone[0] >= BURN * 0.9e9
+        # Our own tree includes the child as a descendant.
+        assert tree[0] >= alone[0]
+        assert alone[1] >= 0
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        child.wait(30)
+        if child.stdout is not None:
+            child.stdout.close()
+    # A process that is gone has nothing to read.
+    assert sched_times([child.pid]) is None
