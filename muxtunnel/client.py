@@ -526,6 +526,9 @@ class _Client:
             async with trio.open_nursery() as nursery:
                 await nursery.start(conn.run)
                 nursery.start_soon(self._watch_shutdown, conn, shutdown)
+                # From the start: the ticket comes right after RESULT(OK) for the AUTH, so a
+                # loss while the BIND answers are still on their way is resumed too.
+                nursery.start_soon(self._keep_session, conn, shutdown)
                 try:
                     # Explicit ports first: a port the relay picks for an auto tunnel can then
                     # never be one that a later BIND of ours asks for by number.
@@ -617,7 +620,6 @@ class _Client:
                     self.notify.ready(self.status_line)
                     on_up(ClientInfo(fingerprint, tuple(bound)))
                     nursery.start_soon(self._control_loop, conn)
-                    nursery.start_soon(self._keep_session, conn, shutdown)
                     self.relay_stats.state = "up"
                     for tid in pending:
                         nursery.start_soon(self._retry_bind, conn, tid)
@@ -853,12 +855,15 @@ class _Client:
         key = self.config.server_key
         lost_at = trio.current_time()
         deadline = conn.resume_deadline
+        reason = conn.lost_reason
         logger.warning(
-            "connection to relay %s lost; resuming the session (for up to %.0f s)",
+            "connection to relay %s lost%s; resuming the session (for up to %.0f s)",
             key,
+            f" ({_inert(reason)})" if reason else "",
             max(0.0, (deadline if deadline is not None else lost_at) - lost_at),
         )
         self.resuming = True
+        state = self.relay_stats.state  # "up", or "connecting" during the handshake
         self.relay_stats.state = "resuming"
         self.relay_stats.retry_at = None
         up_line = self.status_line
@@ -869,7 +874,7 @@ class _Client:
         last_text: str | None = None
         with trio.CancelScope() as scope:
             self._resume_scope = scope
-            while conn.suspended and not conn.closed:
+            while _waiting(conn):
                 attempts += 1
                 started = trio.current_time()
                 try:
@@ -900,6 +905,10 @@ class _Client:
                     trio.TooSlowError,
                     MuxtunnelError,
                 ) as exc:
+                    if not conn.suspended and not conn.closed:
+                        # Our timeout struck just after RESUMED: the session is resumed.
+                        self._resumed(conn, key, lost_at, up_line, state)
+                        return
                     text = _describe(exc)
                     logger.log(
                         logging.INFO if text != last_text else logging.DEBUG,
@@ -910,24 +919,30 @@ class _Client:
                     )
                     last_text = text
                 else:
-                    took = trio.current_time() - lost_at
-                    self.resuming = False
-                    self.stats.count("resumes")
-                    self.relay_stats.resumes += 1
-                    continuing = conn.statistics().get("adapter_streams", 0)
-                    logger.info(
-                        "session with relay %s resumed after %.1f s: %d streams continued",
-                        key,
-                        took,
-                        continuing,
-                    )
-                    self.relay_stats.state = "up"
-                    self.status_line = up_line
-                    self.notify.status(self.status_line)
+                    self._resumed(conn, key, lost_at, up_line, state)
                     return
                 # At once, then every PATH_RETRY_CAP at most (jittered) from the previous start:
                 # like a lost path (PEER_SILENT), an attempt costs the relay little.
                 await trio.sleep_until(started + PATH_RETRY_CAP * random.uniform(0.5, 1.0))
+
+    def _resumed(
+        self, conn: MuxConnection, key: str, lost_at: float, up_line: str, state: str
+    ) -> None:
+        """The session lost at ``lost_at`` is resumed: count, log, and show the status line and
+        state it had before the loss again."""
+        self.resuming = False
+        self.stats.count("resumes")
+        self.relay_stats.resumes += 1
+        continuing = conn.statistics().get("adapter_streams", 0)
+        logger.info(
+            "session with relay %s resumed after %.1f s: %d streams continued",
+            key,
+            trio.current_time() - lost_at,
+            continuing,
+        )
+        self.relay_stats.state = state
+        self.status_line = up_line
+        self.notify.status(self.status_line)
 
     async def _control_loop(self, conn: MuxConnection) -> None:
         """Log what the relay announces; anything unexpected (a RESULT nobody asked for, a
@@ -1125,6 +1140,11 @@ class _Client:
                 trio.current_time(),
                 local=target,
             )
+
+
+def _waiting(conn: MuxConnection) -> bool:
+    """True while ``conn``'s session is suspended and waits for a resume."""
+    return conn.suspended and not conn.closed
 
 
 def _resume_settings(window: float) -> dict[str, int] | None:

@@ -627,9 +627,7 @@ def as_resume_window(value: object, what: str) -> float:
         raise ConfigError(f"{what}: expected a number of seconds, got {value!r}")
     seconds = float(value)
     if not math.isfinite(seconds) or not 0 <= seconds <= MAX_RESUME_WINDOW:
-        raise ConfigError(
-            f"{what}: expected 0 (off) to {MAX_RESUME_WINDOW} seconds, got {value!r}"
-        )
+        raise ConfigError(f"{what}: expected 0 (off) to {MAX_RESUME_WINDOW} seconds, got {value!r}")
     return seconds
 
 

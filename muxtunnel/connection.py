@@ -1103,6 +1103,11 @@ class MuxConnection:
         """True from a transport loss (resumption on) until the session is resumed or ends."""
         return self._suspended and not self._closing.is_set()
 
+    @property
+    def lost_reason(self) -> str | None:
+        """While suspended: why the transport was lost, as one readable phrase; else None."""
+        return self._lost if self._suspended else None
+
     async def wait_suspended(self) -> None:
         """Wait until the session is suspended or the connection has ended (at once if so)."""
         while not self._suspended and not self._closing.is_set():
@@ -1231,8 +1236,10 @@ class MuxConnection:
         Raises:
             ResumeRefusedError: The relay refused (ticket unknown, offsets): the session ended.
             AuthError: The relay refused the token: the session ended.
-            HandshakeError: The new connection failed or ended: still suspended.
-            MuxSessionClosedError: The session ended (window passed, closed locally).
+            HandshakeError: The new connection failed, or the relay broke the protocol on it:
+                still suspended.
+            MuxSessionClosedError: The session ended (window passed, closed locally, or the
+                relay sent CLOSE on the new connection before its answer).
             RuntimeError: Resumption is not on for this session, or a resume is under way.
         """
         if self._session.role != Role.CLIENT:
@@ -1651,7 +1658,7 @@ class MuxConnection:
             return True
         window = self.resume_window
         reason = f"resume window of {window:g} s passed"
-        logger.info("%s: %s; the session ends", self.name, reason)
+        logger.debug("%s: %s; the session ends", self.name, reason)
         self._begin_close(reason, ErrorCode.TIMEOUT)
         return False
 
@@ -1666,7 +1673,8 @@ class MuxConnection:
         ev, self._suspended_event = self._suspended_event, trio.Event()
         ev.set()
         if self._pending_attach is None:
-            logger.info(
+            # DEBUG: the owner logs the loss in its own words (relay: on_suspend; client).
+            logger.debug(
                 "%s: transport lost (%s); session kept for up to %g s",
                 self.name,
                 self._lost,
@@ -1912,7 +1920,7 @@ class MuxConnection:
                 try:
                     await transport.wait_send_all_might_not_block()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._mark_dead(f"transport write failed: {exc!r}")
+                    self._mark_dead(f"transport write failed: {_failure_text(exc)}")
                     return
             senders = self._senders
             out = session.data_to_send(BULK_WRITE_BATCH if len(senders) <= 1 else WRITE_BATCH)
@@ -1923,7 +1931,7 @@ class MuxConnection:
                 try:
                     await transport.send_all(out)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._mark_dead(f"transport write failed: {exc!r}")
+                    self._mark_dead(f"transport write failed: {_failure_text(exc)}")
                     return
                 except trio.Cancelled:
                     self._mark_dead("write cancelled")
@@ -1938,7 +1946,7 @@ class MuxConnection:
                 try:
                     await transport.send_all(b"")
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._mark_dead(f"transport write failed: {exc!r}")
+                    self._mark_dead(f"transport write failed: {_failure_text(exc)}")
                     return
                 except trio.Cancelled:
                     self._mark_dead("write cancelled")
@@ -1969,7 +1977,7 @@ class MuxConnection:
                 data = await transport.receive_some(self.receive_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if not self.closed and generation == self._generation:
-                    self._mark_dead(f"transport read failed: {exc!r}")
+                    self._mark_dead(f"transport read failed: {_failure_text(exc)}")
                 return
             if generation != self._generation:
                 return  # the transport was let go (resume) while this read completed
@@ -2046,7 +2054,8 @@ class MuxConnection:
             if now - self._last_receive >= idle:
                 if self._may_suspend():
                     silent = f"peer silent for {now - self._last_receive:.1f} s"
-                    logger.warning("%s: %s; suspending the session", self.name, silent)
+                    # DEBUG: the owner logs the loss with this reason (lost_reason).
+                    logger.debug("%s: %s; suspending the session", self.name, silent)
                     self._mark_dead(silent)
                     return
                 logger.warning(
@@ -2325,6 +2334,23 @@ class MuxConnection:
             f"relay refused to resume the session ({_status_name(event.status)}{text})",
             ErrorCode.NO_ERROR,
         )
+
+
+def _failure_text(exc: BaseException) -> str:
+    """A transport failure as a short readable phrase for log lines (no exception repr).
+
+    The OS error that caused it when there is one (``connection reset by peer``), else the
+    exception's own message, else its class name.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain is short; bounded in case it loops
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror[0].lower() + seen.strerror[1:]
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).strip()
+    return text or type(exc).__name__
 
 
 def _status_name(status: int) -> str:

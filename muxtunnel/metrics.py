@@ -33,6 +33,9 @@ reason}``
                                                          the client; client: answered by it,
                                                          e.g. the local service is down)
 ``muxtunnel_auth_failures_total``                counter failed authentications (relay only)
+``muxtunnel_resumes_total``                      counter sessions resumed on a new connection
+                                                         (relay only, protocol-spec.md §10.6)
+``muxtunnel_resume_refusals_total``              counter RESUMEs refused (relay only)
 ``muxtunnel_reconnects_total``                   counter sessions after the first (client only)
 ``muxtunnel_flow_control_stalls_total``          counter streams reset because their data
                                                          was not read (protocol-spec.md §8.7)
@@ -272,6 +275,8 @@ class StatsCollector:
         )
         if role == "relay":
             yield _counter("auth_failures", "Failed authentications", role, stats.counters)
+            yield _counter("resumes", "Sessions resumed on a new connection", role, stats.counters)
+            yield _counter("resume_refusals", "Session resumptions refused", role, stats.counters)
         else:
             yield _counter(
                 "reconnects", "Sessions with the relay after the first", role, stats.counters

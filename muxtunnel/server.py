@@ -189,11 +189,12 @@ class RelaySession:
         return not self.conn.closed
 
     async def probe(self, within: float) -> bool:
-        """True if the client shows life within ``within`` seconds (never while the session
-        waits for its client to resume it: a new session of the token may take over)."""
+        """True if the client shows life within ``within`` seconds. A session waiting for its
+        client to resume it cannot answer: False (a new session of the token may take over),
+        unless a resume of it is under way."""
         if self.suspended_at is not None:
             await trio.lowlevel.checkpoint()
-            return False
+            return self.relay.tickets.claimed(self)
         return await self.conn.probe(within)
 
     async def wait_idle(self) -> None:
@@ -781,19 +782,20 @@ class _Relay:
         return usage
 
     async def _admit_session(
-        self, entry: TokenEntry, peer: str, conn: MuxConnection
+        self, entry: TokenEntry, peer: str, conn: MuxConnection, *, evict: bool = True
     ) -> RelaySession | None:
         """Register a new session of token ``entry``, or refuse it when the token has too many.
 
         At the limit, the token's sessions are probed (coalesced, see the registry): stale
-        ones (silent) are closed and make room; live ones are never evicted by a newcomer.
+        ones (silent, or waiting for a resume) are closed and make room; live ones are never
+        evicted by a newcomer. ``evict`` False: no probe, the limit refuses at once.
         """
         tid = entry.name
         limit = entry.policy.max_sessions
         if limit is None:
             limit = self.config.max_sessions_per_token
         usage = self.usage_of(tid)
-        if usage.live_sessions() >= limit:
+        if evict and usage.live_sessions() >= limit:
             live = [rs for rs in usage.sessions if rs.alive]
 
             async def check(rs: RelaySession) -> None:
@@ -1063,8 +1065,9 @@ class _Relay:
                 return True
             if outcome == "ended":
                 return False
-            # Refused: the connection goes on as a new session (protocol-spec.md §10.6).
-        admitted = await self._admit_session(entry, peer, conn)
+            # Refused: the connection goes on as a new session (protocol-spec.md §10.6), but
+            # one that ends no other session for room (its client may well just close it).
+        admitted = await self._admit_session(entry, peer, conn, evict=not resume)
         if admitted is None:
             return False
         rs = admitted
@@ -1110,8 +1113,10 @@ class _Relay:
         if rs.stats is not None:
             rs.stats.state = "suspended"
         logger.info(
-            "client %s: connection lost; session kept %g s for a resume (%d streams, %d tunnels)",
+            "client %s: connection lost (%s); session kept %g s for a resume "
+            "(%d streams, %d tunnels)",
             rs.peer,
+            conn.lost_reason or "no reason",
             conn.resume_window,
             rs.active_streams,
             len(rs.tunnels),

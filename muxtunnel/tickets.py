@@ -28,13 +28,12 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from muxtunnel.protocol.constants import TICKET_SIZE
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["TICKET_BYTES", "TicketBook"]
-
-#: Size of a ticket (the TICKET frame's ``ticket`` field).
-TICKET_BYTES = 32
+__all__ = ["TicketBook"]
 
 _S = TypeVar("_S")
 
@@ -137,6 +136,11 @@ class TicketBook(Generic[_S]):
         if record is not None:
             record.claimed = None
 
+    def claimed(self, session: _S) -> bool:
+        """True while a resume of ``session`` is under way (claimed, not yet rotated)."""
+        record = self._records.get(session)
+        return record is not None and record.claimed is not None
+
     def holds(self, session: _S) -> bool:
         """True if ``session`` has a live ticket."""
         return session in self._records
@@ -157,5 +161,5 @@ class TicketBook(Generic[_S]):
 
 
 def _fresh() -> tuple[bytes, bytes]:
-    ticket = secrets.token_bytes(TICKET_BYTES)
+    ticket = secrets.token_bytes(TICKET_SIZE)
     return ticket, _digest(ticket)

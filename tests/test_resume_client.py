@@ -18,7 +18,9 @@ import trio.testing
 
 from muxtunnel.client import BACKOFF_BASE, RESUME_ENDED, ClientInfo, reconnect, run_client
 from muxtunnel.config import ClientConfig, TunnelSpec, build_client_config
+from muxtunnel.connection import MuxConnection
 from muxtunnel.errors import AuthError, ConfigError, SessionClosedError
+from muxtunnel.handshake import client_handshake
 from muxtunnel.leasestore import LEASES_FILE_NAME
 from muxtunnel.stats import Stats
 from tests.conftest import (
@@ -267,6 +269,7 @@ async def test_keepalive_silence_resumes_the_session(
             start = trio.current_time()
             await logs.wait_for(_resumed(client))
             assert trio.current_time() - start >= 4.0  # the keepalive (5 s), not a cut
+            assert logs.matching("lost (peer silent for "), logs.messages
             # The same visitor connection, the same stream.
             await _echo_once(visitor, b"after the silence" * 1000)
     assert not logs.matching("starting a new session"), logs.messages
@@ -299,7 +302,7 @@ async def test_relay_restarted_during_the_cut_gives_a_new_session_on_the_same_po
             proxy.cut(down=True)
             relay.scope.cancel()  # the relay dies: the sessions it kept die with it
             await relay.done.wait()
-            await logs.wait_for("lost; resuming the session")
+            await logs.wait_for("; resuming the session")
             again = await start_relay(nursery, tmp_path, port_range=relay.config.port_range)
             proxy.target_port = again.info.port
             proxy.down = False
@@ -331,7 +334,7 @@ async def test_token_refused_while_resuming_ends_the_client(
         proxy.cut(down=True)
         relay.scope.cancel()
         await relay.done.wait()
-        await logs.wait_for("lost; resuming the session")
+        await logs.wait_for("; resuming the session")
         again = await start_relay(
             nursery,
             tmp_path,
@@ -347,6 +350,50 @@ async def test_token_refused_while_resuming_ends_the_client(
     assert not logs.matching("starting a new session")
 
 
+async def test_a_loss_during_the_handshake_after_the_ticket_is_resumed(
+    nursery: trio.Nursery, tmp_path: Path, logs: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ticket arrives right after RESULT(OK) for the AUTH: a loss before the client has
+    finished its handshake is resumed like any other, not waited out until the handshake
+    times out."""
+    proxies: list[CutProxy] = []
+    original = client_handshake
+
+    async def handshake_then_loss(conn: MuxConnection, *args: Any) -> Any:
+        outcomes = await original(conn, *args)
+        # Still inside the handshake as far as the client is concerned: the path dies here.
+        assert conn.ticket is not None
+        proxies[0].cut(down=False)
+        await conn.wait_suspended()
+        await logs.wait_for(f"session with relay {config.server_key} resumed after")
+        return outcomes
+
+    monkeypatch.setattr("muxtunnel.client.client_handshake", handshake_then_loss)
+    echo = await start_echo(nursery)
+    relay = await start_relay(nursery, tmp_path)
+    proxy = CutProxy(relay.info.port)
+    proxies.append(proxy)
+    proxy_port = await start_service(nursery, proxy.handle)
+    config = ClientConfig(
+        server_host="127.0.0.1",
+        server_port=proxy_port,
+        token=TOKEN,
+        fingerprint=relay.info.fingerprint,
+        state_dir=tmp_path / "client",
+        tunnels=(TunnelSpec(local_port=echo),),
+        max_retries=None,
+    )
+    with trio.fail_after(10):  # not the 15 s handshake timeout and a reconnect
+        info = await nursery.start(partial(run_client, config, report=lambda _: None))
+    assert isinstance(info, ClientInfo)
+    assert logs.matching(f"session with relay {config.server_key} resumed after")
+    assert proxy.carried == 2
+    with trio.fail_after(10):
+        async with await connect(info.tunnels[0].remote_port) as visitor:
+            await _echo_once(visitor, b"up after the resume")
+    assert not logs.matching("reconnecting to")
+
+
 async def test_shutdown_while_resuming_is_prompt(
     nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
 ) -> None:
@@ -355,7 +402,7 @@ async def test_shutdown_while_resuming_is_prompt(
         async with await connect(client.port()) as visitor:
             await _echo_once(visitor, b"open stream")
             proxy.cut(down=True)
-            await logs.wait_for("lost; resuming the session")
+            await logs.wait_for("; resuming the session")
             await logs.wait_for("attempt 1 failed")
             start = trio.current_time()
             client.shutdown.set()
@@ -374,7 +421,7 @@ async def test_resume_window_passes_then_a_new_session_starts(
     port = client.port()
     with trio.fail_after(60):
         proxy.cut(down=True)
-        await logs.wait_for("lost; resuming the session (for up to 2 s)")
+        await logs.wait_for("; resuming the session (for up to 2 s)")
         ended = await logs.wait_for(f"session with relay {client.config.server_key} ended")
         assert "resume window of 2 s passed" in ended, ended
         await logs.wait_for("starting a new session")
@@ -451,3 +498,30 @@ def test_resume_window_option() -> None:
         with pytest.raises(ConfigError, match="resume-window"):
             build_client_config({}, {**base, "resume-window": bad})
     assert ClientConfig.__dataclass_fields__["resume_window"].default == 60.0
+
+
+async def test_a_resume_that_completes_as_the_attempt_times_out_counts_as_resumed(
+    nursery: trio.Nursery, tmp_path: Path, logs: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt's deadline can fire after RESUMED was processed but before ``resume_over``
+    returns (a channel receive checks for cancellation before taking a queued event): the
+    session is resumed all the same, and the client must say so and show it as up."""
+    original = MuxConnection.resume_over
+
+    async def late(self: MuxConnection, *args: Any, **kwargs: Any) -> None:
+        await original(self, *args, **kwargs)
+        assert not self.suspended  # resumed ...
+        raise trio.TooSlowError  # ... but the attempt's timeout struck on the way out
+
+    monkeypatch.setattr(MuxConnection, "resume_over", late)
+    _relay, proxy, client, stats = await _setup(nursery, tmp_path)
+    with trio.fail_after(30):
+        async with await connect(client.port()) as visitor:
+            await _echo_once(visitor, b"before the cut")
+            proxy.cut(down=False)
+            await logs.wait_for(_resumed(client))
+            await _echo_once(visitor, b"after the cut" * 1000)
+    assert _state(stats) == "up"
+    assert stats.counters["resumes"] == 1
+    # Not reported as a failed attempt (one that really failed would be followed by another).
+    assert not logs.matching("failed: timed out"), logs.messages

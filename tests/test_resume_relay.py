@@ -11,6 +11,7 @@ disturbing a real session.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -22,9 +23,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from prometheus_client import generate_latest
 
 from muxtunnel import tls
-from muxtunnel.config import ServerConfig
+from muxtunnel.config import ServerConfig, build_server_config, load_toml
 from muxtunnel.connection import (
     MuxConnection,
     MuxSessionClosedError,
@@ -33,10 +35,12 @@ from muxtunnel.connection import (
     make_session,
     wrap_tls,
 )
-from muxtunnel.errors import AuthError
+from muxtunnel.errors import AuthError, ConfigError
 from muxtunnel.handshake import client_credential, client_handshake
+from muxtunnel.metrics import make_registry
 from muxtunnel.protocol.constants import (
     MAGIC,
+    MAX_RESUME_WINDOW,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     ResultStatus,
@@ -113,7 +117,11 @@ class Link:
                 sock.socket.close()
 
     async def _forward(self, near: trio.SocketStream) -> None:
-        pair = _Pair(near, await trio.open_tcp_stream("127.0.0.1", self.target))
+        try:
+            pair = _Pair(near, await trio.open_tcp_stream("127.0.0.1", self.target))
+        except BaseException:
+            near.socket.close()
+            raise
         self._pairs.append(pair)
         try:
             with pair.scope:
@@ -121,11 +129,12 @@ class Link:
                     nursery.start_soon(self._pump, near, pair.far)
                     nursery.start_soon(self._pump, pair.far, near)
         finally:
-            await trio.aclose_forcefully(near)
+            # Closed without a checkpoint: both legs close even when the test is torn down.
+            near.socket.close()
             if pair.keep_far:
                 self._kept.append(pair.far)
             else:
-                await trio.aclose_forcefully(pair.far)
+                pair.far.socket.close()
 
     @staticmethod
     async def _pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
@@ -260,7 +269,7 @@ async def seen(logs: LogWatch, text: str, count: int = 1) -> str:
 
 
 #: The relay's log line when a session loses its connection.
-SUSPENDED = "connection lost; session kept"
+SUSPENDED = "s for a resume ("
 
 
 async def cut_and_wait(link: Link, relay: Relay, client: Client, logs: LogWatch) -> None:
@@ -270,7 +279,9 @@ async def cut_and_wait(link: Link, relay: Relay, client: Client, logs: LogWatch)
     with trio.fail_after(15):
         await client.conn.wait_suspended()
     await seen(logs, SUSPENDED, count)
-    assert relay.session()["state"] == "suspended"
+    session = relay.session()
+    assert session["state"] == "suspended"
+    assert isinstance(session["replay"], int)  # bytes held for the replay
 
 
 class Visitor:
@@ -351,8 +362,9 @@ async def raw_resume(port: int, token: str, ticket: bytes, received: int = 0) ->
                     if isinstance(frame, ResultFrame):
                         results[frame.req_id] = frame.status
                     elif isinstance(frame, CloseFrame):
-                        return results.get(1, -1), -1
-            await stream.send_all(encode_frame(CloseFrame(error_code=0, message="done")))
+                        return results.get(1, -1), results.get(2, -1)
+            with contextlib.suppress(trio.BrokenResourceError):  # refused as a session too
+                await stream.send_all(encode_frame(CloseFrame(error_code=0, message="done")))
     return results[1], results[2]
 
 
@@ -378,7 +390,7 @@ async def test_resume_continues_streams_and_queued_visitors(
     await before.expect(b"before the outage")
 
     await cut_and_wait(link, relay, client, logs)
-    await seen(logs, "connection lost; session kept 30 s")
+    await seen(logs, "session kept 30 s for a resume")
     # The public port stays bound while the session waits: visitors queue.
     await before.send(b"sent during the outage")
     during = await visit(client.port)
@@ -408,6 +420,9 @@ async def test_resume_continues_streams_and_queued_visitors(
     await before.expect(b"second")
     assert relay.counter("resumes") == 2
     assert relay.counter("resume_refusals") == 0
+    scrape = generate_latest(make_registry(relay.stats)).decode()
+    assert 'muxtunnel_resumes_total{role="relay"} 2.0' in scrape
+    assert 'muxtunnel_resume_refusals_total{role="relay"} 0.0' in scrape
 
 
 async def test_stale_and_foreign_tickets_are_unknown(
@@ -545,6 +560,26 @@ async def test_a_fresh_session_takes_the_ports_of_a_suspended_one(
     )
 
 
+async def test_a_refused_resume_does_not_evict_the_suspended_session(
+    nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
+) -> None:
+    relay = await start_relay(nursery, tmp_path, max_sessions_per_token=1)
+    link = Link(relay.info.port)
+    await nursery.start(link.run)
+    client = await start_client(nursery, link)
+    await cut_and_wait(link, relay, client, logs)
+    # A refused RESUME leaves a new session, which must not make room for itself by ending
+    # the suspended one: at the limit it is refused instead.
+    assert await raw_resume(relay.info.port, TOKEN, os.urandom(32)) == (
+        int(ResultStatus.OK),
+        int(ResultStatus.TICKET_UNKNOWN),
+    )
+    await seen(logs, "already has 1 sessions")
+    await client.resume(link)
+    assert relay.counter("resumes") == 1
+    assert relay.counter("sessions_total") == 1
+
+
 async def test_resume_takes_over_a_connection_the_relay_thinks_is_up(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -595,13 +630,33 @@ async def test_offsets_that_do_not_fit_end_the_session(
     assert relay.counter("resumes") == 0
 
 
+def test_resume_window_option(tmp_path: Path) -> None:
+    base = {"state-dir": str(tmp_path), "token": ["t"]}
+    # Default: the lease time (capped at a week); 0 turns resumption off.
+    assert build_server_config({**base, "lease": 120}, {}, env={}).resume_seconds() == 120
+    assert build_server_config(base, {}, env={}).resume_seconds() == 60
+    forever = build_server_config({**base, "lease": 86400 * 30}, {}, env={})
+    assert forever.resume_seconds() == MAX_RESUME_WINDOW
+    path = tmp_path / "relay.toml"
+    path.write_text("[server]\nresume_window = 0\n", encoding="utf-8")
+    off = build_server_config({**base, **load_toml(path, "server")}, {}, env={})
+    assert off.resume_seconds() == 0
+    flag = build_server_config(base, {"resume-window": 7.5}, env={})
+    assert flag.resume_seconds() == 7.5
+    for bad in (-1, MAX_RESUME_WINDOW + 1, "soon", True):
+        with pytest.raises(ConfigError, match="resume-window"):
+            build_server_config(base, {"resume-window": bad}, env={})
+
+
 def test_ticket_book_rules() -> None:
     now = [100.0]
     book: TicketBook[str] = TicketBook(lambda: now[0])
     t0 = book.issue("alice", "s1")
     assert book.lookup(t0, "alice") == "s1"
     assert book.lookup(t0, "bob") is None
+    assert not book.claimed("s1")
     assert book.claim(t0, "alice") == "s1"
+    assert book.claimed("s1")
     assert book.lookup(t0, "alice") is None  # claimed by a resume under way
     book.unclaim("s1")
     assert book.claim(t0, "alice") == "s1"

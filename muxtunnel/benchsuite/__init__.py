@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         "--targets",
         default=",".join(ALL_TARGETS),
         help=f"comma-separated subset of {','.join(ALL_TARGETS)} (also muxtunnel-ref: another "
-        "tree named by MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT, for A/B runs)",
+        "tree named by MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT, and muxtunnel-noresume: this tree "
+        "with --resume-window 0 at both ends, for A/B runs)",
     )
     p.add_argument(
         "--runs",

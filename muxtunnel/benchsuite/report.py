@@ -63,8 +63,9 @@ ROWS: tuple[Row, ...] = (
     Row("8", "tpcb_c8_tps", "8 pgbench TPC-B-like 8 clients", "tps", True),
 )
 
-TARGET_ORDER = ("direct", "muxtunnel", "muxtunnel-ref", "ssh", "ssh-aes128")
+TARGET_ORDER = ("direct", "muxtunnel", "muxtunnel-ref", "muxtunnel-noresume", "ssh", "ssh-aes128")
 REF = "muxtunnel-ref"
+NORESUME = "muxtunnel-noresume"
 
 
 def fmt(v: float | None) -> str:
@@ -92,10 +93,12 @@ def rows_present(out: Outcome) -> list[Row]:
 def table(out: Outcome, *, markdown: bool = False) -> str:
     """Medians per target plus muxtunnel's ratios to direct and to both ssh ciphers."""
     keys = [k for k in TARGET_ORDER if any(k in d for d in out.runs.values())]
-    others = (DIRECT, SSH, SSH_AES, REF) if REF in keys else (DIRECT, SSH, SSH_AES)
+    others = (DIRECT, SSH, SSH_AES, *(k for k in (REF, NORESUME) if k in keys))
     head = ["scenario", "unit", *[LABELS[k] for k in keys], "mux/direct", "mux/ssh", "mux/ssh-aes"]
     if REF in keys:
         head.append("mux/ref")
+    if NORESUME in keys:
+        head.append("mux/noresume")
     body: list[list[str]] = []
     for r in rows_present(out):
         vals = {k: out.median(r.sid, k, r.metric) for k in keys}
@@ -374,6 +377,7 @@ def write_png(path: Path, out: Outcome) -> str | None:
         "ssh": "#d62728",
         "ssh-aes128": "#ff7f0e",
         "muxtunnel-ref": "#17becf",
+        "muxtunnel-noresume": "#9467bd",
     }
     for ax, r in zip(axes.flat, rows, strict=False):
         vals = [out.median(r.sid, k, r.metric) or 0.0 for k in keys]

@@ -114,6 +114,12 @@ class MuxTarget(Target):
 
     #: Run another tree's muxtunnel (``muxtunnel-ref``, see :func:`reference_tree`).
     reference: bool = False
+    #: ``--resume-window`` for both the relay and the client (None: their default).
+    resume_window: int | None = None
+
+    def resume_args(self) -> list[str]:
+        """The ``--resume-window`` option both ends get (empty: the default)."""
+        return [] if self.resume_window is None else ["--resume-window", str(self.resume_window)]
 
     def start(self) -> None:
         exe, env = python(), None
@@ -150,6 +156,7 @@ class MuxTarget(Target):
                 "20000",
                 "--max-streams-per-token",
                 "20000",
+                *self.resume_args(),
             ],
             self.workdir,
             netns=self.layout.relay_ns,
@@ -179,6 +186,7 @@ class MuxTarget(Target):
                 "20000",
                 "--max-streams",
                 "20000",
+                *self.resume_args(),
                 str(self.service_port),
             ],
             self.workdir,
@@ -293,11 +301,12 @@ class SshTarget(Target):
 
 ALL_TARGETS = ("direct", "muxtunnel", "ssh", "ssh-aes128")
 #: Allowed in --targets but never run by default.
-EXTRA_TARGETS = ("muxtunnel-ref",)
+EXTRA_TARGETS = ("muxtunnel-ref", "muxtunnel-noresume")
 LABELS = {
     "direct": "direct TCP",
     "muxtunnel": "muxtunnel",
     "muxtunnel-ref": "muxtunnel (MUXTUNNEL_BENCH_REF tree)",
+    "muxtunnel-noresume": "muxtunnel --resume-window 0",
     "ssh": "ssh -R (default)",
     "ssh-aes128": "ssh -R aes128-gcm",
 }
@@ -312,6 +321,9 @@ def make_target(key: str, layout: Layout, service_port: int, workdir: Path) -> T
         return MuxTarget(key, label, layout, service_port, workdir)
     if key == "muxtunnel-ref":
         return MuxTarget(key, label, layout, service_port, workdir, reference=True)
+    if key == "muxtunnel-noresume":
+        # Session resumption off at both ends (protocol-spec.md §10.6): its cost, A/B.
+        return MuxTarget(key, label, layout, service_port, workdir, resume_window=0)
     if key == "ssh":
         return SshTarget(key, label, layout, service_port, workdir)
     if key == "ssh-aes128":

@@ -64,9 +64,10 @@ BIND_OPTION_LIST_MAX = 64
 BIND_NAME_MAX = 63
 #: Size of a session resumption ticket (§10.6).
 TICKET_SIZE = 32
-#: An endpoint with resumption on sends ACK whenever its received offset grew by this many
-#: bytes since its last ACK (§10.6).
-ACK_INTERVAL = 65_536
+#: An endpoint with resumption on sends an ACK of its own whenever its received offset grew by
+#: this many bytes since its last ACK; smaller growth rides along with its WINDOW and PING
+#: answers (§10.6.2).
+ACK_INTERVAL = 1_048_576
 #: Largest RESUME_WINDOW setting, in seconds (one week, §5.3).
 MAX_RESUME_WINDOW = 604_800
 

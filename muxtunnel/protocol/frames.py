@@ -870,6 +870,9 @@ def decode_payload(
         if max_offset > MAX_WINDOW_OFFSET:
             raise FlowControlError(f"WINDOW offset {max_offset} above 2^62")
         return WindowFrame(stream_id=stream_id, max_offset=max_offset)
+    if frame_type == FrameType.ACK:
+        (received,) = _U64.unpack(payload)
+        return AckFrame(received=received)
     if frame_type == FrameType.OPEN_ACK:
         return OpenAckFrame(stream_id=stream_id)
     if frame_type == FrameType.RESET:
@@ -883,9 +886,6 @@ def decode_payload(
         return UnbindFrame(req_id=req_id, tunnel_id=tunnel_id, error_code=code)
     if frame_type == FrameType.CHALLENGE:
         return ChallengeFrame(nonce=bytes(payload))
-    if frame_type == FrameType.ACK:
-        (received,) = _U64.unpack(payload)
-        return AckFrame(received=received)
     if frame_type == FrameType.TICKET:
         raw = bytes(payload)
         (lifetime,) = _TICKET_TAIL.unpack_from(raw, TICKET_SIZE)

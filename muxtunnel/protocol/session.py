@@ -106,8 +106,8 @@ declare RESUME_WINDOW > 0; otherwise none of this happens. Each direction is one
 from the first connection's MAGIC: ``sent_offset`` counts what ``data_to_send`` handed out,
 ``received_offset`` the bytes of complete frames the reader returned. Every counted batch is
 kept by reference in a :class:`~muxtunnel.protocol.replay.ReplayLog` until the peer's ACK
-(queued by the session itself: every ACK_INTERVAL bytes received, before each connection
-WINDOW and with each PONG) releases it. ``suspend()`` keeps everything when the transport is
+(queued by the session itself: every ACK_INTERVAL bytes received, and before each WINDOW
+and PONG it sends) releases it. ``suspend()`` keeps everything when the transport is
 lost; local calls keep queueing. The relay's old session continues with ``resume()`` (RESUMED
 uncounted, then the log's tail from the client's offset); the client's old session runs a resume
 handshake on the new connection (``begin_resume``, ``send_resume``, ``send_auth``) whose frames
@@ -263,6 +263,8 @@ _I = StreamInput
 _L = SessionInput
 _LS = SessionState
 _U32_MAX: Final = (1 << 32) - 1
+#: The header of an ACK frame (spec §6.17); its payload is the 8-byte offset.
+_ACK_HEADER: Final = HEADER.pack(8, FrameType.ACK, 0, 0, 0)
 _REMOTE_FINISHED = frozenset({_S.OPENING_IN_REMOTE_DONE, _S.REMOTE_DONE})
 _OPENING_IN = frozenset({_S.OPENING_IN, _S.OPENING_IN_REMOTE_DONE})
 #: What the server accepts before it has sent RESULT(OK) for the AUTH (spec §7.1, §7.6).
@@ -478,7 +480,7 @@ class Session:
         self._max_replay = max(
             4 * ACK_INTERVAL, self._max_conn_window if cfg.max_replay is None else cfg.max_replay
         )
-        self._sent = 0  # bytes of our stream handed out
+        self._uncounted = 0  # bytes handed out that are not part of our stream (bytes_sent)
         self._recv_base = 0  # received offset where the current reader's stream starts
         self._recv_mark = 0  # stats["bytes_received"] when the current reader started
         self._ack_sent = 0  # the last ACK we sent
@@ -571,7 +573,11 @@ class Session:
 
     @property
     def suspended(self) -> bool:
-        """The transport is lost (``suspend``) and no resume has completed yet."""
+        """From ``suspend()`` until a resume completes (RESUMED) or the session closes.
+
+        Also True during a client's resume handshake; a peer fault there leaves it True
+        (the session is SUSPENDED again), a fatal one makes ``closed`` True instead.
+        """
         return self._detached
 
     @property
@@ -586,7 +592,7 @@ class Session:
     @property
     def sent_offset(self) -> int:
         """Bytes of our session stream handed out by ``data_to_send`` (spec §10.6)."""
-        return self._sent
+        return self._stats["bytes_sent"] - self._uncounted
 
     @property
     def received_offset(self) -> int:
@@ -648,7 +654,9 @@ class Session:
                 received = self.received_offset
                 if received - self._ack_sent >= ACK_INTERVAL:
                     self._ack_sent = received
-                    self._queue(AckFrame(received=received))
+                    raw = _ACK_HEADER + received.to_bytes(8, "big")
+                    self._control.append(raw)
+                    self._control_bytes += 24
             if len(self._control) > MAX_CONTROL_FRAMES or self._control_bytes > MAX_CONTROL_BYTES:
                 raise ProtocolError(
                     "peer makes us queue too much control output", ErrorCode.ENHANCE_YOUR_CALM
@@ -852,8 +860,8 @@ class Session:
         if log is None or not self._life.authenticated:
             raise ProtocolError("ACK while resumption is off or before authentication")
         received = frame.received
-        if received > self._sent:
-            raise ProtocolError(f"ACK of {received} bytes; {self._sent} were sent")
+        if received > log.end:
+            raise ProtocolError(f"ACK of {received} bytes; {log.end} were sent")
         if received <= self._ack_recv:
             self._nonproductive()  # not above the previous ACK: ignored (spec §10.6)
             return
@@ -1219,6 +1227,7 @@ class Session:
         """
         if self._special_out:
             return self._special_output(max_bytes)
+        log = self._log
         parts: list[bytes | memoryview] = list(self._control)
         used = self._control_bytes
         self._control.clear()
@@ -1226,14 +1235,14 @@ class Session:
         if not self._life.closed:
             pack = HEADER.pack
             if (
-                self._log is not None
-                and (self._pong is not None or self._conn_dirty)
+                log is not None
+                and (self._pong is not None or self._conn_dirty or self._dirty)
                 and self._life.authenticated
             ):
                 received = self.received_offset
                 if received > self._ack_sent:  # the ACK rule of spec §10.6
                     self._ack_sent = received
-                    parts.append(pack(8, FrameType.ACK, 0, 0, 0))
+                    parts.append(_ACK_HEADER)
                     parts.append(received.to_bytes(8, "big"))
                     used += 24
             if self._pong is not None:
@@ -1262,7 +1271,7 @@ class Session:
                 room = (self.config.max_batch if max_bytes is None else max_bytes) - used
                 conn_send = self._conn_send
                 credit = conn_send.limit - conn_send.sent
-                if self._log is not None:
+                if log is not None:
                     credit = min(credit, self._replay_room())
                 added, charged, finished = sched.fill(parts, room, credit)
                 conn_send.sent += charged
@@ -1275,10 +1284,7 @@ class Session:
         if not parts:
             return b""
         out = b"".join(parts)
-        n = len(out)
-        self._stats["bytes_sent"] += n
-        self._sent += n
-        log = self._log
+        self._stats["bytes_sent"] += len(out)
         if log is not None:
             log.record(out)
         return out
@@ -1290,6 +1296,7 @@ class Session:
         if self._detached:  # no stream output without a resumed transport
             out = b"".join(parts)
             self._stats["bytes_sent"] += len(out)
+            self._uncounted += len(out)
             return out
         limit = max(1, self.config.max_batch if max_bytes is None else max_bytes)
         used = sum(len(part) for part in parts)
@@ -1306,6 +1313,7 @@ class Session:
                 used += len(chunk)
         head = b"".join(parts)
         self._stats["bytes_sent"] += len(head)
+        self._uncounted += len(head)
         if replay:
             return head
         self._special_out = False
@@ -1524,13 +1532,16 @@ class Session:
         local calls keep working and their output goes out after the resume.
 
         Raises:
-            LocalProtocolError: resumption is off, or the session is not OPEN (or resuming).
+            LocalProtocolError: resumption is off, the session is not OPEN (or resuming), or a
+                GOAWAY was sent or received (a session going away is not resumed).
         """
         if not self._resume_on or not self._life.allows(_L.SUSPEND):
             raise LocalProtocolError(
                 f"cannot suspend: resumption is {'on' if self._resume_on else 'off'}, "
                 f"session state {self._life.state.name}"
             )
+        if self._goaway_sent is not None or self._goaway_received is not None:
+            raise LocalProtocolError("cannot suspend: the session is going away (GOAWAY)")
         if not self._detached:
             self._recv_base = self.received_offset
         self._life.advance(_L.SUSPEND)
@@ -1553,6 +1564,8 @@ class Session:
             log is not None
             and self._resume_on
             and self._life.state in (_LS.OPEN, _LS.SUSPENDED)
+            and self._goaway_sent is None
+            and self._goaway_received is None
             and log.start <= peer_received <= log.end
         )
 
@@ -1568,8 +1581,8 @@ class Session:
         Raises:
             ResumeOffsetError: ``peer_received`` is outside ``[log start, sent]`` (nothing
                 changed; the session cannot resume: answer RESUME_FAILED and end it).
-            LocalProtocolError: not a relay, resumption off, or the session is not OPEN or
-                SUSPENDED.
+            LocalProtocolError: not a relay, resumption off, the session is not OPEN or
+                SUSPENDED, or it is going away (GOAWAY sent or received).
             ValueError: ``req_id`` is not a request id (1 .. 2^32-1).
         """
         log = self._log
@@ -1578,8 +1591,12 @@ class Session:
             or log is None
             or not self._resume_on
             or self._life.state not in (_LS.OPEN, _LS.SUSPENDED)
+            or self._goaway_sent is not None
+            or self._goaway_received is not None
         ):
-            raise LocalProtocolError(f"cannot resume a session in state {self._life.state.name}")
+            raise LocalProtocolError(
+                f"cannot resume a session in state {self._life.state.name} (or going away)"
+            )
         if not 0 < req_id <= _U32_MAX:
             raise ValueError(f"request id {req_id} out of range")
         tail = log.tail(peer_received)  # raises ResumeOffsetError

@@ -50,6 +50,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -570,12 +571,25 @@ def rss_bytes(pid: int) -> int:
     raise LabError(f"no VmRSS for pid {pid}")
 
 
-def status_json(state_dir: Path, *, timeout: float = 30.0) -> list[dict[str, Any]]:
-    """``muxtunnel status --state-dir DIR --json``: the snapshots of that state dir's processes."""
-    out = _run(
-        [*muxtunnel_command(), "status", "--state-dir", str(state_dir), "--json"], timeout=timeout
-    )
-    snapshots: list[dict[str, Any]] = json.loads(out)
+def status_json(state_dir: Path, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """The status snapshots of the processes of ``state_dir`` (what ``muxtunnel status --json``
+    shows): ``GET /status`` on each admin socket in ``<state-dir>/admin`` that answers."""
+    snapshots: list[dict[str, Any]] = []
+    for path in sorted((state_dir / "admin").glob("*.sock")):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(str(path))
+            except (ConnectionRefusedError, FileNotFoundError):
+                continue  # a process that is gone
+            sock.sendall(b"GET /status HTTP/1.0\r\nHost: lab\r\n\r\n")
+            answer = bytearray()
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = bytes(answer).partition(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+            raise LabError(f"{path}: {head.decode(errors='replace')}")
+        snapshots.append(json.loads(body))
     return snapshots
 
 

@@ -77,7 +77,7 @@ RESUME_AUTH_REQ = 0xFFFF_FFFE
 #: The bound tunnel.
 TUNNEL = 1
 #: Slack of the replay bound on top of window + ACK_INTERVAL: frame headers and control frames.
-BOUND_SLACK = 32 * 1024
+BOUND_SLACK = 64 * 1024
 
 
 def ticket_for(n: int) -> bytes:
@@ -192,10 +192,13 @@ class Link:
         raise AssertionError("Link.pump did not settle")
 
     def _check_bound(self, src: Session) -> None:
-        """The replay log never exceeds the connection window + ACK_INTERVAL + slack (§10.6)."""
+        """The replay log never exceeds the peer's connection window + ACK_INTERVAL, nor the
+        sender's own bound (spec §10.6.2), by more than the slack."""
         size = src.replay_size
         self.max_replay = max(self.max_replay, size)
-        assert size <= WINDOW + ACK_INTERVAL + BOUND_SLACK, f"replay log of {size} bytes"
+        peer = self.client_config if src is self.server else self.server_config
+        bound = min(peer.max_conn_window + ACK_INTERVAL, src._max_replay) + BOUND_SLACK
+        assert size <= bound, f"replay log of {size} bytes (bound {bound})"
 
     # --- application ----------------------------------------------------------------------
 

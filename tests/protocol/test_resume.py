@@ -295,25 +295,50 @@ def test_resumption_frames_are_protocol_errors_when_it_is_off(
 
 
 def test_ack_after_every_interval_received_and_never_a_useless_one() -> None:
+    client_config, server_config = _bounded(None)  # windows take more than ACK_INTERVAL unread
+    link = Link(client_config=client_config, server_config=server_config)
+    client, server = link.client, link.server
+    sids = [link.open() for _ in range(4)]
+    link.pump()
+    for sid in sids:  # 4 x 300,000 bytes: more than ACK_INTERVAL, within every window
+        assert sid is not None
+        link.send(server, sid, bytes(300_000))
+    link.write(server)
+    before = client.statistics()["bytes_received"]
+    for _ in range(20):  # reads of all the relay wrote, until more than ACK_INTERVAL arrived
+        link.deliver(client)
+        if client.statistics()["bytes_received"] - before >= ACK_INTERVAL:
+            break
+        link.write(server)
+    assert client.statistics()["bytes_received"] - before >= ACK_INTERVAL
+    wire = client.data_to_send()
+    acks = [int.from_bytes(f[3], "big") for f in parse_frames(wire) if f[0] == FrameType.ACK]
+    assert acks == [client.received_offset]  # once: the WINDOWs after it add none
+    assert parse_frames(wire)[0][0] == FrameType.ACK
+    assert types(wire) == [FrameType.ACK]  # no WINDOW is due: the ACK goes on its own
+    server.receive_data(wire, 0.0)
+    assert server.replay_size == server.sent_offset - acks[0]
+
+
+def test_a_window_after_nothing_new_arrived_carries_no_ack() -> None:
     link = Link()
     client, server = link.client, link.server
     a, b = link.open(), link.open()
     assert a is not None
     assert b is not None
     link.pump()
-    link.send(server, a, bytes(40_000))
-    link.send(server, b, bytes(40_000))
-    link.write(server)
-    before = client.statistics()["bytes_received"]
-    link.deliver(client)  # one read of more than ACK_INTERVAL bytes
-    assert client.statistics()["bytes_received"] - before >= ACK_INTERVAL
-    wire = client.data_to_send()
-    acks = [int.from_bytes(f[3], "big") for f in parse_frames(wire) if f[0] == FrameType.ACK]
-    assert acks == [client.received_offset]  # once: the WINDOWs after it add none
-    assert parse_frames(wire)[0][0] == FrameType.ACK
-    assert FrameType.WINDOW in types(wire)  # the application consumed: credit returns
-    server.receive_data(wire, 0.0)
-    assert server.replay_size == server.sent_offset - acks[0]
+    link.send(client, a, bytes(40_000))
+    link.send(client, b, bytes(40_000))
+    link.write(client)
+    server.receive_data(bytes(link.c2s), 0.0)  # read, not consumed yet: nothing is due
+    link.c2s.clear()
+    assert FrameType.ACK not in types(server.data_to_send())
+    server.acknowledge(a, 40_000, 0.0)
+    first = types(server.data_to_send())
+    assert first[0] == FrameType.ACK
+    assert FrameType.WINDOW in first
+    server.acknowledge(b, 40_000, 0.0)
+    assert types(server.data_to_send()) == [FrameType.WINDOW]  # nothing new to acknowledge
 
 
 def test_ack_goes_right_before_a_connection_window() -> None:
@@ -1101,16 +1126,16 @@ def test_the_bound_defaults_to_our_window_cap_and_never_goes_below_4_ack_interva
 
 
 def test_a_peer_that_never_acks_cannot_grow_the_log_past_the_bound() -> None:
-    client_config, server_config = _bounded(None)  # the relay's own window cap: 256 KiB
+    client_config, server_config = _bounded(None)  # the relay's own bound: 4 x ACK_INTERVAL
     link = Link(client_config=client_config, server_config=server_config)
     client, server = link.client, link.server
     sids = [link.open() for _ in range(4)]
     link.pump()
     for sid in sids:
         assert sid is not None
-        link.send(server, sid, bytes(300_000))
+        link.send(server, sid, bytes(1_300_000))
     # The client's bytes never reach the relay: no ACK (its windows would allow 16 MiB).
-    for _ in range(40):
+    for _ in range(80):
         link.write(server)
         link.deliver(client)
         client.data_to_send()
@@ -1136,7 +1161,7 @@ def test_the_bound_slows_the_sender_but_never_deadlocks(seed: int) -> None:
     link.pump()
     for sid in sids:
         assert sid is not None
-        link.send(link.server, sid, rng.randbytes(600_000), fin=True)
+        link.send(link.server, sid, rng.randbytes(2_000_000), fin=True)
         link.send(link.client, sid, rng.randbytes(100_000), fin=True)
     for _ in range(30):
         link.write(link.server, rng.choice((None, 5000)))
@@ -1149,3 +1174,27 @@ def test_the_bound_slows_the_sender_but_never_deadlocks(seed: int) -> None:
     link.pump()
     link.model.check()
     assert link.max_replay <= 4 * ACK_INTERVAL + 4096  # the bound + headers/control
+
+
+@pytest.mark.parametrize("who", ["sent", "received"])
+def test_a_session_going_away_is_not_resumed(who: str) -> None:
+    link = Link()
+    client, server = link.client, link.server
+    if who == "sent":
+        server.go_away()
+    else:
+        server.receive_data(frames(GoAwayFrame(last_stream_id=0, error_code=0)), 0.0)
+    with pytest.raises(LocalProtocolError, match="going away"):
+        server.suspend()
+    assert not server.suspended
+    assert not server.can_resume(server.sent_offset)
+    with pytest.raises(LocalProtocolError, match="going away"):
+        server.resume(RESUME_REQ, server.sent_offset)
+    # A suspended relay that starts to drain cannot be resumed either.
+    link = Link()
+    link.cut()
+    link.server.go_away()
+    assert not link.server.can_resume(link.client.received_offset)
+    with pytest.raises(LocalProtocolError, match="going away"):
+        link.server.resume(RESUME_REQ, link.client.received_offset)
+    assert client.resume_enabled
