@@ -2,7 +2,7 @@
 
 Run (as root, for the network-namespace mode): ``python benchmarks/soak.py [--seconds 600]
 [--tunnels 3] [--concurrency 12] [--flap-every 20] [--flap-seconds 8] [--keepalive-timeout 5]
-[--seed N] [--loopback] [--json FILE]``
+[--resume-window SECONDS] [--seed N] [--loopback] [--json FILE]``
 
 A relay, a client exposing ``--tunnels`` ports (several SPECs of one client), a local service and
 the visitors run as separate processes: in network namespaces (relay, client, service and
@@ -590,6 +590,8 @@ class SoakConfig:
     flap_every: float = 20.0
     flap_seconds: float = 8.0
     keepalive_timeout: float = 5.0
+    #: ``--resume-window`` of relay and client (protocol-spec.md §10.6); None: their default.
+    resume_window: float | None = None
     warmup_seconds: float = 4.0
     settle_seconds: float = 45.0
     max_connections: int = 200_000
@@ -662,6 +664,14 @@ def _worker_argv(mode: str, args: Sequence[str]) -> list[str]:
     return [sys.executable, "-u", str(Path(__file__).resolve()), "--worker", mode, *args]
 
 
+def _session_args(cfg: SoakConfig) -> list[str]:
+    """The options relay and client both get: keepalive timeout, and the resume window if set."""
+    args = ["--keepalive-timeout", f"{cfg.keepalive_timeout:g}"]
+    if cfg.resume_window is not None:
+        args += ["--resume-window", f"{cfg.resume_window:g}"]
+    return args
+
+
 def run_soak(cfg: SoakConfig, log: Callable[[str], object] = print) -> dict[str, Any]:
     """Run one soak and return its results (see :func:`report_lines`)."""
     import tempfile
@@ -709,7 +719,7 @@ def _run_loopback(cfg: SoakConfig, workdir: Path, log: Callable[[str], object]) 
             ),
         )
         service.wait_for_line(_READY, what="'service ready'")
-        keepalive = ["--keepalive-timeout", f"{cfg.keepalive_timeout:g}"]
+        keepalive = _session_args(cfg)
         relay = start_relay(
             group,
             workdir,
@@ -781,7 +791,7 @@ def _run_netns(cfg: SoakConfig, workdir: Path, log: Callable[[str], object]) -> 
             ),
         )
         service.wait_for_line(_READY, what="'service ready'")
-        keepalive = ["--keepalive-timeout", f"{cfg.keepalive_timeout:g}"]
+        keepalive = _session_args(cfg)
         relay = lab.start_relay(
             relay_host,
             token=secrets.token_urlsafe(24),
@@ -956,6 +966,7 @@ def _drive(
             "flap_every": cfg.flap_every,
             "flap_seconds": cfg.flap_seconds,
             "keepalive_timeout": cfg.keepalive_timeout,
+            "resume_window": cfg.resume_window,
             "seed": cfg.seed,
             "loopback": cfg.loopback,
         },
@@ -1027,6 +1038,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--flap-seconds", type=float, default=8.0, help="length of the long cuts")
     p.add_argument("--keepalive-timeout", type=float, default=5.0)
+    p.add_argument(
+        "--resume-window", type=float, default=None, help="relay and client; default: theirs"
+    )
     p.add_argument("--settle-seconds", type=float, default=45.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--loopback", action="store_true", help="all on 127.0.0.1, no flaps, no root")
@@ -1067,6 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flap_every=0.0 if args.loopback else args.flap_every,
         flap_seconds=args.flap_seconds,
         keepalive_timeout=args.keepalive_timeout,
+        resume_window=args.resume_window,
         settle_seconds=args.settle_seconds,
         seed=args.seed,
         loopback=args.loopback,
