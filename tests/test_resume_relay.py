@@ -262,6 +262,13 @@ async def start_client(nursery: trio.Nursery, link: Link, token: str = TOKEN) ->
     return Client(conn, token, outcome.bound.port)
 
 
+async def connect(nursery: trio.Nursery, relay: Relay) -> tuple[Link, Client]:
+    """A cuttable link to ``relay`` and a client session over it (:func:`start_client`)."""
+    link = Link(relay.info.port)
+    await nursery.start(link.run)
+    return link, await start_client(nursery, link)
+
+
 async def seen(logs: LogWatch, text: str, count: int = 1) -> str:
     """The ``count``-th log message containing ``text`` (waits up to 15 s)."""
     with trio.fail_after(15):
@@ -379,9 +386,7 @@ async def test_resume_continues_streams_and_queued_visitors(
     visit: Callable[[int], Awaitable[Visitor]],
 ) -> None:
     relay = await start_relay(nursery, tmp_path, max_sessions_per_token=1, resume_window=30.0)
-    link = Link(relay.info.port)
-    await nursery.start(link.run)
-    client = await start_client(nursery, link)
+    link, client = await connect(nursery, relay)
     first_ticket = client.conn.ticket
     assert client.conn.resume_window == 30.0  # the smaller of the two windows
 
@@ -432,9 +437,7 @@ async def test_stale_and_foreign_tickets_are_unknown(
     visit: Callable[[int], Awaitable[Visitor]],
 ) -> None:
     relay = await start_relay(nursery, tmp_path)
-    link = Link(relay.info.port)
-    await nursery.start(link.run)
-    client = await start_client(nursery, link)
+    link, client = await connect(nursery, relay)
     tickets = [client.conn.ticket]
     for _ in range(2):
         await cut_and_wait(link, relay, client, logs)
@@ -475,9 +478,7 @@ async def test_window_end_ends_the_session_and_its_streams(
     visit: Callable[[int], Awaitable[Visitor]],
 ) -> None:
     relay = await start_relay(nursery, tmp_path, resume_window=2.0)
-    link = Link(relay.info.port)
-    await nursery.start(link.run)
-    client = await start_client(nursery, link)
+    link, client = await connect(nursery, relay)
     ticket = client.conn.ticket
     assert ticket is not None
     visitor = await visit(client.port)
@@ -537,9 +538,7 @@ async def test_a_fresh_session_takes_the_ports_of_a_suspended_one(
     visit: Callable[[int], Awaitable[Visitor]],
 ) -> None:
     relay = await start_relay(nursery, tmp_path, max_sessions_per_token=1)
-    link = Link(relay.info.port)
-    await nursery.start(link.run)
-    client = await start_client(nursery, link)
+    link, client = await connect(nursery, relay)
     ticket = client.conn.ticket
     assert ticket is not None
     await cut_and_wait(link, relay, client, logs)
@@ -564,9 +563,7 @@ async def test_a_refused_resume_does_not_evict_the_suspended_session(
     nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
 ) -> None:
     relay = await start_relay(nursery, tmp_path, max_sessions_per_token=1)
-    link = Link(relay.info.port)
-    await nursery.start(link.run)
-    client = await start_client(nursery, link)
+    link, client = await connect(nursery, relay)
     await cut_and_wait(link, relay, client, logs)
     # A refused RESUME leaves a new session, which must not make room for itself by ending
     # the suspended one: at the limit it is refused instead.
@@ -587,9 +584,7 @@ async def test_resume_takes_over_a_connection_the_relay_thinks_is_up(
     visit: Callable[[int], Awaitable[Visitor]],
 ) -> None:
     relay = await start_relay(nursery, tmp_path)
-    link = Link(relay.info.port)
-    await nursery.start(link.run)
-    client = await start_client(nursery, link)
+    link, client = await connect(nursery, relay)
     visitor = await visit(client.port)
     await visitor.send(b"before")
     await visitor.expect(b"before")
@@ -610,9 +605,7 @@ async def test_offsets_that_do_not_fit_end_the_session(
     nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
 ) -> None:
     relay = await start_relay(nursery, tmp_path)
-    link = Link(relay.info.port)
-    await nursery.start(link.run)
-    client = await start_client(nursery, link)
+    link, client = await connect(nursery, relay)
     ticket = client.conn.ticket
     assert ticket is not None
     await cut_and_wait(link, relay, client, logs)
