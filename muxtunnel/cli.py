@@ -369,6 +369,14 @@ def server(
             "it; 0: never (default: the --lease time).",
         ),
     ] = None,
+    max_connections_per_session: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="TLS connections one client session may run over (client --connections), "
+            "the first included; 1: one only (default: 8).",
+        ),
+    ] = None,
     drain_timeout: Annotated[
         float | None,
         typer.Option(
@@ -461,6 +469,7 @@ def server(
         "keepalive-timeout": keepalive_timeout,
         "lease": lease,
         "resume-window": resume_window,
+        "max-connections-per-session": max_connections_per_session,
         "drain-timeout": drain_timeout,
         "max-tunnels-per-client": max_tunnels_per_client,
         "handshake-timeout": handshake_timeout,
@@ -609,6 +618,14 @@ def client(
             "this long while dialing again to resume it; 0: never (default: 60).",
         ),
     ] = None,
+    connections: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Run the session over N TLS connections to the relay; each new stream goes on "
+            "the least-loaded one, and a lost one's streams resume on another (default: 1).",
+        ),
+    ] = None,
     connect_timeout: Annotated[
         float | None,
         typer.Option(metavar="SECONDS", help="Timeout dialing the local service (default: 10)."),
@@ -667,6 +684,7 @@ def client(
         "max-retries": max_retries,
         "keepalive-timeout": keepalive_timeout,
         "resume-window": resume_window,
+        "connections": connections,
         "connect-timeout": connect_timeout,
         "backoff-cap": backoff_cap,
         "max-streams-per-tunnel": max_streams_per_tunnel,

@@ -82,6 +82,7 @@ from muxtunnel.errors import (
     ErrorCode,
     HandshakeError,
     IdentityMismatchError,
+    JoinRefusedError,
     MuxtunnelError,
     NotARelayError,
     SessionClosedError,
@@ -91,7 +92,7 @@ from muxtunnel.handshake import BindOutcome, client_credential, client_handshake
 from muxtunnel.logsafe import peer_text
 from muxtunnel.netopts import cap_retransmit_timeout
 from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamInfo, StreamPolicy
-from muxtunnel.protocol.constants import OpenFailReason, ResultStatus, Role
+from muxtunnel.protocol.constants import CARRIER_TUNNEL, OpenFailReason, ResultStatus, Role
 from muxtunnel.protocol.events import GoAwayReceived, ResultReceived, UnbindReceived
 from muxtunnel.protocol.frames import Address, BindOptions
 from muxtunnel.proxyproto import encode as encode_proxy_header
@@ -106,6 +107,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
     from pathlib import Path
 
+    from muxtunnel.protocol.session import Session
     from muxtunnel.tlsstream import TLSStream
 
 __all__ = ["BoundTunnel", "ClientInfo", "RelayAddress", "connect_relay", "reconnect", "run_client"]
@@ -436,6 +438,8 @@ class _Client:
             tid: spec.remote_port for tid, spec in self.specs.items()
         }
         self.conn: MuxConnection | None = None
+        #: The session's extra connections that joined (protocol-spec.md §10.7).
+        self.lanes: list[MuxConnection] = []
         self.ever_up = False
         #: The service manager (muxtunnel.sdnotify) and the status line it gets.
         self.notify = Notifier()
@@ -497,12 +501,7 @@ class _Client:
         config = self.config
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             stream, fingerprint = await self.connect()
-        session = make_session(
-            Role.CLIENT,
-            idle_timeout=config.keepalive_timeout,
-            open_rate=config.max_open_rate,
-            settings_overrides=_resume_settings(config.resume_window),
-        )
+        session = self._new_session()
         conn = MuxConnection(
             stream,
             session,
@@ -620,6 +619,8 @@ class _Client:
                     self.notify.ready(self.status_line)
                     on_up(ClientInfo(fingerprint, tuple(bound)))
                     nursery.start_soon(self._control_loop, conn)
+                    if config.connections > 1:
+                        nursery.start_soon(self._extra_connections, conn, shutdown)
                     self.relay_stats.state = "up"
                     for tid in pending:
                         nursery.start_soon(self._retry_bind, conn, tid)
@@ -848,6 +849,7 @@ class _Client:
                 conn.close(ErrorCode.NO_ERROR, "client shutting down")
                 return
             await self._resume(conn)
+            await self._move_back(conn)
 
     async def _resume(self, conn: MuxConnection) -> None:
         """Dial the relay again and again (at once, then every PATH_RETRY_CAP at most) and resume
@@ -881,7 +883,10 @@ class _Client:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         # The same identity checks as a new session; the connection owns the
                         # stream from resume_over() on (it aborts it on failure).
-                        stream, _fingerprint = await self.connect()
+                        # The first attempt goes over another connection of the session
+                        # if one is up (protocol-spec.md §10.7).
+                        conn.carried = False
+                        stream = await self._dial_for_resume(conn, attempts == 1)
                         await conn.resume_over(
                             stream, partial(client_credential, self.config.token)
                         )
@@ -943,6 +948,228 @@ class _Client:
         self.relay_stats.state = state
         self.status_line = up_line
         self.notify.status(self.status_line)
+
+    # -- extra connections of the session (protocol-spec.md §10.7) ---------------------------
+
+    async def _extra_connections(self, primary: MuxConnection, shutdown: trio.Event) -> None:
+        """Run the session's extra connections (``--connections``) until the session ends."""
+        key = self.config.server_key
+        wanted = self.config.connections
+        if not primary.resumable or primary.max_connections < 2:
+            logger.warning(
+                "relay %s takes one connection per session%s: running on one, not %d",
+                key,
+                "" if primary.resumable else " without resumption",
+                wanted,
+            )
+            return
+        count = min(wanted, primary.max_connections)
+        if count < wanted:
+            logger.warning(
+                "relay %s takes at most %d connections per session: running on %d, not %d",
+                key,
+                primary.max_connections,
+                count,
+                wanted,
+            )
+        async with trio.open_nursery() as nursery:
+            for number in range(2, count + 1):
+                nursery.start_soon(self._lane_loop, primary, number, shutdown)
+
+    async def _lane_loop(self, primary: MuxConnection, number: int, shutdown: trio.Event) -> None:
+        """Keep extra connection ``number`` of the session: join, serve its streams, resume it
+        when it drops, join afresh when its resume is refused; give up on a refused JOIN."""
+        key = self.config.server_key
+        failures = 0
+        while not primary.closed and not shutdown.is_set():
+            if failures:
+                await trio.sleep(min(self.config.backoff_cap, PATH_RETRY_CAP * failures))
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream, _fingerprint = await self.connect()
+            except (OSError, trio.TooSlowError, MuxtunnelError) as exc:
+                failures += 1
+                logger.info("connection %d to relay %s failed: %s", number, key, _describe(exc))
+                continue
+            lane = MuxConnection(
+                stream,
+                self._new_session(),
+                name=f"relay {key} connection {number}",
+                stall_timeout=self.config.stall_timeout,
+            )
+            lane.on_rtt = self.stats.observe_rtt
+            lane.on_stall = partial(self.stats.count, "stalls")
+            lane.share_binds(primary)
+            if await self._run_lane(primary, lane, number, shutdown):
+                failures = 0
+            else:
+                failures += 1
+            if lane.close_code == ErrorCode.AUTH_FAILED or self.resume_fatal is not None:
+                return
+
+    def _new_session(self) -> Session:
+        config = self.config
+        return make_session(
+            Role.CLIENT,
+            idle_timeout=config.keepalive_timeout,
+            open_rate=config.max_open_rate,
+            settings_overrides=_resume_settings(config.resume_window),
+        )
+
+    async def _run_lane(
+        self, primary: MuxConnection, lane: MuxConnection, number: int, shutdown: trio.Event
+    ) -> bool:
+        """Join ``lane`` to the session and serve it until it ends; True if it joined."""
+        key = self.config.server_key
+        joined = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(lane.run)
+                try:
+                    ticket = primary.ticket
+                    if ticket is None:
+                        raise HandshakeError("the session has no ticket")
+                    with trio.fail_after(HANDSHAKE_TIMEOUT):
+                        await client_handshake(lane, self.config.token, [], join=ticket)
+                    joined = True
+                    self.lanes.append(lane)
+                    logger.info("connection %d to relay %s joined the session", number, key)
+                    nursery.start_soon(self._keep_lane, primary, lane, shutdown)
+                    while True:
+                        mux = await lane.accept_stream()
+                        nursery.start_soon(self._serve_stream, mux)
+                except MuxSessionClosedError:
+                    pass
+                except JoinRefusedError as exc:
+                    # The relay answered: it takes no more connections for this session.
+                    logger.warning("connection %d to relay %s: %s", number, key, exc)
+                    await shutdown.wait()
+                except (HandshakeError, trio.TooSlowError) as exc:
+                    logger.info(
+                        "connection %d to relay %s: handshake failed: %s",
+                        number,
+                        key,
+                        _describe(exc),
+                    )
+                finally:
+                    if lane in self.lanes:
+                        self.lanes.remove(lane)
+                    if not lane.closed:
+                        lane.close(ErrorCode.NO_ERROR, "client shutting down")
+                    with trio.move_on_after(CLOSE_GRACE + 1):
+                        await lane.wait_closed()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if joined:
+                logger.info(
+                    "connection %d to relay %s ended: %s",
+                    number,
+                    key,
+                    _inert(lane.close_reason or "closed"),
+                )
+        return joined
+
+    async def _keep_lane(
+        self, primary: MuxConnection, lane: MuxConnection, shutdown: trio.Event
+    ) -> None:
+        """Resume ``lane`` each time its connection is lost, while the session lives."""
+        while not lane.closed:
+            await lane.wait_suspended()
+            if lane.closed or not lane.suspended:
+                await trio.lowlevel.checkpoint()
+                continue
+            if shutdown.is_set() or primary.closed:
+                lane.close(ErrorCode.NO_ERROR, "client shutting down")
+                return
+            await self._resume_lane(lane)
+            await self._move_back(lane)
+
+    def _carrier_for(self, lost: MuxConnection) -> MuxConnection | None:
+        """A connection of the session, other than ``lost``, that is up on a transport of its
+        own and can open a stream: the one a lost connection resumes over first (§10.7)."""
+        for conn in (self.conn, *self.lanes):
+            if conn is None or conn is lost:
+                continue
+            if not conn.suspended and not conn.carried and conn.open_slot_available():
+                return conn
+        return None
+
+    async def _dial_for_resume(self, lost: MuxConnection, carry: bool) -> trio.abc.Stream:
+        """The transport to resume ``lost`` over: a carrier stream on another connection of
+        the session (``carry`` and one is up), else a new TLS connection to the relay."""
+        carrier = self._carrier_for(lost) if carry else None
+        if carrier is None:
+            stream, _fingerprint = await self.connect()
+            return stream
+        mux = carrier.open_stream(CARRIER_TUNNEL, _NO_ADDRESS, _NO_ADDRESS)
+        try:
+            await mux.wait_opened()
+        except BaseException:
+            _abort(mux)
+            raise
+        lost.carried = True
+        return mux
+
+    async def _move_back(self, conn: MuxConnection) -> None:
+        """``conn`` runs carried on another connection: give it a TLS connection of its own
+        again (after PATH_RETRY_CAP, then every PATH_RETRY_CAP at most). Returns when it has
+        one, or once it is suspended or closed (resumed as usual then)."""
+        while conn.carried and _up(conn):
+            await trio.sleep(PATH_RETRY_CAP * random.uniform(0.5, 1.0))
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream, _fingerprint = await self.connect()
+                    if not _up(conn):
+                        await trio.aclose_forcefully(stream)
+                        return
+                    conn.carried = False
+                    await conn.resume_over(stream, partial(client_credential, self.config.token))
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, MuxtunnelError) as exc:
+                logger.debug("%s: no connection of its own yet: %s", conn.name, _describe(exc))
+                continue
+            logger.info("%s runs on a connection of its own again", conn.name)
+
+    async def _resume_lane(self, lane: MuxConnection) -> None:
+        """Resume the suspended ``lane``: over another connection of the session first, else
+        over a new connection (at once, then every PATH_RETRY_CAP at most); a refusal ends it
+        (its streams end, a fresh one joins)."""
+        key = self.config.server_key
+        lost_at = trio.current_time()
+        logger.info("%s lost (%s); resuming it", lane.name, _inert(lane.lost_reason or "no reason"))
+        carry = True
+        while _waiting(lane):
+            started = trio.current_time()
+            lane.carried = False
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    stream = await self._dial_for_resume(lane, carry)
+                    await lane.resume_over(stream, partial(client_credential, self.config.token))
+            except ResumeRefusedError as exc:
+                lane.close(ErrorCode.NO_ERROR, _describe(exc))
+                return
+            except (AuthError, IdentityMismatchError) as exc:
+                lane.close(ErrorCode.NO_ERROR, "cannot resume: " + _describe(exc))
+                return
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, MuxtunnelError) as exc:
+                if not lane.suspended and not lane.closed:
+                    break
+                logger.debug("resuming %s (relay %s) failed: %s", lane.name, key, _describe(exc))
+                if lane.carried:
+                    carry = False  # the carried attempt failed: a new connection at once
+                    continue
+            else:
+                break
+            carry = True
+            await trio.sleep_until(started + PATH_RETRY_CAP * random.uniform(0.5, 1.0))
+        if not lane.closed and not lane.suspended:
+            self.stats.count("resumes")
+            logger.info(
+                "%s resumed%s after %.1f s: %d streams continued",
+                lane.name,
+                " over another connection of the session" if lane.carried else "",
+                trio.current_time() - lost_at,
+                lane.stream_count,
+            )
 
     async def _control_loop(self, conn: MuxConnection) -> None:
         """Log what the relay announces; anything unexpected (a RESULT nobody asked for, a
@@ -1173,6 +1400,15 @@ def _reject(mux: MuxStream, reason: OpenFailReason, detail: str) -> None:
     """OPEN_FAIL for ``mux``, unless it already failed (reset by the relay, session ended)."""
     if mux.failure is None:
         mux.reject(reason, detail)
+
+
+def _up(conn: MuxConnection) -> bool:
+    """True while ``conn`` has a transport (not suspended) and is not closed."""
+    return not conn.suspended and not conn.closed
+
+
+#: Origin and target of a carrier stream's OPEN (protocol-spec.md §10.7): none.
+_NO_ADDRESS = Address(None, 0)
 
 
 def _abort(mux: MuxStream) -> None:

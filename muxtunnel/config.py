@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from muxtunnel.access import AddressRule, TokenEntry, parse_cidrs
 from muxtunnel.errors import ConfigError
-from muxtunnel.protocol.constants import MAX_RESUME_WINDOW
+from muxtunnel.protocol.constants import MAX_CONNECTIONS, MAX_RESUME_WINDOW
 from muxtunnel.tls import normalize_fingerprint
 from muxtunnel.tokens import plaintext_entry, read_token_file
 from muxtunnel.tokenstore import is_named_token_file, load_token_file
@@ -39,6 +39,7 @@ __all__ = [
     "ServerConfig",
     "TunnelSpec",
     "VisitConfig",
+    "as_connection_count",
     "as_resume_window",
     "as_tunnel_name",
     "build_client_config",
@@ -267,6 +268,9 @@ class ServerConfig:
     #: :data:`MAX_RESUME_WINDOW`. See :meth:`resume_seconds`.
     resume_window: float | None = None
     drain_timeout: float = 10.0
+    #: Connections one session may have, the first included (the relay's MAX_CONNECTIONS,
+    #: protocol-spec.md §10.7); 1: no extra connection. Needs resumption (``resume_window``).
+    max_connections_per_session: int = 8
     max_tunnels_per_client: int = 64
     handshake_timeout: float = 10.0
     #: Connections in TLS + authentication at once, in total and per source address.
@@ -384,6 +388,9 @@ class ClientConfig:
     #: resume it (protocol-spec.md §10.6; the relay's window counts too: the smaller one
     #: applies); 0: never resume.
     resume_window: float = 60.0
+    #: TLS connections the session runs over (protocol-spec.md §10.7); each new stream goes
+    #: on the least-loaded one. More than 1 needs resumption and a relay that takes them.
+    connections: int = 1
     #: Reconnect attempts after a failure; None retries until stopped.
     max_retries: int | None = None
     #: Timeout for dialing the local target of a stream.
@@ -429,6 +436,7 @@ _SERVER_KEYS = frozenset(
         "keepalive-timeout",
         "lease",
         "resume-window",
+        "max-connections-per-session",
         "drain-timeout",
         "max-tunnels-per-client",
         "handshake-timeout",
@@ -458,6 +466,7 @@ _CLIENT_KEYS = frozenset(
         "tunnel",
         "keepalive-timeout",
         "resume-window",
+        "connections",
         "max-retries",
         "connect-timeout",
         "backoff-cap",
@@ -631,6 +640,13 @@ def as_resume_window(value: object, what: str) -> float:
     return seconds
 
 
+def as_connection_count(value: object, what: str) -> int:
+    """``connections`` / ``max-connections-per-session``: 1 to :data:`MAX_CONNECTIONS`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONNECTIONS:
+        raise ConfigError(f"{what}: expected 1 to {MAX_CONNECTIONS} connections, got {value!r}")
+    return value
+
+
 def _as_count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{what}: expected an integer, got {value!r}")
@@ -776,6 +792,9 @@ def build_server_config(
         keepalive_timeout=_get(src, "keepalive-timeout", 30.0, _as_seconds),
         lease_seconds=_get(src, "lease", 60.0, _as_seconds),
         resume_window=_get(src, "resume-window", None, as_resume_window),
+        max_connections_per_session=_get(
+            src, "max-connections-per-session", 8, as_connection_count
+        ),
         drain_timeout=_get(src, "drain-timeout", 10.0, _as_seconds),
         max_tunnels_per_client=_get(src, "max-tunnels-per-client", 64, _as_positive),
         handshake_timeout=_get(src, "handshake-timeout", 10.0, _as_seconds),
@@ -1061,6 +1080,12 @@ def build_client_config(
             "no tunnels: give at least one SPEC ([REMOTE_PORT:][LOCAL_HOST:]LOCAL_PORT) or [[tunnel]] table"
         )
     max_retries: int | None = _get(src, "max-retries", None, _as_count)
+    connections = _get(src, "connections", 1, as_connection_count)
+    if connections > 1 and not _get(src, "resume-window", 60.0, as_resume_window):
+        raise ConfigError(
+            "connections: more than one connection needs session resumption "
+            "(a resume-window above 0)"
+        )
     return ClientConfig(
         server_host=host,
         server_port=port,
@@ -1071,6 +1096,7 @@ def build_client_config(
         tunnels=tunnels,
         keepalive_timeout=_get(src, "keepalive-timeout", 30.0, _as_seconds),
         resume_window=_get(src, "resume-window", 60.0, as_resume_window),
+        connections=connections,
         max_retries=max_retries,
         connect_timeout=_get(src, "connect-timeout", 10.0, _as_seconds),
         backoff_cap=_get(src, "backoff-cap", 30.0, _as_seconds),

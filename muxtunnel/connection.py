@@ -995,6 +995,11 @@ class MuxConnection:
         self._goaway_sent = False
         #: The newest ticket: relay, the one we issued; client, the one we received.
         self.ticket: bytes | None = None
+        #: Another connection of the same session (protocol-spec.md §10.7) whose open waiters
+        #: are woken with ours: a session shares its pending-open slots over its connections.
+        self.open_change_peer: MuxConnection | None = None
+        #: Client: the transport is a stream of another connection of the session (§10.7).
+        self.carried = False
         #: Times the session lost its transport and was kept, and times it was resumed.
         self.suspensions = 0
         self.resumes = 0
@@ -1335,6 +1340,33 @@ class MuxConnection:
         """Client: send AUTH (``Session.send_auth``)."""
         self._session.send_auth(req_id, method, credential)
         self._queued()
+
+    def send_join(self, req_id: int, ticket: bytes) -> None:
+        """Client: join the session of ``ticket`` as one more connection (``Session.send_join``,
+        protocol-spec.md §10.7); send the AUTH right after it."""
+        self._session.send_join(req_id, ticket)
+        self._queued()
+
+    def share_binds(self, first: MuxConnection) -> None:
+        """Client: take OPENs for the tunnels bound on ``first``, the session's first
+        connection (``Session.share_binds``, protocol-spec.md §10.7)."""
+        self._session.share_binds(first._session)
+
+    @property
+    def stream_count(self) -> int:
+        """Streams open on this connection (the load a session's placement compares)."""
+        return len(self._streams)
+
+    @property
+    def max_connections_local(self) -> int:
+        """Connections per session this side takes (its own HELLO's MAX_CONNECTIONS)."""
+        return self._session.local_settings.max_connections
+
+    @property
+    def max_connections(self) -> int:
+        """Connections the relay takes per session (its HELLO's MAX_CONNECTIONS; 0 before)."""
+        peer = self._session.peer_settings
+        return 0 if peer is None else peer.max_connections
 
     def send_bind(
         self,
@@ -1901,6 +1933,9 @@ class MuxConnection:
         if ev is not None:
             self._slot_waiter = None
             ev.set()
+        peer = self.open_change_peer
+        if peer is not None:
+            peer._wake_slot()
 
     # -- internals: tasks ----------------------------------------------------------------
 

@@ -196,6 +196,10 @@ class AuthError(HandshakeError):
     exit_code = ExitCode.AUTH_REFUSED
 
 
+class JoinRefusedError(HandshakeError):
+    """The relay refused a connection's JOIN to a session (protocol-spec.md §10.7)."""
+
+
 class NotARelayError(HandshakeError):
     """The relay address answers, but not with TLS: a wrong port or another service."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from muxtunnel.connection import MuxConnection, MuxSessionClosedError
-from muxtunnel.errors import AuthError, ErrorCode, HandshakeError
+from muxtunnel.errors import AuthError, ErrorCode, HandshakeError, JoinRefusedError
 from muxtunnel.logsafe import peer_text
 from muxtunnel.protocol import auth
 from muxtunnel.protocol.constants import AUTH_NONCE_SIZE, AuthMethod, ResultStatus
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 #: The client's request id for AUTH; BINDs use 2, 3, ...
 AUTH_REQ_ID = 1
+#: Request id of a JOIN (protocol-spec.md §10.7): never one of a BIND's.
+JOIN_REQ_ID = 0xFFFF_FFFD
 
 
 def make_credential(token: str, server_nonce: bytes, method: int = AuthMethod.HMAC_SHA256) -> bytes:
@@ -171,8 +173,13 @@ async def client_handshake(
     conn: MuxConnection,
     token: str,
     binds: Sequence[tuple[int, int, BindOptions | None]],
+    *,
+    join: bytes | None = None,
 ) -> list[BindOutcome]:
     """Client side: answer CHALLENGE with AUTH, pipeline one BIND per ``(tunnel_id, port, options)``.
+
+    With ``join`` (a session's ticket) a JOIN goes before the AUTH: this connection becomes
+    one more connection of that session (protocol-spec.md §10.7; ``binds`` is then empty).
 
     Port 0 lets the relay choose; ``options`` None sends a BIND without options. AUTH uses
     method 2 when the relay speaks minor version 1 or later, else method 1 (spec §7.1).
@@ -180,6 +187,7 @@ async def client_handshake(
 
     Raises:
         AuthError: The relay refused the token.
+        JoinRefusedError: The relay refused the JOIN.
         HandshakeError: The connection ended or the relay answered nonsense.
     """
     while True:
@@ -195,6 +203,11 @@ async def client_handshake(
             raise HandshakeError(
                 f"relay closed the connection ({event.error_code.name}: {peer_text(event.message)})"
             )
+    if join is not None:
+        if conn.max_connections < 2:
+            raise JoinRefusedError("the relay takes one connection per session")
+        conn.send_join(JOIN_REQ_ID, join)
+    joined = join is None
     conn.send_auth(AUTH_REQ_ID, *client_credential(token, event.nonce, conn.minor))
     requests: dict[int, tuple[int, int]] = {}
     for index, (tunnel_id, port, options) in enumerate(binds):
@@ -207,7 +220,7 @@ async def client_handshake(
             conn.send_bind(req_id, tunnel_id, bind, options=options)
     outcomes: dict[int, BindOutcome] = {}
     authenticated = False
-    while not authenticated or len(outcomes) < len(requests):
+    while not authenticated or not joined or len(outcomes) < len(requests):
         try:
             event = await conn.next_control_event()
         except MuxSessionClosedError as exc:
@@ -230,6 +243,13 @@ async def client_handshake(
                     _auth_failed(event.message or getattr(event.status, "name", str(event.status)))
                 )
             authenticated = True
+        elif event.req_id == JOIN_REQ_ID and not joined:
+            if event.status != ResultStatus.OK:
+                status = getattr(event.status, "name", str(event.status))
+                raise JoinRefusedError(
+                    f"the relay refused the extra connection ({status}: {peer_text(event.message)})"
+                )
+            joined = True
         elif event.req_id in requests:
             tunnel_id, port = requests[event.req_id]
             outcomes[event.req_id] = BindOutcome(

@@ -40,7 +40,7 @@ from muxtunnel.connection import (
 from muxtunnel.errors import ErrorCode
 from muxtunnel.logsafe import peer_text
 from muxtunnel.policy import DEFAULT_POLICY, Direction, StreamPolicy
-from muxtunnel.protocol.constants import OpenFailReason, ResultStatus
+from muxtunnel.protocol.constants import CARRIER_TUNNEL, OpenFailReason, ResultStatus
 from muxtunnel.protocol.frames import Address
 from muxtunnel.relaypolicy import StreamLimits
 
@@ -311,6 +311,10 @@ class PrivateTunnels:
                     mux = await rs.conn.accept_stream()
                 except MuxSessionClosedError:
                     return
+                if mux.info.tunnel_id == CARRIER_TUNNEL:
+                    # Another connection of the session, carried (protocol-spec.md §10.7).
+                    nursery.start_soon(self.relay.carry, rs, mux, rs.conn)
+                    continue
                 nursery.start_soon(self._serve_stream, rs, mux)
 
     async def _serve_stream(self, rs: RelaySession, mux: MuxStream) -> None:

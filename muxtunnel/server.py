@@ -69,6 +69,7 @@ from muxtunnel.preflight import listen_error
 from muxtunnel.private import PrivateTunnels
 from muxtunnel.protocol.constants import (
     ALPN,
+    CARRIER_TUNNEL,
     MAX_RESUME_WINDOW,
     OpenFailReason,
     ResultStatus,
@@ -79,6 +80,7 @@ from muxtunnel.protocol.events import (
     BindRequested,
     Event,
     GoAwayReceived,
+    JoinRequested,
     ResumeRequested,
     UnbindReceived,
 )
@@ -180,6 +182,24 @@ class RelaySession:
         self.suspended_at: float | None = None
         #: Times the client resumed this session on a new connection.
         self.resumes = 0
+        #: The session's extra connections (protocol-spec.md §10.7), in joining order.
+        self.lanes: list[RelayLane] = []
+
+    def placement(self) -> MuxConnection:
+        """The connection a new visitor stream goes on: the least-loaded one (fewest open
+        streams) that is connected and may open a stream now; the first one on a tie, and
+        whenever no extra connection qualifies (protocol-spec.md §10.7)."""
+        best = self.conn
+        if not self.lanes:
+            return best
+        load = best.stream_count if not best.suspended else None
+        for lane in self.lanes:
+            conn = lane.conn
+            if conn.suspended or not conn.open_slot_available():
+                continue
+            if load is None or conn.stream_count < load:
+                best, load = conn, conn.stream_count
+        return best
 
     # -- LeaseOwner ----------------------------------------------------------------------
 
@@ -279,8 +299,8 @@ class RelaySession:
         (public, private and visit binds alike); the refusal, or None."""
         config = self.relay.config
         tunnel_id = event.tunnel_id
-        if tunnel_id == 0:
-            return ResultStatus.MALFORMED, "tunnel id 0 is reserved"
+        if tunnel_id in (0, CARRIER_TUNNEL):
+            return ResultStatus.MALFORMED, f"tunnel id {tunnel_id} is reserved"
         if tunnel_id in self.tunnels or self.relay.private.owns(self, tunnel_id):
             return ResultStatus.DUPLICATE_TUNNEL, f"tunnel {tunnel_id} is already bound"
         if event.proto != TunnelProto.TCP:
@@ -409,7 +429,6 @@ class RelaySession:
     async def _accept_one(
         self, listener: trio.SocketListener, lease: PortLease, nursery: trio.Nursery
     ) -> None:
-        conn = self.conn
         relay = self.relay
         policy = relay.policy
         config = relay.config
@@ -501,7 +520,7 @@ class RelaySession:
             except MuxSessionClosedError:
                 reset_connection(tcp)
                 return
-            mux = conn.open_stream(tunnel_id, origin, target)
+            mux = self.placement().open_stream(tunnel_id, origin, target)
             logger.debug(
                 "stream %d opened: visitor %s on port %d", mux.stream_id, origin, lease.port
             )
@@ -577,6 +596,75 @@ class RelaySession:
                 trio.current_time(),
                 token=self.token.name,
             )
+
+
+class RelayLane:
+    """One extra connection of a client session (protocol-spec.md §10.7): it carries visitor
+    streams the session places on it, resumes like a session with a ticket of its own, and
+    ends with the session."""
+
+    def __init__(self, session: RelaySession, conn: MuxConnection, peer: str) -> None:
+        self.session = session
+        self.conn = conn
+        self.peer = peer
+        #: ``trio.current_time()`` when the connection was lost (None while connected).
+        self.suspended_at: float | None = None
+        #: Times this connection was resumed.
+        self.resumes = 0
+        #: Lanes keep no stats of their own and bind no tunnels (the session does both).
+        self.stats: SessionStats | None = None
+        self.tunnels: dict[int, PortLease] = {}
+
+    @property
+    def token(self) -> TokenEntry:
+        """The session's token entry."""
+        return self.session.token
+
+    @property
+    def alive(self) -> bool:
+        """False once this connection or its session is closing."""
+        return not self.conn.closed and self.session.alive
+
+    @property
+    def active_streams(self) -> int:
+        """Streams open on this connection."""
+        return self.conn.stream_count
+
+    async def run(self) -> None:
+        """Refuse what belongs on the first connection (BIND, streams the client opens) until
+        this connection ends."""
+        conn = self.conn
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refuse_streams)
+            while True:
+                try:
+                    event = await conn.next_control_event()
+                except MuxSessionClosedError:
+                    break
+                if isinstance(event, BindRequested):
+                    conn.send_result(
+                        event.req_id,
+                        ResultStatus.DENIED,
+                        "tunnels are bound on the session's first connection",
+                    )
+                elif isinstance(event, UnbindReceived) and event.req_id:
+                    conn.send_result(event.req_id, ResultStatus.UNKNOWN_TUNNEL, "no such tunnel")
+            nursery.cancel_scope.cancel()
+
+    async def _refuse_streams(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    mux = await self.conn.accept_stream()
+                except MuxSessionClosedError:
+                    return
+                if mux.info.tunnel_id == CARRIER_TUNNEL:
+                    nursery.start_soon(self.session.relay.carry, self.session, mux, self.conn)
+                    continue
+                mux.reject(
+                    OpenFailReason.ADMINISTRATIVELY_PROHIBITED,
+                    "streams are opened on the session's first connection",
+                )
 
 
 def _wire_window(seconds: float) -> int:
@@ -707,7 +795,7 @@ class _Relay:
         )
         self.sessions: set[RelaySession] = set()
         #: Resumption tickets of the sessions (protocol-spec.md §10.6, :mod:`muxtunnel.tickets`).
-        self.tickets: TicketBook[RelaySession] = TicketBook(trio.current_time)
+        self.tickets: TicketBook[RelaySession | RelayLane] = TicketBook(trio.current_time)
         #: Sessions and streams per token (entries go when a token has neither).
         self.usage: dict[str, _TokenUsage] = {}
         #: What the admin endpoint and the metrics read (:mod:`muxtunnel.stats`).
@@ -931,12 +1019,7 @@ class _Relay:
             session = make_session(
                 Role.SERVER,
                 idle_timeout=config.keepalive_timeout,
-                settings_overrides={
-                    # Clients may open streams to visit private tunnels (protocol-spec.md §9.2).
-                    "max_concurrent_streams": config.max_visit_streams,
-                    # How long a lost session is kept for the client (protocol-spec.md §10.6).
-                    "resume_window": _wire_window(config.resume_seconds()),
-                },
+                settings_overrides=self._session_settings(),
             )
             conn = MuxConnection(
                 stream,
@@ -1014,17 +1097,20 @@ class _Relay:
                 scope.cancel()
 
     async def _authenticate(
-        self, conn: MuxConnection, pending: _Pending, resume: list[ResumeRequested]
+        self,
+        conn: MuxConnection,
+        pending: _Pending,
+        resume: list[ResumeRequested | JoinRequested],
     ) -> TokenEntry | None:
         """Run the AUTH exchange within the connection's deadline; the token's entry, or None.
 
-        A RESUME that came before the AUTH is appended to ``resume``.
+        A RESUME or JOIN that came before the AUTH is appended to ``resume``.
         """
         config = self.config
         logger.debug("client %s: TLS established", pending.peer)
 
         def before_auth(event: Event) -> None:
-            if isinstance(event, ResumeRequested):
+            if isinstance(event, ResumeRequested | JoinRequested):
                 resume.append(event)
 
         with trio.move_on_at(pending.deadline) as scope:
@@ -1053,13 +1139,16 @@ class _Relay:
     async def _run_session(self, conn: MuxConnection, peer: str, pending: _Pending) -> bool:
         """Authenticate, then resume a session or run a new one; True if the transport went to
         a resumed session (this connection must then neither close nor write it)."""
-        resume: list[ResumeRequested] = []
+        resume: list[ResumeRequested | JoinRequested] = []
         entry = await self._authenticate(conn, pending, resume)
         if entry is None:
             return False
         tid = entry.name
         conn.token_id = tid
-        if resume:
+        if resume and isinstance(resume[0], JoinRequested):
+            await self._join(conn, entry, resume[0], peer)
+            return False
+        if resume and isinstance(resume[0], ResumeRequested):
             outcome = await self._resume(conn, entry, resume[0], peer)
             if outcome == "resumed":
                 return True
@@ -1088,6 +1177,8 @@ class _Relay:
         try:
             await rs.run()
         finally:
+            for lane in list(rs.lanes):
+                lane.conn.close(ErrorCode.NO_ERROR, "session ended")
             self.tickets.revoke(rs)
             self.sessions.discard(rs)
             self.stats.remove_session(session_stats)
@@ -1105,7 +1196,138 @@ class _Relay:
                 logger.info("client %s gone (%s)", rs.peer, reason)
         return False
 
-    def _suspended(self, rs: RelaySession) -> None:
+    def _session_settings(self) -> dict[str, int]:
+        """The HELLO settings of a relay session (beyond the defaults)."""
+        config = self.config
+        resume = config.resume_seconds()
+        return {
+            # Clients may open streams to visit private tunnels (protocol-spec.md §9.2).
+            "max_concurrent_streams": config.max_visit_streams,
+            # How long a lost session is kept for the client (protocol-spec.md §10.6).
+            "resume_window": _wire_window(resume),
+            # Extra connections of one session (protocol-spec.md §10.7).
+            "max_connections": (
+                config.max_connections_per_session
+                if config.max_connections_per_session > 1 and resume > 0
+                else 0
+            ),
+        }
+
+    async def carry(self, rs: RelaySession, mux: MuxStream, carrier: MuxConnection) -> None:
+        """Serve ``mux``, a stream the client of ``rs`` opened on ``carrier`` to carry another
+        connection of the same session (protocol-spec.md §10.7): a resume handshake runs
+        over it, and the resumed connection keeps it as its transport."""
+        config = self.config
+        if not carrier.max_connections_local:
+            mux.reject(OpenFailReason.ADMINISTRATIVELY_PROHIBITED, "no carried connections here")
+            return
+        mux.accept()
+        conn = MuxConnection(
+            mux,
+            make_session(
+                Role.SERVER,
+                idle_timeout=config.keepalive_timeout,
+                settings_overrides=self._session_settings(),
+            ),
+            name=f"{rs.peer} (carried)",
+            open_timeout=config.open_timeout,
+            stall_timeout=config.stall_timeout,
+        )
+        handed_over = False
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(conn.run)
+                try:
+                    handed_over = await self._carried_resume(rs, conn, carrier)
+                finally:
+                    if not handed_over:
+                        conn.close()
+                        with trio.move_on_after(3):
+                            await conn.wait_closed()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if not handed_over:
+                await trio.aclose_forcefully(mux)
+
+    async def _carried_resume(
+        self, rs: RelaySession, conn: MuxConnection, carrier: MuxConnection
+    ) -> bool:
+        """Authenticate on a carried connection and resume the connection of ``rs`` its
+        RESUME names; True if the transport went to it."""
+        config = self.config
+        requests: list[Event] = []
+        with trio.move_on_after(config.handshake_timeout) as scope:
+            try:
+                entry = await authenticate_client(
+                    conn, config.accepted_tokens(), before_auth=requests.append
+                )
+            except (AuthError, HandshakeError) as exc:
+                logger.info("client %s: carried connection refused: %s", rs.peer, exc)
+                return False
+        if scope.cancelled_caught:
+            logger.info("client %s: carried connection not authenticated in time", rs.peer)
+            return False
+        request = next((e for e in requests if isinstance(e, ResumeRequested)), None)
+        if request is None or entry.stored_key != rs.token.stored_key:
+            logger.info("client %s: a carried connection must resume one of its session", rs.peer)
+            conn.close(
+                ErrorCode.PROTOCOL_ERROR,
+                "a carried connection resumes a connection of its own session only",
+            )
+            return False
+        outcome = await self._resume(
+            conn, entry, request, f"{rs.peer} (carried)", within=rs, carrier=carrier
+        )
+        return outcome == "resumed"
+
+    async def _join(
+        self, conn: MuxConnection, entry: TokenEntry, request: JoinRequested, peer: str
+    ) -> None:
+        """Run ``conn`` as one more connection of the session of ``request``'s ticket
+        (protocol-spec.md §10.7) until it or the session ends; or refuse the JOIN."""
+        found = None if self.shutting_down else self.tickets.lookup(request.ticket, entry.name)
+        rs = found.session if isinstance(found, RelayLane) else found
+        if rs is None or not rs.alive or rs.token.stored_key != entry.stored_key:
+            # Unknown, expired, revoked or another token's ticket: one answer (§10.6).
+            conn.send_result(request.req_id, ResultStatus.TICKET_UNKNOWN, "unknown ticket")
+            logger.info("client %s: extra connection refused: unknown ticket", peer)
+            return
+        limit = self.config.max_connections_per_session
+        if 1 + len(rs.lanes) >= limit or rs.draining or rs.client_draining:
+            why = (
+                "the session is going away"
+                if rs.draining or rs.client_draining
+                else f"at most {limit} connections per session"
+            )
+            conn.send_result(request.req_id, ResultStatus.LIMIT_REACHED, why)
+            logger.info("client %s: extra connection refused: %s", peer, why)
+            return
+        lane = RelayLane(rs, conn, peer)
+        conn.send_result(request.req_id, ResultStatus.OK, "")
+        if conn.resume_window > 0:
+            conn.send_ticket(self.tickets.issue(entry.name, lane), _wire_window(conn.resume_window))
+            conn.on_suspend = partial(self._suspended, lane)
+        conn.on_rtt = self.stats.observe_rtt
+        conn.on_stall = partial(self.stats.count, "stalls")
+        conn.open_change_peer = rs.conn
+        rs.lanes.append(lane)
+        logger.info(
+            "client %s: connection %d of the session of %s joined", peer, len(rs.lanes) + 1, rs.peer
+        )
+        try:
+            await lane.run()
+        finally:
+            rs.lanes.remove(lane)
+            self.tickets.revoke(lane)
+            rs.conn.notify_open_change()
+            logger.info(
+                "client %s: extra connection of %s gone (%s)",
+                lane.peer,
+                rs.peer,
+                peer_text(conn.close_reason or "closed"),
+            )
+
+    def _suspended(self, rs: RelaySession | RelayLane) -> None:
         """``rs`` lost its connection: keep it (ports, streams) for the resume window."""
         conn = rs.conn
         rs.suspended_at = trio.current_time()
@@ -1132,7 +1354,14 @@ class _Relay:
         logger.info("client %s: resume refused: %s", conn.name, why)
 
     async def _resume(
-        self, conn: MuxConnection, entry: TokenEntry, request: ResumeRequested, peer: str
+        self,
+        conn: MuxConnection,
+        entry: TokenEntry,
+        request: ResumeRequested,
+        peer: str,
+        *,
+        within: RelaySession | None = None,
+        carrier: MuxConnection | None = None,
     ) -> str:
         """Continue the session of ``request``'s ticket on ``conn``'s transport.
 
@@ -1144,6 +1373,12 @@ class _Relay:
         if rs is not None and (not rs.alive or rs.token.stored_key != entry.stored_key):
             self.tickets.revoke(rs)
             rs = None
+        if rs is not None and within is not None:
+            # Carried (§10.7): only another connection of the carrier's own session.
+            session = rs.session if isinstance(rs, RelayLane) else rs
+            if session is not within or rs.conn is carrier:
+                self.tickets.unclaim(rs)
+                rs = None
         if rs is None:
             # Unknown, expired, replaced, revoked or another token's: one answer (§10.6).
             self._refuse_resume(conn, request, ResultStatus.TICKET_UNKNOWN, "unknown ticket")
@@ -1185,10 +1420,12 @@ class _Relay:
         self.stats.count("resumes")
         if rs.stats is not None:
             rs.stats.state = "up"
-            rs.stats.peer = peer
             rs.stats.resumes = rs.resumes
-        rs.peer = peer
-        old.name = peer
+            if within is None:
+                rs.stats.peer = peer
+        if within is None:  # a carried connection keeps its client's address
+            rs.peer = peer
+            old.name = peer
         logger.info(
             "client %s resumed after %.1f s: %d streams continued, %d bytes replayed",
             peer,

@@ -3,8 +3,10 @@
 Scenarios: 1 one-stream bulk up/down, 2 many concurrent streams, 3 idle 64-byte
 round trips, 4 round trips while bulk streams saturate the tunnel, 5 new connections per second,
 6 RSS with many idle streams, 7 the same bulk transfers over a 50 ms RTT path (two network
-namespaces and a userspace delay line), also with 1% loss, 8 a real client: pgbench against a
-throwaway PostgreSQL (select-only with 1 and 8 clients, TPC-B-like with 8).
+namespaces and a userspace delay line), 7loss the same path with 1% loss, 8 a real client:
+pgbench against a throwaway PostgreSQL (select-only with 1 and 8 clients, TPC-B-like with 8).
+Scenarios 7 and 7loss also run ``muxtunnel client --connections N`` (target ``muxtunnel-conns``)
+unless ``--targets`` is given.
 
 Every process runs separately: the service (sink/source/echo), each load generator, the relay,
 the tunnel client, sshd and ssh, so none shares a GIL with another.
@@ -29,13 +31,29 @@ from muxtunnel.benchsuite import report
 from muxtunnel.benchsuite.netns import DelayPath, unavailable_reason
 from muxtunnel.benchsuite.procs import BenchError, Child
 from muxtunnel.benchsuite.runner import Bench, Outcome, Sizes, size_text, stop_targets
-from muxtunnel.benchsuite.targets import ALL_TARGETS, EXTRA_TARGETS, Layout, sshd_available
+from muxtunnel.benchsuite.targets import (
+    ALL_TARGETS,
+    CONNS,
+    CONNS_SCENARIOS,
+    EXTRA_TARGETS,
+    Layout,
+    connections_of,
+    is_target,
+    sshd_available,
+)
 
 __all__ = ["main"]
 
-ALL_SCENARIOS = (1, 2, 3, 4, 5, 6, 7, 8)
+#: Scenario ids; 7loss is scenario 7's path with random loss.
+ALL_SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "7loss", "8")
+LOOPBACK_SCENARIOS = ("1", "2", "3", "4", "5", "6")
 #: Failures of these targets make the exit status non-zero (ssh is only a reference).
 STRICT_TARGETS = ("direct", "muxtunnel")
+
+
+def _strict(key: str) -> bool:
+    """Whether a failure of target *key* fails the run (muxtunnel in any form, or direct)."""
+    return key in STRICT_TARGETS or key == "bench" or connections_of(key) is not None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,14 +69,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios",
         default=None,
-        help="comma-separated scenario numbers, e.g. 1,3,5 (default: all; --quick: 1-6)",
+        help="comma-separated scenario ids out of 1,2,3,4,5,6,7,7loss,8, e.g. 1,3,5 or 7,7loss "
+        "(7loss: the 50 ms path with 1%% loss; default: all; --quick: 1-6)",
     )
     p.add_argument(
         "--targets",
-        default=",".join(ALL_TARGETS),
-        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (also muxtunnel-ref: another "
-        "tree named by MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT, and muxtunnel-noresume: this tree "
-        "with --resume-window 0 at both ends, for A/B runs)",
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: all of them, plus "
+        f"{CONNS} in scenarios 7 and 7loss); also muxtunnel-ref: another tree named by "
+        "MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT, muxtunnel-noresume: this tree with "
+        f"--resume-window 0 at both ends, and {CONNS} / {CONNS}N: the client with "
+        "--connections 4 / N (2-16), for A/B runs",
+    )
+    p.add_argument(
+        "--wan-runs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs of scenarios 7 and 7loss, medians reported (default 1)",
     )
     p.add_argument(
         "--runs",
@@ -142,12 +170,34 @@ def _raise_nofile(want: int) -> str:
     return str(soft)
 
 
-def _parse_list(text: str, allowed: tuple[Any, ...], conv: Any) -> list[Any]:
-    items = [conv(x.strip()) for x in text.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed]
+def _parse_list(text: str, allowed: Any) -> list[str]:
+    """The comma-separated items of *text*; *allowed*: a tuple or a predicate."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    ok = allowed if callable(allowed) else allowed.__contains__
+    bad = [x for x in items if not ok(x)]
     if bad:
-        raise SystemExit(f"muxtunnel bench: unknown choice(s) {bad}; allowed {list(allowed)}")
+        shown = list(allowed) if isinstance(allowed, tuple) else "see --help"
+        raise SystemExit(f"muxtunnel bench: unknown choice(s) {bad}; allowed {shown}")
     return items
+
+
+def _target_keys(chosen: str | None) -> tuple[list[str], list[str]]:
+    """(targets for the loopback and pgbench scenarios, targets for scenarios 7 and 7loss)."""
+    if chosen is None:
+        wan = [*ALL_TARGETS]
+        wan.insert(wan.index("muxtunnel") + 1, CONNS)
+        return [*ALL_TARGETS], wan
+    items = _parse_list(chosen, is_target)
+    order = [*ALL_TARGETS, *EXTRA_TARGETS]
+    keys = sorted(dict.fromkeys(items), key=lambda k: _target_rank(k, order))
+    return keys, keys
+
+
+def _target_rank(key: str, order: list[str]) -> tuple[int, int]:
+    n = connections_of(key)
+    if n is not None:  # the striped clients right after muxtunnel, by connection count
+        return order.index("muxtunnel"), n
+    return order.index(key), 0
 
 
 def main(argv: list[str]) -> int:
@@ -170,10 +220,13 @@ def main(argv: list[str]) -> int:
         if args.stream_bytes < 1:
             raise SystemExit("muxtunnel bench: --stream-bytes must be >= 1")
         sizes = dataclasses.replace(sizes, multi_bytes=args.stream_bytes)
-    default_sc = "1,2,3,4,5,6" if quick else ",".join(map(str, ALL_SCENARIOS))
-    scenarios = _parse_list(args.scenarios or default_sc, ALL_SCENARIOS, int)
-    keys = _parse_list(args.targets, ALL_TARGETS + EXTRA_TARGETS, str)
-    keys = [k for k in ALL_TARGETS + EXTRA_TARGETS if k in keys]
+    if args.wan_runs is not None:
+        if args.wan_runs < 1:
+            raise SystemExit("muxtunnel bench: --wan-runs must be >= 1")
+        sizes = dataclasses.replace(sizes, wan_runs=args.wan_runs)
+    default_sc = ",".join(LOOPBACK_SCENARIOS if quick else ALL_SCENARIOS)
+    scenarios = _parse_list(args.scenarios or default_sc, ALL_SCENARIOS)
+    keys, wan_keys = _target_keys(args.targets)
     verify = quick if args.verify is None else bool(args.verify)
     out = Outcome()
     nofile = _raise_nofile(65536)
@@ -186,7 +239,9 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     s = sizes
     bench.progress(
-        f"muxtunnel bench: scenarios {scenarios}, targets {keys}, runs {s.runs}, "
+        f"muxtunnel bench: scenarios {scenarios}, targets {keys}"
+        + (f" (7/7loss: {wan_keys})" if wan_keys != keys else "")
+        + f", runs {s.runs}, "
         f"verify {'on' if verify else 'off'}, logs in {workdir}"
     )
     out.notes.append(
@@ -204,6 +259,7 @@ def main(argv: list[str]) -> int:
         out.notes.append(f"ssh -R skipped: {why_ssh}")
         bench.progress(f"NOTE: ssh -R skipped: {why_ssh}")
         keys = [k for k in keys if not k.startswith("ssh")]
+        wan_keys = [k for k in wan_keys if not k.startswith("ssh")]
 
     titles = {
         1: f"one stream, {size_text(s.one_stream)} up (visitor->service, timed to the sink's ack) "
@@ -230,14 +286,14 @@ def main(argv: list[str]) -> int:
         "tps without connection time"
     )
     loss_title = (
-        f"the same path with {s.loss_percent:g}% random loss on each TUN device's input "
-        f"(nftables): one stream {size_text(s.loss_one_stream)}, "
+        f"the 50 ms RTT path of scenario 7 with {s.loss_percent:g}% random loss on each TUN "
+        f"device's input (nftables): one stream {size_text(s.loss_one_stream)}, "
         f"{s.wan_multi_streams} streams x {size_text(s.loss_multi_bytes)}"
     )
     targets = []
     path: DelayPath | None = None
     try:
-        local = [sc for sc in scenarios if sc not in (7, 8)]
+        local = [int(sc) for sc in scenarios if sc in LOOPBACK_SCENARIOS]
         if local:
             svc = bench.start_service(Layout())
             sport = int(svc.wait_for(r"^listening \S+ (\d+)", 5).group(1))
@@ -283,11 +339,12 @@ def main(argv: list[str]) -> int:
             stop_targets(targets)
             targets = []
             svc.stop()
-        if 8 in scenarios:
+        if "8" in scenarios:
             _pgbench(bench, keys, titles[8])
-        if quick and 7 not in scenarios:
+        wan = [sc for sc in scenarios if sc in CONNS_SCENARIOS]
+        if quick and not wan:
             out.notes.append("scenario 7 (network namespaces) is not part of --quick")
-        if 7 in scenarios:
+        if wan:
             why = unavailable_reason()
             if why:
                 out.notes.append(f"scenario 7 skipped: {why}")
@@ -299,35 +356,22 @@ def main(argv: list[str]) -> int:
                 layout = path.layout
                 svc = bench.start_service(layout)
                 sport = int(svc.wait_for(r"^listening \S+ (\d+)", 5).group(1))
-                targets = bench.start_targets(keys, layout, sport, "50ms path")
-                bench.scenario(
-                    "7",
-                    titles[7],
-                    targets,
-                    _wan,
-                    bench,
-                    s.wan_one_stream,
-                    s.wan_multi_streams,
-                    s.wan_multi_bytes,
-                    runs=s.wan_runs,
-                )
-                try:
-                    path.set_loss(s.loss_percent)
-                except BenchError as exc:
-                    out.notes.append(f"loss variant skipped: {exc}")
-                else:
+                targets = bench.start_targets(wan_keys, layout, sport, "50ms path")
+                if "7" in wan:
                     bench.scenario(
-                        "7loss",
-                        loss_title,
+                        "7",
+                        titles[7],
                         targets,
                         _wan,
                         bench,
-                        s.loss_one_stream,
+                        path,
+                        s.wan_one_stream,
                         s.wan_multi_streams,
-                        s.loss_multi_bytes,
+                        s.wan_multi_bytes,
                         runs=s.wan_runs,
                     )
-                    path.clear_loss()
+                if "7loss" in wan:
+                    _loss_scenario(bench, path, targets, loss_title)
                 out.notes.append(
                     "Scenario 7 uses smaller transfers than the loopback scenarios to stay "
                     "time-bounded (sizes in its title); slow start and window ramp-up are "
@@ -363,7 +407,7 @@ def main(argv: list[str]) -> int:
         for sid, per in out.errors.items()
         for k, es in per.items()
         for e in es
-        if k in (*STRICT_TARGETS, "bench")
+        if _strict(k)
     ]
     if "muxtunnel" in keys and not any("muxtunnel" in per for per in out.runs.values()):
         bad.append(("-", "muxtunnel", "no muxtunnel measurement succeeded"))
@@ -427,10 +471,40 @@ def _pgbench(bench: Bench, keys: list[str], title: str) -> None:
         server.stop()
 
 
-def _wan(t: Any, bench: Bench, one: int, streams: int, per: int) -> dict[str, Any]:
+def _loss_scenario(bench: Bench, path: DelayPath, targets: list[Any], title: str) -> None:
+    """Scenario 7loss: the 50 ms path with random loss on both TUN devices."""
+    s = bench.sizes
+    try:
+        path.set_loss(s.loss_percent)
+    except BenchError as exc:
+        bench.out.notes.append(f"loss variant skipped: {exc}")
+        return
+    bench.scenario(
+        "7loss",
+        title,
+        targets,
+        _wan,
+        bench,
+        path,
+        s.loss_one_stream,
+        s.wan_multi_streams,
+        s.loss_multi_bytes,
+        runs=s.wan_runs,
+    )
+    path.clear_loss()
+
+
+def _wan(t: Any, bench: Bench, path: DelayPath, one: int, streams: int, per: int) -> dict[str, Any]:
     r = bench.s_path_rtt(t)
     r.update(bench.s_one_stream(t, one))
+    drops0, sched0 = path.tx_drops(), t.sched_times()
     r.update(bench.s_multi(t, streams, per))
+    sched1 = t.sched_times()
+    # Packets the delay line's input queues dropped (not the loss rule), and the tunnel's CPU
+    # time per MB moved, both during the many-streams transfer.
+    r["path_drops"] = path.tx_drops() - drops0
+    if sched0 is not None and sched1 is not None:
+        r["tunnel_cpu_ms_mb"] = (sched1[0] - sched0[0]) / 1e6 / (streams * per / 1e6)
     return r
 
 

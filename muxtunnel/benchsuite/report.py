@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from muxtunnel.benchsuite.targets import LABELS
+from muxtunnel.benchsuite.targets import CONNS, DEFAULT_CONNECTIONS, connections_of, label
 
 if TYPE_CHECKING:
     from muxtunnel.benchsuite.runner import Outcome
@@ -55,9 +55,12 @@ ROWS: tuple[Row, ...] = (
     Row("7", "put_mbps", "7 50ms RTT one stream up", "MB/s", True),
     Row("7", "get_mbps", "7 50ms RTT one stream down", "MB/s", True),
     Row("7", "mbps", "7 50ms RTT many streams", "MB/s", True),
+    Row("7", "tunnel_cpu_ms_mb", "7 tunnel CPU per MB, many streams", "ms/MB", False),
+    Row("7", "path_drops", "7 delay-line queue drops, many streams", "packets", False),
     Row("7loss", "put_mbps", "7 +loss one stream up", "MB/s", True),
     Row("7loss", "get_mbps", "7 +loss one stream down", "MB/s", True),
     Row("7loss", "mbps", "7 +loss many streams", "MB/s", True),
+    Row("7loss", "tunnel_cpu_ms_mb", "7 +loss tunnel CPU per MB, many streams", "ms/MB", False),
     Row("8", "select_c1_tps", "8 pgbench select-only 1 client", "tps", True),
     Row("8", "select_c8_tps", "8 pgbench select-only 8 clients", "tps", True),
     Row("8", "tpcb_c8_tps", "8 pgbench TPC-B-like 8 clients", "tps", True),
@@ -66,6 +69,27 @@ ROWS: tuple[Row, ...] = (
 TARGET_ORDER = ("direct", "muxtunnel", "muxtunnel-ref", "muxtunnel-noresume", "ssh", "ssh-aes128")
 REF = "muxtunnel-ref"
 NORESUME = "muxtunnel-noresume"
+
+
+def present_keys(out: Outcome) -> list[str]:
+    """Targets with runs, in table order; ``muxtunnel --connections N`` right after muxtunnel."""
+    seen = {k for d in out.runs.values() for k in d}
+    conns = sorted(
+        (k for k in seen if connections_of(k) is not None),
+        key=lambda k: (connections_of(k) or 0, k != CONNS),
+    )
+    keys = [k for k in TARGET_ORDER if k in seen]
+    at = keys.index(MUX) + 1 if MUX in keys else min(1, len(keys))
+    return keys[:at] + conns + keys[at:]
+
+
+def conns_key(out: Outcome) -> str | None:
+    """The several-connections target the goals use: muxtunnel-conns, else muxtunnel-conns<4>."""
+    seen = {k for d in out.runs.values() for k in d}
+    for key in (CONNS, f"{CONNS}{DEFAULT_CONNECTIONS}"):
+        if key in seen:
+            return key
+    return None
 
 
 def fmt(v: float | None) -> str:
@@ -86,19 +110,24 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def rows_present(out: Outcome) -> list[Row]:
     return [
-        r for r in ROWS if any(out.median(r.sid, k, r.metric) is not None for k in TARGET_ORDER)
+        r
+        for r in ROWS
+        if any(out.median(r.sid, k, r.metric) is not None for k in present_keys(out))
     ]
 
 
 def table(out: Outcome, *, markdown: bool = False) -> str:
     """Medians per target plus muxtunnel's ratios to direct and to both ssh ciphers."""
-    keys = [k for k in TARGET_ORDER if any(k in d for d in out.runs.values())]
+    keys = present_keys(out)
     others = (DIRECT, SSH, SSH_AES, *(k for k in (REF, NORESUME) if k in keys))
-    head = ["scenario", "unit", *[LABELS[k] for k in keys], "mux/direct", "mux/ssh", "mux/ssh-aes"]
+    head = ["scenario", "unit", *[label(k) for k in keys], "mux/direct", "mux/ssh", "mux/ssh-aes"]
     if REF in keys:
         head.append("mux/ref")
     if NORESUME in keys:
         head.append("mux/noresume")
+    striped = [k for k in keys if connections_of(k) is not None]
+    for k in striped:
+        head += [f"conns{connections_of(k)}/direct", f"conns{connections_of(k)}/mux"]
     body: list[list[str]] = []
     for r in rows_present(out):
         vals = {k: out.median(r.sid, k, r.metric) for k in keys}
@@ -109,8 +138,10 @@ def table(out: Outcome, *, markdown: bool = False) -> str:
                 cell = "FAIL"
             cells.append(cell)
         m = vals.get(MUX)
-        for other in others:
-            q = ratio(m, vals.get(other))
+        pairs = [(m, vals.get(other)) for other in others]
+        pairs += [(vals[k], vals.get(b)) for k in striped for b in (DIRECT, MUX)]
+        for a, b in pairs:
+            q = ratio(a, b)
             cells.append(f"{q:.2f}x" if q is not None else "-")
         body.append(cells)
     if markdown:
@@ -207,7 +238,27 @@ def checks(out: Outcome) -> list[Check]:
         fmt_ratio(v),
     )
     v = q("7", "mbps", DIRECT)
-    add("50 ms RTT 100 streams >= 0.9x direct", v, None if v is None else v >= 0.9, fmt_ratio(v))
+    add(
+        "50 ms RTT 100 streams, one connection >= 0.9x direct",
+        v,
+        None if v is None else v >= 0.9,
+        fmt_ratio(v),
+    )
+    striped = conns_key(out)
+    for sid, what, goal in (
+        ("7", "50 ms RTT 100 streams", 0.95),
+        ("7loss", "50 ms RTT + 1% loss 100 streams", 0.8),
+    ):
+        v = None if striped is None else ratio(med(sid, striped, "mbps"), med(sid, DIRECT, "mbps"))
+        shown = fmt_ratio(v)
+        if v is not None and striped is not None:
+            shown += f" (--connections {connections_of(striped)})"
+        add(
+            f"{what}, several connections >= {goal}x direct",
+            v,
+            None if v is None else v >= goal,
+            shown,
+        )
     v = med("6", MUX, "relay_per_stream")
     add(
         "relay RSS <= 16 KiB per idle stream",
@@ -367,7 +418,7 @@ def write_png(path: Path, out: Outcome) -> str | None:
     except ImportError:
         return "no PNG: matplotlib is not installed (pip install 'muxtunnel[bench]')"
     rows = rows_present(out)
-    keys = [k for k in TARGET_ORDER if any(k in d for d in out.runs.values())]
+    keys = present_keys(out)
     cols = 4
     nrows = (len(rows) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
@@ -382,9 +433,9 @@ def write_png(path: Path, out: Outcome) -> str | None:
     for ax, r in zip(axes.flat, rows, strict=False):
         vals = [out.median(r.sid, k, r.metric) or 0.0 for k in keys]
         ax.bar(
-            [LABELS[k].replace("ssh -R ", "ssh\n") for k in keys],
+            [label(k).replace("ssh -R ", "ssh\n").replace(" --", "\n--") for k in keys],
             vals,
-            color=[colors[k] for k in keys],
+            color=[colors.get(k, "#2ca02c") for k in keys],
         )
         ax.set_title(
             f"{r.label}\n({r.unit or 'ratio'}, {'higher' if r.higher_is_better else 'lower'}"
@@ -481,13 +532,13 @@ def results_md(out: Outcome, meta: dict[str, Any], analysis: str = "") -> str:
     errs = [(sid, k, e) for sid, per in out.errors.items() for k, es in per.items() for e in es]
     if errs:
         lines += ["", "## Failures in this run", ""]
-        lines += [f"- scenario {sid}, {LABELS.get(k, k)}: {e}" for sid, k, e in errs]
+        lines += [f"- scenario {sid}, {label(k)}: {e}" for sid, k, e in errs]
     spreads = []
     for r in rows_present(out):
-        for k in TARGET_ORDER:
+        for k in present_keys(out):
             sp = out.spread(r.sid, k, r.metric)
             if sp:
-                spreads.append(f"{r.label} / {LABELS[k]}: {fmt(sp[0])}-{fmt(sp[1])}")
+                spreads.append(f"{r.label} / {label(k)}: {fmt(sp[0])}-{fmt(sp[1])}")
     if spreads:
         lines += ["", "## Spread (min-max over the runs)", ""]
         lines += [f"- {s}" for s in spreads]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from muxtunnel.benchsuite.procs import BenchError, Child, python
-from muxtunnel.benchsuite.targets import Layout, Target, make_target
+from muxtunnel.benchsuite.targets import Layout, Target, connections_of, make_target
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -440,7 +440,8 @@ class Bench:
         self.progress(f"{label:<34} {t.label:<20} {shown}")
 
     def _start_profilers(self, sid: str, t: Target, label: str) -> list[Child]:
-        if self.profile_dir is None or t.key != "muxtunnel" or len(t.children) < 2:
+        profiled = t.key == "muxtunnel" or connections_of(t.key) is not None
+        if self.profile_dir is None or not profiled or len(t.children) < 2:
             return []
         spy = shutil.which("py-spy") or str(Path(python()).with_name("py-spy"))
         if not Path(spy).exists():

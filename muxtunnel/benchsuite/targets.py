@@ -5,10 +5,12 @@ from __future__ import annotations
 import getpass
 import os
 import random
+import re
 import secrets
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from muxtunnel.benchsuite.procs import (
 )
 
 SSHD = "/usr/sbin/sshd"
+#: The client's log line for each extra connection that joined its session.
+_JOINED = re.compile(r"connection (\d+) to relay \S+ joined the session")
 AES128 = "aes128-gcm@openssh.com"
 
 
@@ -116,6 +120,8 @@ class MuxTarget(Target):
     reference: bool = False
     #: ``--resume-window`` for both the relay and the client (None: their default).
     resume_window: int | None = None
+    #: ``muxtunnel client --connections N`` (None: not passed, one TLS connection).
+    connections: int | None = None
 
     def resume_args(self) -> list[str]:
         """The ``--resume-window`` option both ends get (empty: the default)."""
@@ -128,6 +134,8 @@ class MuxTarget(Target):
             if ref is None:
                 raise BenchError("muxtunnel-ref needs MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT")
             exe, env = ref
+        if self.connections is not None:
+            _require_client_option(exe, env, "--connections")
         token = secrets.token_urlsafe(24)
         lo = random.randint(30000, 31800)
         sdir = self.workdir / f"{self.key}-server"
@@ -187,6 +195,7 @@ class MuxTarget(Target):
                 "--max-streams",
                 "20000",
                 *self.resume_args(),
+                *([] if self.connections is None else ["--connections", str(self.connections)]),
                 str(self.service_port),
             ],
             self.workdir,
@@ -200,12 +209,48 @@ class MuxTarget(Target):
         self.host = "127.0.0.1"
         self.port = int(m.group(2))
         self.note = f"relay {self.layout.relay_addr}:{relay_port}, public {self.host}:{self.port}"
+        if self.connections is not None:
+            joined = _wait_joined(client, self.connections - 1, 30.0)
+            self.note += f", client --connections {self.connections} ({1 + joined} connected)"
 
     def relay_rss(self) -> int | None:
         return tree_rss(self.children[0].pid) if self.children else None
 
     def client_rss(self) -> int | None:
         return tree_rss(self.children[1].pid) if len(self.children) > 1 else None
+
+
+def _require_client_option(exe: str, env: dict[str, str] | None, option: str) -> None:
+    """Raise a one-line BenchError when ``muxtunnel client`` of *exe* lacks *option*."""
+    r = subprocess.run(
+        [exe, "-m", "muxtunnel", "client", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    if option not in r.stdout:
+        raise BenchError(f"this muxtunnel client has no {option} option")
+
+
+def _wait_joined(client: Child, extra: int, timeout: float) -> int:
+    """Wait until the client logged *extra* connections joining its session; return how many.
+
+    Figures from a client whose extra connections never joined would measure one connection:
+    raise a BenchError then.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = len(set(_JOINED.findall(client.errors())))
+        if got >= extra:
+            return got
+        if not client.alive() or time.monotonic() > deadline:
+            raise BenchError(
+                f"{client.name}: only {got} of {extra} extra connections joined the session; "
+                f"stderr: {client.errors()[-400:].strip()}"
+            )
+        time.sleep(0.05)
 
 
 def sshd_available() -> str | None:
@@ -300,32 +345,69 @@ class SshTarget(Target):
 
 
 ALL_TARGETS = ("direct", "muxtunnel", "ssh", "ssh-aes128")
-#: Allowed in --targets but never run by default.
-EXTRA_TARGETS = ("muxtunnel-ref", "muxtunnel-noresume")
+#: The client with several TLS connections per session (``--connections``), default count.
+CONNS = "muxtunnel-conns"
+#: N of ``muxtunnel-conns``; ``muxtunnel-conns<N>`` (2-16) names another count explicitly.
+DEFAULT_CONNECTIONS = 4
+MAX_CONNECTIONS = 16
+#: Scenarios whose default run adds :data:`CONNS` to the default targets (the 50 ms path).
+CONNS_SCENARIOS = ("7", "7loss")
+#: Allowed in --targets but never run by default (``muxtunnel-conns<N>`` is allowed too).
+EXTRA_TARGETS = ("muxtunnel-ref", "muxtunnel-noresume", CONNS)
 LABELS = {
     "direct": "direct TCP",
     "muxtunnel": "muxtunnel",
     "muxtunnel-ref": "muxtunnel (MUXTUNNEL_BENCH_REF tree)",
     "muxtunnel-noresume": "muxtunnel --resume-window 0",
+    CONNS: f"muxtunnel --connections {DEFAULT_CONNECTIONS}",
     "ssh": "ssh -R (default)",
     "ssh-aes128": "ssh -R aes128-gcm",
 }
 
 
+def connections_of(key: str) -> int | None:
+    """N for ``muxtunnel-conns`` / ``muxtunnel-conns<N>`` (2 to 16), else None."""
+    if key == CONNS:
+        return DEFAULT_CONNECTIONS
+    tail = key.removeprefix(CONNS)
+    if tail != key and tail.isdigit() and 2 <= int(tail) <= MAX_CONNECTIONS:
+        return int(tail)
+    return None
+
+
+def is_target(key: str) -> bool:
+    """Whether *key* names a bench target."""
+    return key in LABELS or connections_of(key) is not None
+
+
+def label(key: str) -> str:
+    """The display name of target *key* (``muxtunnel --connections N`` for the striped ones)."""
+    if key in LABELS:
+        return LABELS[key]
+    n = connections_of(key)
+    return f"muxtunnel --connections {n}" if n is not None else key
+
+
 def make_target(key: str, layout: Layout, service_port: int, workdir: Path) -> Target:
     """Build (not start) the target called *key*."""
-    label = LABELS[key]
+    if not is_target(key):
+        raise BenchError(f"unknown target {key!r}")
+    name = label(key)
+    n = connections_of(key)
+    if n is not None:
+        # Several TLS connections per session; the relay spreads new streams over them.
+        return MuxTarget(key, name, layout, service_port, workdir, connections=n)
     if key == "direct":
-        return DirectTarget(key, label, layout, service_port, workdir)
+        return DirectTarget(key, name, layout, service_port, workdir)
     if key == "muxtunnel":
-        return MuxTarget(key, label, layout, service_port, workdir)
+        return MuxTarget(key, name, layout, service_port, workdir)
     if key == "muxtunnel-ref":
-        return MuxTarget(key, label, layout, service_port, workdir, reference=True)
+        return MuxTarget(key, name, layout, service_port, workdir, reference=True)
     if key == "muxtunnel-noresume":
         # Session resumption off at both ends (protocol-spec.md §10.6): its cost, A/B.
-        return MuxTarget(key, label, layout, service_port, workdir, resume_window=0)
+        return MuxTarget(key, name, layout, service_port, workdir, resume_window=0)
     if key == "ssh":
-        return SshTarget(key, label, layout, service_port, workdir)
+        return SshTarget(key, name, layout, service_port, workdir)
     if key == "ssh-aes128":
-        return SshTarget(key, label, layout, service_port, workdir, cipher=AES128)
+        return SshTarget(key, name, layout, service_port, workdir, cipher=AES128)
     raise BenchError(f"unknown target {key!r}")

@@ -14,11 +14,14 @@ __all__ = [
     "BIND_FLAG_OPTIONS",
     "BIND_NAME_MAX",
     "BIND_OPTION_LIST_MAX",
+    "CARRIER_TUNNEL",
     "EXTENSION_MIN",
     "FLAG_ACK",
     "FLAG_FIN",
+    "FLAG_JOIN",
     "HEADER_SIZE",
     "MAGIC",
+    "MAX_CONNECTIONS",
     "MAX_RESUME_WINDOW",
     "MAX_STR16",
     "PROTOCOL_MAJOR",
@@ -56,6 +59,8 @@ MAX_STR16 = 1024
 FLAG_FIN = 0x01
 #: PING flag: this frame answers a PING (§6.8).
 FLAG_ACK = 0x01
+#: RESUME: join the ticket's session as one more connection instead of resuming it (§10.7).
+FLAG_JOIN = 0x01
 #: BIND flag: an ``options`` field follows ``bind`` (§6.12; minor version 1).
 BIND_FLAG_OPTIONS = 0x01
 #: Most ALLOW entries, and most DENY entries, in one BIND (§6.12, §12).
@@ -70,6 +75,11 @@ TICKET_SIZE = 32
 ACK_INTERVAL = 1_048_576
 #: Largest RESUME_WINDOW setting, in seconds (one week, §5.3).
 MAX_RESUME_WINDOW = 604_800
+#: Tunnel id of a client's OPEN whose stream carries another connection of its session: the
+#: stream's bytes are that connection's byte stream from its MAGIC on (§10.7). Never bound.
+CARRIER_TUNNEL = 0xFFFF_FFFF
+#: Largest MAX_CONNECTIONS setting: connections of one session, the first included (§10.7).
+MAX_CONNECTIONS = 16
 
 
 class Role(IntEnum):
@@ -140,6 +150,8 @@ class SettingId(IntEnum):
     MAX_CONTROL_PAYLOAD = 0x7
     #: Seconds the sender keeps a lost session for resumption; 0 = never (minor 2, §10.6).
     RESUME_WINDOW = 0x8
+    #: Relay: connections one session may have, the first included; 0 or 1 = no JOIN (§10.7).
+    MAX_CONNECTIONS = 0x9
 
 
 class OpenFailReason(IntEnum):

@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "GoAwayReceived",
     "HelloReceived",
+    "JoinRequested",
     "PongReceived",
     "ResultReceived",
     "ResumeRefused",
@@ -75,6 +76,21 @@ class AuthRequested:
     method: int
     #: ``client_nonce || mac`` or ``|| proof`` (64 bytes; the session checked the length).
     credential: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JoinRequested:
+    """Server side: this handshake's AUTH comes with a JOIN (RESUME flag JOIN, §10.7).
+
+    Reported just before the :class:`AuthRequested` of the same handshake. Only once that
+    AUTH succeeded: answer ``send_result(req_id, OK)`` (this session is one more connection of
+    the ticket's session) or a refusal (TICKET_UNKNOWN or LIMIT_REACHED; the session closes).
+    """
+
+    #: The JOIN's request id (echoed by the RESULT).
+    req_id: int
+    #: The 32-byte ticket presented (the session's, not this connection's).
+    ticket: bytes
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -297,6 +313,7 @@ Event = (
     | GoAwayReceived
     | ConnectionClosed
     | ResumeRequested
+    | JoinRequested
     | TicketReceived
     | SessionResumed
     | ResumeRefused

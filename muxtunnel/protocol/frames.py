@@ -29,6 +29,8 @@ from .constants import (
     EXTENSION_MIN,
     FLAG_ACK,
     FLAG_FIN,
+    FLAG_JOIN,
+    MAX_CONNECTIONS,
     MAX_RESUME_WINDOW,
     MAX_STR16,
     TICKET_SIZE,
@@ -134,6 +136,7 @@ _SETTING_RANGES: dict[int, tuple[int, int]] = {
     SettingId.IDLE_TIMEOUT_MS: (0, 3_600_000),
     SettingId.MAX_CONTROL_PAYLOAD: (1_024, 65_535),
     SettingId.RESUME_WINDOW: (0, MAX_RESUME_WINDOW),
+    SettingId.MAX_CONNECTIONS: (0, MAX_CONNECTIONS),
 }
 _SETTING_FIELDS: dict[int, str] = {
     SettingId.INITIAL_STREAM_WINDOW: "initial_stream_window",
@@ -144,7 +147,12 @@ _SETTING_FIELDS: dict[int, str] = {
     SettingId.IDLE_TIMEOUT_MS: "idle_timeout_ms",
     SettingId.MAX_CONTROL_PAYLOAD: "max_control_payload",
     SettingId.RESUME_WINDOW: "resume_window",
+    SettingId.MAX_CONNECTIONS: "max_connections",
 }
+
+
+#: Settings a HELLO lists only when they are not 0 (§5.3).
+_LISTED_IF_SET = frozenset({SettingId.RESUME_WINDOW, SettingId.MAX_CONNECTIONS})
 
 
 def _check_setting(setting_id: int, value: int) -> None:
@@ -173,6 +181,8 @@ class Settings:
     max_control_payload: int = 4_096
     #: Seconds the sender keeps a lost session for resumption; 0 = never (§10.6).
     resume_window: int = 0
+    #: Relay: connections a session may have, the first included; 0 or 1 = no JOIN (§10.7).
+    max_connections: int = 0
 
     def __post_init__(self) -> None:
         for setting_id, name in _SETTING_FIELDS.items():
@@ -181,13 +191,13 @@ class Settings:
     def to_pairs(self) -> tuple[tuple[int, int], ...]:
         """The settings as ``(id, value)`` pairs in id order, for a HELLO frame.
 
-        RESUME_WINDOW is listed only when it is not 0 (absent means 0, §5.3), so a HELLO
-        without resumption is the same as before minor version 2.
+        RESUME_WINDOW and MAX_CONNECTIONS are listed only when they are not 0 (absent means
+        0, §5.3), so a HELLO without them is the same as before minor version 2.
         """
         return tuple(
             (int(sid), value)
             for sid, name in _SETTING_FIELDS.items()
-            if (value := getattr(self, name)) or sid != SettingId.RESUME_WINDOW
+            if (value := getattr(self, name)) or sid not in _LISTED_IF_SET
         )
 
     @classmethod
@@ -440,11 +450,16 @@ class TicketFrame:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ResumeFrame:
-    """RESUME (§10.6): continue the session of ``ticket``; ``received`` = the client's offset."""
+    """RESUME (§10.6): continue the session of ``ticket``; ``received`` = the client's offset.
+
+    With ``join`` (flag JOIN, §10.7) the connection instead joins the session of ``ticket`` as
+    one more connection, a session stream of its own; ``received`` is then 0.
+    """
 
     req_id: int
     ticket: bytes
     received: int
+    join: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -637,7 +652,8 @@ def _payload(frame: ControlFrame) -> tuple[int, int, int, bytes]:
             return FrameType.TICKET, 0, 0, body
         case ResumeFrame():
             body = _RESUME_FIXED.pack(frame.req_id) + _ticket(frame.ticket)
-            return FrameType.RESUME, 0, 0, body + _U64.pack(frame.received)
+            flags = FLAG_JOIN if frame.join else 0
+            return FrameType.RESUME, flags, 0, body + _U64.pack(frame.received)
         case ResumedFrame():
             return FrameType.RESUMED, 0, 0, _RESUMED.pack(frame.req_id, frame.received)
         case _:  # ExtensionFrame: every other control frame is matched above
@@ -894,7 +910,12 @@ def decode_payload(
         raw = bytes(payload)
         (req_id,) = _RESUME_FIXED.unpack_from(raw, 0)
         (received,) = _U64.unpack_from(raw, 4 + TICKET_SIZE)
-        return ResumeFrame(req_id=req_id, ticket=raw[4 : 4 + TICKET_SIZE], received=received)
+        return ResumeFrame(
+            req_id=req_id,
+            ticket=raw[4 : 4 + TICKET_SIZE],
+            received=received,
+            join=bool(flags & FLAG_JOIN),
+        )
     if frame_type == FrameType.RESUMED:
         req_id, received = _RESUMED.unpack(payload)
         return ResumedFrame(req_id=req_id, received=received)

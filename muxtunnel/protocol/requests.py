@@ -143,6 +143,12 @@ class OutgoingRequests:
         self._unbound.add(tunnel_id)  # no OPEN may follow for it
         return True
 
+    def share(self, first: OutgoingRequests) -> None:
+        """Use the bound tunnels of ``first`` from now on (an extra connection of a session
+        takes OPENs for the tunnels its first connection bound, spec §10.7)."""
+        self._bound = first._bound
+        self._unbound = first._unbound
+
     def is_bound(self, tunnel_id: int) -> bool:
         """True while the tunnel has an OK RESULT for its BIND and no UNBIND since."""
         return tunnel_id in self._bound

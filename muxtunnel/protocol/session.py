@@ -160,6 +160,7 @@ from .events import (
     Event,
     GoAwayReceived,
     HelloReceived,
+    JoinRequested,
     PongReceived,
     ResultReceived,
     ResumeRefused,
@@ -273,6 +274,10 @@ _PREAUTH_TYPES = frozenset(
 )
 #: RESULT statuses that refuse a RESUME (spec §10.6).
 _RESUME_REFUSALS = frozenset({ResultStatus.TICKET_UNKNOWN, ResultStatus.RESUME_FAILED})
+#: RESULT statuses that answer a JOIN (spec §10.7).
+_JOIN_ANSWERS = frozenset(
+    {ResultStatus.OK, ResultStatus.TICKET_UNKNOWN, ResultStatus.LIMIT_REACHED}
+)
 #: The type code of each decoded frame class (extension frames carry their own).
 _FRAME_TYPES: dict[type, FrameType] = {
     DataFrame: FrameType.DATA,
@@ -496,6 +501,8 @@ class Session:
         #: The replay still to send after a resume (views of the log's chunks).
         self._replay: deque[memoryview] = deque()
         self._resume_in: ResumeFrame | None = None  # relay: the RESUME held until the AUTH
+        self._join_in: ResumeFrame | None = None  # relay: the JOIN reported with the AUTH
+        self._join_req: int | None = None  # relay: the JOIN not answered yet
         self._resume_hold = False  # relay: input paused behind RESUME + AUTH
         self._hs_resume_req: int | None = None  # client: our RESUME's req_id
         self._hs_auth_req: int | None = None  # client: the resume handshake's AUTH req_id
@@ -883,10 +890,19 @@ class Session:
             raise ProtocolError("RESUME sent to a client")
         if not self._resume_on:
             raise ProtocolError("RESUME while resumption is off")
+        if frame.join:
+            if frame.received:
+                raise ProtocolError("JOIN with a received offset other than 0")
+            if self.local_settings.max_connections < 2:
+                raise ProtocolError("JOIN to a relay that takes one connection per session")
         if not self._life.advance(_L.RECV_RESUME):
             raise ProtocolError("RESUME outside the handshake's place between HELLO and AUTH")
         self._requests_in.take(frame.req_id, FrameType.RESUME)
-        self._resume_in = frame
+        if frame.join:
+            self._join_in = frame
+            self._join_req = frame.req_id
+        else:
+            self._resume_in = frame
 
     def _on_resumed(self, frame: ResumedFrame, events: list[Event]) -> None:
         raise ProtocolError("RESUMED outside a resume handshake")
@@ -1128,6 +1144,10 @@ class Session:
             )
             raise ProtocolError("malformed auth credential", ErrorCode.AUTH_FAILED)
         self._auth_req = frame.req_id
+        join = self._join_in
+        if join is not None:
+            self._join_in = None
+            events.append(JoinRequested(req_id=join.req_id, ticket=join.ticket))
         resume = self._resume_in
         if resume is not None:
             if self._reader.buffered:
@@ -1495,7 +1515,10 @@ class Session:
         if (bound is not None) != (kind == FrameType.BIND and status == ResultStatus.OK):
             raise ValueError("bound goes with exactly the OK answer to a BIND")
         if kind == FrameType.RESUME:
-            self._refuse_resume(req_id, status, message)
+            if req_id == self._join_req:
+                self._answer_join(req_id, status, message)
+            else:
+                self._refuse_resume(req_id, status, message)
             return
         self._requests_in.answer(req_id)
         self._queue(ResultFrame(req_id=req_id, status=status, message=message, bound=bound))
@@ -1633,6 +1656,44 @@ class Session:
         if len(ticket) != TICKET_SIZE or not 0 <= lifetime <= _U32_MAX:
             raise ValueError(f"a ticket is {TICKET_SIZE} bytes and its lifetime a u32")
         self._queue(TicketFrame(ticket=bytes(ticket), lifetime=lifetime))
+
+    def _answer_join(self, req_id: int, status: ResultStatus, message: str) -> None:
+        """Relay: answer a JOIN (spec §10.7); a refusal closes this session."""
+        if status not in _JOIN_ANSWERS:
+            raise ValueError("a JOIN is answered OK, TICKET_UNKNOWN or LIMIT_REACHED")
+        if not self._life.authenticated:
+            raise LocalProtocolError("answer the AUTH before the JOIN")
+        self._requests_in.answer(req_id)
+        self._join_req = None
+        self._queue(ResultFrame(req_id=req_id, status=status, message=message))
+        if status != ResultStatus.OK:
+            self.close(ErrorCode.NO_ERROR, "join refused")
+
+    def send_join(self, req_id: int, ticket: bytes) -> None:
+        """Client: ask to join the session of ``ticket`` as one more connection (spec §10.7).
+
+        Sent on a new session after ``ChallengeReceived`` and before ``send_auth``; the relay
+        answers with a RESULT (``ResultReceived``) after the AUTH's. Only when the relay's
+        HELLO declared MAX_CONNECTIONS >= 2 and resumption is on.
+
+        Raises:
+            LocalProtocolError: not a client, not between CHALLENGE and AUTH, the relay takes
+                no JOIN, or ``req_id`` is outstanding.
+            ValueError: the ticket is not 32 bytes.
+        """
+        if len(ticket) != TICKET_SIZE:
+            raise ValueError(f"a ticket is {TICKET_SIZE} bytes")
+        peer = self.peer_settings
+        if (
+            self.role != Role.CLIENT
+            or self._life.state != SessionState.CHALLENGE_RECEIVED
+            or self._requests_out.auth_sent
+        ):
+            raise LocalProtocolError("a JOIN goes between CHALLENGE and AUTH, from a client")
+        if not self._resume_on or peer is None or peer.max_connections < 2:
+            raise LocalProtocolError("the relay takes no extra connections (MAX_CONNECTIONS)")
+        frame = ResumeFrame(req_id=req_id, ticket=bytes(ticket), received=0, join=True)
+        self._new_request(req_id, FrameType.RESUME, 0, frame)
 
     def _refuse_resume(self, req_id: int, status: ResultStatus, message: str) -> None:
         """Relay handshake session: answer a RESUME with a refusal; input flows again."""
@@ -2143,6 +2204,11 @@ class Session:
         if oldest is None or now - oldest.since < timeout:
             return None
         return oldest.stream_id
+
+    def share_binds(self, first: Session) -> None:
+        """Client: this session is an extra connection of ``first``'s session (spec §10.7): it
+        takes OPENs for the tunnels bound on ``first`` (and refuses the others)."""
+        self._requests_out.share(first._requests_out)
 
     def tunnel_is_bound(self, tunnel_id: int) -> bool:
         """Client: True while the tunnel has an OK RESULT for its BIND and no UNBIND since.
