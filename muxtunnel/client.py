@@ -940,8 +940,9 @@ class _Client:
         self.relay_stats.resumes += 1
         continuing = conn.statistics().get("adapter_streams", 0)
         logger.info(
-            "session with relay %s resumed after %.1f s: %d streams continued",
+            "session with relay %s resumed%s after %.1f s: %d streams continued",
             key,
+            " over another connection of the session" if conn.carried else "",
             trio.current_time() - lost_at,
             continuing,
         )
