@@ -468,8 +468,12 @@ def status_tables(snapshot: Mapping[str, Any], *, boxed: bool, now: float) -> li
             connected = str(session["state"])
             if isinstance(session.get("retry_at"), int | float):
                 connected += f" (retry in {format_age(float(session['retry_at']) - now)})"
+        connections = session.get("connections", 1)
+        peer = str(session.get("peer", "?"))
+        if isinstance(connections, int) and connections > 1:
+            peer += f" ({connections} connections)"
         head = [
-            str(session.get("peer", "?")),
+            peer,
             str(session.get("token") or "-"),
             connected,
             _rtt_text(session.get("rtt")),

@@ -453,6 +453,7 @@ class _Client:
         self.relay_stats.state = "connecting"
         # Bytes the session holds for a replay after a resume (protocol-spec.md §10.6).
         self.relay_stats.replay = lambda: 0 if self.conn is None else self.conn.replay_size
+        self.relay_stats.connections = lambda: (self.conn is not None) + len(self.lanes)
         # Background BINDs waiting for their RESULT, by req_id: _control_loop (the only reader
         # of control events once the session is up) hands each RESULT to its waiter.
         self.waiting: dict[int, tuple[trio.Event, list[ResultReceived]]] = {}

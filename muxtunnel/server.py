@@ -1168,6 +1168,7 @@ class _Relay:
         session_stats = rs.stats = self.stats.add_session(peer, tid, rtt=lambda: conn.rtt)
         if conn.resume_window > 0:
             session_stats.replay = lambda: conn.replay_size
+        session_stats.connections = lambda: 1 + len(rs.lanes)
         conn.on_rtt = self.stats.observe_rtt
         conn.on_stall = partial(self.stats.count, "stalls")
         logger.info("client %s authenticated (token %s)", peer, tid)

@@ -17,6 +17,7 @@ metrics exporter and the console read it)::
     {"role": "relay", "started": 1.7e9, "uptime": 12.5,
      "sessions": [{"id": 1, "peer": "127.0.0.1:40000", "token": "default", "since": 1.7e9,
                    "rtt": 0.0004, "state": "up", "retry_at": null, "resumes": 0, "replay": 0,
+                   "connections": 1,
                    "tunnels": [{"id": 1, "public": "127.0.0.1:20001",
                    "local": null, "state": "up", "last_error": null, "since": 1.7e9,
                    "open": 1, "total": 3, "bytes_in": 10, "bytes_out": 20,
@@ -191,11 +192,16 @@ class TunnelStats:
         }
 
 
+def _one() -> int:
+    return 1
+
+
 class SessionStats:
     """One session: a client connection on the relay, or the relay connection of a client."""
 
     __slots__ = (
         "_owner",
+        "connections",
         "peer",
         "replay",
         "resumes",
@@ -237,6 +243,8 @@ class SessionStats:
         self.resumes = 0
         #: Reads the bytes the session holds for a replay after a resume (None: no resumption).
         self.replay: Callable[[], int] | None = None
+        #: Reads the TLS connections the session runs over (protocol-spec.md §10.7).
+        self.connections: Callable[[], int] = _one
         self.tunnels: dict[int, TunnelStats] = {}
 
     def add_tunnel(
@@ -281,6 +289,7 @@ class SessionStats:
             "retry_at": self.retry_at,
             "resumes": self.resumes,
             "replay": None if self.replay is None else self.replay(),
+            "connections": self.connections(),
             "tunnels": [self.tunnels[k].snapshot() for k in sorted(self.tunnels)],
         }
 

@@ -135,8 +135,9 @@ async def _setup(
         backoff_cap=1.0,
         connections=connections,
     )
+    stats = Stats("client")
     info, shutdown, scope, done, lines = await _start_entry_point(
-        nursery, lambda config, **kw: run_client(config, stats=Stats("client"), **kw), config
+        nursery, lambda config, **kw: run_client(config, stats=stats, **kw), config
     )
     assert isinstance(info, ClientInfo)
     limit = (relay or {}).get("max_connections_per_session", 8)
@@ -144,7 +145,9 @@ async def _setup(
     with trio.fail_after(15):
         for n in range(1, min(connections, limit)):
             await logs.wait_for(JOINED, count=n)
-    return started, proxy, Client(info, config, shutdown, scope, done, lines)
+    client = Client(info, config, shutdown, scope, done, lines)
+    client.stats = stats  # type: ignore[attr-defined]
+    return started, proxy, client
 
 
 async def _echo_checked(
@@ -194,6 +197,8 @@ async def test_streams_spread_over_the_connections_and_arrive_intact(
 ) -> None:
     _relay, proxy, client = await _setup(nursery, tmp_path, logs, connections=3)
     assert proxy.live() == [0, 1, 2]
+    (session,) = client.stats.snapshot()["sessions"]  # type: ignore[attr-defined]
+    assert session["connections"] == 3
     before = list(proxy.carried)
     with trio.fail_after(60):
         async with trio.open_nursery() as load:
