@@ -1002,12 +1002,10 @@ class _Client:
             lane.on_rtt = self.stats.observe_rtt
             lane.on_stall = partial(self.stats.count, "stalls")
             lane.share_binds(primary)
-            if await self._run_lane(primary, lane, number, shutdown):
-                failures = 0
-            else:
-                failures += 1
-            if lane.close_code == ErrorCode.AUTH_FAILED or self.resume_fatal is not None:
-                return
+            outcome = await self._run_lane(primary, lane, number, shutdown)
+            if outcome == "refused" or lane.close_code == ErrorCode.AUTH_FAILED:
+                return  # the relay answered: no retry can change its mind
+            failures = 0 if outcome == "joined" else failures + 1
 
     def _new_session(self) -> Session:
         config = self.config
@@ -1020,10 +1018,12 @@ class _Client:
 
     async def _run_lane(
         self, primary: MuxConnection, lane: MuxConnection, number: int, shutdown: trio.Event
-    ) -> bool:
-        """Join ``lane`` to the session and serve it until it ends; True if it joined."""
+    ) -> str:
+        """Join ``lane`` to the session and serve it until it ends: ``"joined"``, ``"refused"``
+        (the relay refused the JOIN or the token) or ``"failed"``."""
         key = self.config.server_key
         joined = False
+        refused = False
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(lane.run)
@@ -1045,7 +1045,7 @@ class _Client:
                 except JoinRefusedError as exc:
                     # The relay answered: it takes no more connections for this session.
                     logger.warning("connection %d to relay %s: %s", number, key, exc)
-                    await shutdown.wait()
+                    refused = True
                 except (HandshakeError, trio.TooSlowError) as exc:
                     logger.info(
                         "connection %d to relay %s: handshake failed: %s",
@@ -1069,7 +1069,7 @@ class _Client:
                     key,
                     _inert(lane.close_reason or "closed"),
                 )
-        return joined
+        return "refused" if refused else "joined" if joined else "failed"
 
     async def _keep_lane(
         self, primary: MuxConnection, lane: MuxConnection, shutdown: trio.Event
