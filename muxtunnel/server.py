@@ -1335,6 +1335,17 @@ class _Relay:
         self.tickets.suspended(rs, conn.resume_window)
         if rs.stats is not None:
             rs.stats.state = "suspended"
+        if isinstance(rs, RelayLane):
+            logger.info(
+                "client %s: extra connection of the session of %s lost (%s); kept %g s for a "
+                "resume (%d streams)",
+                rs.peer,
+                rs.session.peer,
+                conn.lost_reason or "no reason",
+                conn.resume_window,
+                rs.active_streams,
+            )
+            return
         logger.info(
             "client %s: connection lost (%s); session kept %g s for a resume "
             "(%d streams, %d tunnels)",
