@@ -633,10 +633,7 @@ class _Client:
                 except Exception as exc:  # re-raised below, outside the nursery (no ExceptionGroup)
                     body_error = exc
                 finally:
-                    if not conn.closed:
-                        conn.close(ErrorCode.NO_ERROR, "client shutting down")
-                    with trio.move_on_after(CLOSE_GRACE + 1):
-                        await conn.wait_closed()
+                    await _close_within_grace(conn)
                     nursery.cancel_scope.cancel()
         finally:
             self.conn = None
@@ -1056,10 +1053,7 @@ class _Client:
                 finally:
                     if lane in self.lanes:
                         self.lanes.remove(lane)
-                    if not lane.closed:
-                        lane.close(ErrorCode.NO_ERROR, "client shutting down")
-                    with trio.move_on_after(CLOSE_GRACE + 1):
-                        await lane.wait_closed()
+                    await _close_within_grace(lane)
                     nursery.cancel_scope.cancel()
         finally:
             if joined:
@@ -1402,6 +1396,14 @@ def _reject(mux: MuxStream, reason: OpenFailReason, detail: str) -> None:
     """OPEN_FAIL for ``mux``, unless it already failed (reset by the relay, session ended)."""
     if mux.failure is None:
         mux.reject(reason, detail)
+
+
+async def _close_within_grace(conn: MuxConnection) -> None:
+    """Close ``conn`` (CLOSE(NO_ERROR) unless closed already) and wait for the end, bounded."""
+    if not conn.closed:
+        conn.close(ErrorCode.NO_ERROR, "client shutting down")
+    with trio.move_on_after(CLOSE_GRACE + 1):
+        await conn.wait_closed()
 
 
 def _up(conn: MuxConnection) -> bool:

@@ -96,7 +96,7 @@ from muxtunnel.tlsstream import RECEIVE_SIZE as TLS_RECEIVE_SIZE, TLSStream
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from muxtunnel.leasestore import StoredLease
 
@@ -667,6 +667,24 @@ class RelayLane:
                 )
 
 
+async def _run_handshake(conn: MuxConnection, body: Callable[[], Awaitable[bool]]) -> bool:
+    """Run ``conn`` (a new connection in its handshake) while ``body`` decides its fate; returns
+    ``body``'s answer. True: the transport went to a resumed connection, which owns it now
+    (``conn`` neither closes nor writes it). Otherwise ``conn`` is closed here (within 3 s)."""
+    handed_over = False
+    async with trio.open_nursery() as nursery:
+        await nursery.start(conn.run)
+        try:
+            handed_over = await body()
+        finally:
+            if not handed_over:
+                conn.close()
+                with trio.move_on_after(3):
+                    await conn.wait_closed()
+            nursery.cancel_scope.cancel()
+    return handed_over
+
+
 def _wire_window(seconds: float) -> int:
     """A resume window as whole seconds for HELLO and TICKET (a fraction rounds up; 0: off)."""
     return min(MAX_RESUME_WINDOW, math.ceil(seconds)) if seconds > 0 else 0
@@ -1030,16 +1048,9 @@ class _Relay:
             )
             pending.receive_size = conn.receive_size
             conn.receive_size = PREAUTH_RECEIVE_SIZE
-            async with trio.open_nursery() as nursery:
-                await nursery.start(conn.run)
-                try:
-                    handed_over = await self._run_session(conn, str(peer), pending)
-                finally:
-                    if not handed_over:
-                        conn.close()
-                        with trio.move_on_after(3):
-                            await conn.wait_closed()
-                    nursery.cancel_scope.cancel()
+            handed_over = await _run_handshake(
+                conn, partial(self._run_session, conn, str(peer), pending)
+            )
         finally:
             # A resumed session runs on this transport now: it closes it when done.
             if not handed_over:
@@ -1236,16 +1247,9 @@ class _Relay:
         )
         handed_over = False
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(conn.run)
-                try:
-                    handed_over = await self._carried_resume(rs, conn, carrier)
-                finally:
-                    if not handed_over:
-                        conn.close()
-                        with trio.move_on_after(3):
-                            await conn.wait_closed()
-                    nursery.cancel_scope.cancel()
+            handed_over = await _run_handshake(
+                conn, partial(self._carried_resume, rs, conn, carrier)
+            )
         finally:
             if not handed_over:
                 await trio.aclose_forcefully(mux)
