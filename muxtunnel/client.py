@@ -1040,9 +1040,13 @@ class _Client:
                 except MuxSessionClosedError:
                     pass
                 except JoinRefusedError as exc:
-                    # The relay answered: it takes no more connections for this session.
-                    logger.warning("connection %d to relay %s: %s", number, key, exc)
-                    refused = True
+                    if exc.status == ResultStatus.TICKET_UNKNOWN:
+                        # The ticket may have been rotated by a resume meanwhile: try again.
+                        logger.info("connection %d to relay %s: %s", number, key, exc)
+                    else:
+                        # The relay takes no more connections for this session.
+                        logger.warning("connection %d to relay %s: %s", number, key, exc)
+                        refused = True
                 except (HandshakeError, trio.TooSlowError) as exc:
                     logger.info(
                         "connection %d to relay %s: handshake failed: %s",

@@ -199,6 +199,11 @@ class AuthError(HandshakeError):
 class JoinRefusedError(HandshakeError):
     """The relay refused a connection's JOIN to a session (protocol-spec.md §10.7)."""
 
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        #: The RESULT status of the refusal (0: refused before asking).
+        self.status = status
+
 
 class NotARelayError(HandshakeError):
     """The relay address answers, but not with TLS: a wrong port or another service."""

@@ -247,7 +247,8 @@ async def client_handshake(
             if event.status != ResultStatus.OK:
                 status = getattr(event.status, "name", str(event.status))
                 raise JoinRefusedError(
-                    f"the relay refused the extra connection ({status}: {peer_text(event.message)})"
+                    f"the relay refused the extra connection ({status}: {peer_text(event.message)})",
+                    int(event.status),
                 )
             joined = True
         elif event.req_id in requests:
