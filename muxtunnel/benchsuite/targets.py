@@ -127,6 +127,12 @@ class MuxTarget(Target):
         """The ``--resume-window`` option both ends get (empty: the default)."""
         return [] if self.resume_window is None else ["--resume-window", str(self.resume_window)]
 
+    def relay_connection_args(self) -> list[str]:
+        """Room on the relay for more connections per session than its default allows."""
+        if self.connections is None or self.connections <= RELAY_DEFAULT_CONNECTIONS:
+            return []
+        return ["--max-connections-per-session", str(self.connections)]
+
     def start(self) -> None:
         exe, env = python(), None
         if self.reference:
@@ -165,6 +171,7 @@ class MuxTarget(Target):
                 "--max-streams-per-token",
                 "20000",
                 *self.resume_args(),
+                *self.relay_connection_args(),
             ],
             self.workdir,
             netns=self.layout.relay_ns,
@@ -350,6 +357,8 @@ CONNS = "muxtunnel-conns"
 #: N of ``muxtunnel-conns``; ``muxtunnel-conns<N>`` (2-16) names another count explicitly.
 DEFAULT_CONNECTIONS = 4
 MAX_CONNECTIONS = 16
+#: The relay's default ``--max-connections-per-session``; larger N passes the option.
+RELAY_DEFAULT_CONNECTIONS = 8
 #: Scenarios whose default run adds :data:`CONNS` to the default targets (the 50 ms path).
 CONNS_SCENARIOS = ("7", "7loss")
 #: Allowed in --targets but never run by default (``muxtunnel-conns<N>`` is allowed too).
