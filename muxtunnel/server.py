@@ -184,6 +184,8 @@ class RelaySession:
         self.resumes = 0
         #: The session's extra connections (protocol-spec.md §10.7), in joining order.
         self.lanes: list[RelayLane] = []
+        #: Carrier streams of the session whose resume handshake is under way (§10.7).
+        self.carriers = 0
 
     def placement(self) -> MuxConnection:
         """The connection a new visitor stream goes on: the least-loaded one (fewest open
@@ -1233,6 +1235,18 @@ class _Relay:
         if not carrier.max_connections_local:
             mux.reject(OpenFailReason.ADMINISTRATIVELY_PROHIBITED, "no carried connections here")
             return
+        if rs.carriers >= config.max_connections_per_session:
+            # At most one resume per connection of the session can be under way.
+            mux.reject(OpenFailReason.RESOURCE_SHORTAGE, "too many carried handshakes at once")
+            return
+        rs.carriers += 1
+        try:
+            await self._carry(rs, mux, carrier)
+        finally:
+            rs.carriers -= 1
+
+    async def _carry(self, rs: RelaySession, mux: MuxStream, carrier: MuxConnection) -> None:
+        config = self.config
         mux.accept()
         conn = MuxConnection(
             mux,

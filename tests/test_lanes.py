@@ -389,3 +389,30 @@ def test_connections_option(tmp_path: Path) -> None:
 
 def test_server_option_default() -> None:
     assert ServerConfig.__dataclass_fields__["max_connections_per_session"].default == 8
+
+
+async def test_carrier_handshakes_at_once_are_bounded(
+    nursery: trio.Nursery, tmp_path: Path, logs: LogWatch
+) -> None:
+    relay = await start_relay(nursery, tmp_path, max_connections_per_session=2)
+    first = await _session(nursery, relay)
+    idle = []
+    for _ in range(2):  # carrier streams that never start their handshake
+        mux = first.open_stream(CARRIER_TUNNEL, Address(None, 0), Address(None, 0))
+        with trio.fail_after(15):
+            await mux.wait_opened()
+        idle.append(mux)
+    extra = first.open_stream(CARRIER_TUNNEL, Address(None, 0), Address(None, 0))
+    with trio.fail_after(15), pytest.raises(trio.BrokenResourceError, match="RESOURCE_SHORTAGE"):
+        await extra.wait_opened()
+    # One handshake ends (its stream is reset): room for a new carrier again.
+    idle[0].reset()
+    with trio.fail_after(15):
+        while True:
+            again = first.open_stream(CARRIER_TUNNEL, Address(None, 0), Address(None, 0))
+            try:
+                await again.wait_opened()
+                break
+            except trio.BrokenResourceError:
+                await trio.sleep(0.05)
+    assert not first.closed
