@@ -6,14 +6,16 @@
 # 1. a virtualenv in build/venv-ci (recreated when CI=true or with --fresh, else reused),
 # 2. pip install -e '.[test]' from this checkout,
 # 3. ruff format --check, ruff check, mypy (strict, muxtunnel/ and tests/; config in pyproject.toml),
-# 4. the test suite: python -bb -m coverage run -m pytest (JUnit report in build/),
+# 4. the test suite: python -bb -m coverage run -m pytest (JUnit report in build/); the whole
+#    suite runs as two concurrent pytest runs (see "pytest under coverage" below),
 # 5. gates: at least one test passed and none failed; 100% line+branch coverage of
 #    muxtunnel/protocol/; a coverage floor for the package (benchsuite/ aside).
 # With PYTEST_ARGS (a subset of the tests) the coverage gates are skipped.
 #
 # Environment: PYTHON (interpreter for the venv, default python3, needs >= 3.11),
 # MUXTUNNEL_VENV (venv dir), MUXTUNNEL_COVERAGE_FLOOR (package floor, default below),
-# MUXTUNNEL_SUBPROCESS_COVERAGE=1 (also measure the muxtunnel processes tests start; slower).
+# MUXTUNNEL_SUBPROCESS_COVERAGE=1 (also measure the muxtunnel processes tests start; slower),
+# MUXTUNNEL_TEST_SPLIT=0 (the whole suite in one pytest run instead of two at once).
 # With CI=true a skipped test fails the run (CI installs every dependency).
 set -euo pipefail
 
@@ -75,7 +77,54 @@ if [ "${MUXTUNNEL_SUBPROCESS_COVERAGE:-0}" = "1" ]; then
     export COVERAGE_FILE="$PWD/.coverage"
 fi
 # pytest exits non-zero when a test fails and 5 when none was collected; set -e stops here.
-"$PY" -bb -m coverage run -m pytest --junitxml="$REPORT" "$@"
+if [ "$#" -gt 0 ] || [ "${MUXTUNNEL_TEST_SPLIT:-1}" = "0" ]; then
+    "$PY" -bb -m coverage run -m pytest --junitxml="$REPORT" "$@"
+else
+    # The whole suite as two pytest runs at once. Most of the time of tests/faults/ (outages in
+    # network namespaces) and tests/system/ (real processes and services) is spent waiting, not
+    # computing, so on two cores the pair takes about as long as the longer run alone. Each run
+    # picks the public port ranges of its relays in its own window (MUXTUNNEL_TEST_PORTS, read
+    # by tests/conftest.py and tests/system/harness.py); the fault tests' namespaces carry
+    # per-run names; coverage writes one data file per process (parallel = true), combined
+    # below. The side run's output follows the main run's; the JUnit reports are merged.
+    side_paths=(tests/faults tests/system)
+    side_report="${REPORT%.xml}-side.xml"
+    side_log="$(dirname "$REPORT")/pytest-side.log"
+    rm -f "$side_report" "$side_log"
+    ignore=()
+    for path in "${side_paths[@]}"; do
+        ignore+=(--ignore="$path")
+    done
+    echo "(${side_paths[*]} run alongside; output below when done, meanwhile in $side_log)"
+    MUXTUNNEL_TEST_PORTS=20000-29999 "$PY" -bb -m coverage run -m pytest -p no:cacheprovider \
+        --junitxml="$side_report" "${side_paths[@]}" >"$side_log" 2>&1 &
+    side_pid=$!
+    # Interrupted: stop the side run too (by its PID; the fault tests remove their namespaces).
+    trap 'kill -TERM "$side_pid" 2>/dev/null || true; exit 130' INT
+    trap 'kill -TERM "$side_pid" 2>/dev/null || true; exit 143' TERM
+    main_status=0
+    MUXTUNNEL_TEST_PORTS=10000-19999 "$PY" -bb -m coverage run -m pytest \
+        --junitxml="$REPORT" "${ignore[@]}" || main_status=$?
+    side_status=0
+    echo "(waiting for the ${side_paths[*]} run, pid $side_pid)"
+    wait "$side_pid" || side_status=$?
+    trap - INT TERM
+    step "pytest ${side_paths[*]} (ran alongside; exit status $side_status)"
+    cat "$side_log"
+    if [ "$main_status" -ne 0 ] || [ "$side_status" -ne 0 ]; then
+        echo "scripts/test.sh: pytest failed (exit status $main_status;" \
+            "${side_paths[*]}: $side_status)" >&2
+        exit 1
+    fi
+    # One report with both runs' test suites (scripts/check_junit.py reads every testcase).
+    "$PY" -c '
+import sys, xml.etree.ElementTree as ET
+merged = ET.Element("testsuites")
+for path in sys.argv[1:]:
+    merged.extend(ET.parse(path).getroot().iter("testsuite"))
+ET.ElementTree(merged).write(sys.argv[1], encoding="utf-8", xml_declaration=True)
+' "$REPORT" "$side_report"
+fi
 
 step "gate: tests ran and passed"
 skip_flag=()

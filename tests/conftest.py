@@ -24,6 +24,7 @@ from muxtunnel.protocol.events import BindRequested
 from muxtunnel.protocol.frames import Address
 from muxtunnel.server import ServerInfo, serve
 from muxtunnel.tokens import plaintext_entry
+from tests.system.harness import port_window
 from tests.waiting import LogWatch, ReportLines
 
 if TYPE_CHECKING:
@@ -34,9 +35,13 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 def free_port_range(size: int = 40) -> tuple[int, int]:
-    """A range of ports that were free just now (the relay's public range in tests)."""
+    """A range of ports that were free just now (the relay's public range in tests).
+
+    Picked in 10000-32000, or in ``$MUXTUNNEL_TEST_PORTS`` (tests/system/harness.py).
+    """
+    window_lo, window_hi = port_window(10000, 32000)
     for _ in range(200):
-        lo = random.randrange(10000, 32000 - size)
+        lo = random.randrange(window_lo, window_hi - size)
         ok = True
         for port in (lo, lo + size // 2, lo + size - 1):
             with socket.socket() as s:

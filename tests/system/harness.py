@@ -41,6 +41,7 @@ __all__ = [
     "muxtunnel_command",
     "muxtunnel_env",
     "port_is_listening",
+    "port_window",
     "random_port_range",
     "start_client",
     "start_relay",
@@ -95,12 +96,32 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+#: ``LO-HI``: the window the public port ranges of the tests are picked from. scripts/test.sh
+#: gives each of its concurrent pytest runs its own window, so they never pick the same ports.
+PORT_WINDOW_ENV = "MUXTUNNEL_TEST_PORTS"
+
+
+def port_window(lo: int, hi: int) -> tuple[int, int]:
+    """``$MUXTUNNEL_TEST_PORTS`` (``LO-HI``) when that is set, else ``(lo, hi)``."""
+    value = os.environ.get(PORT_WINDOW_ENV, "")
+    if not value:
+        return lo, hi
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+    if match is None or not 1024 <= int(match[1]) < int(match[2]) <= 65535:
+        raise HarnessError(f"{PORT_WINDOW_ENV}={value!r}: expected LO-HI, e.g. 20000-32000")
+    return int(match[1]), int(match[2])
+
+
 def random_port_range(size: int = 16, *, lo: int = 20000, hi: int = 60000) -> tuple[int, int]:
     """Pick a random range of ``size`` currently free ports inside ``[lo, hi]``.
 
     The lower part of the window (below the usual Linux ephemeral range, 32768+) is preferred so
     outgoing connections of other processes are unlikely to grab a port of the range.
+    ``$MUXTUNNEL_TEST_PORTS`` replaces ``[lo, hi]`` (:func:`port_window`).
     """
+    lo, hi = port_window(lo, hi)
+    if hi - lo < size:
+        raise HarnessError(f"no room for {size} ports in {lo}-{hi} ({PORT_WINDOW_ENV})")
     rng = random.Random()
     upper = min(hi, 32767) if hi > 32767 + size else hi
     for _ in range(50):

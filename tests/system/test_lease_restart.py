@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.system
 
 LEASES = "leases.json"
+#: The short lease of the expiry test (seconds): long enough for the restarted relay and B's
+#: client to start within it; B retries about 1, 3 and 6 s after its first refusal (jittered).
+LEASE = 6
 
 
 def stored_ports(relay: Relay) -> set[int]:
@@ -156,7 +159,7 @@ def test_an_expired_lease_is_freed_for_another_token(procs: ProcessGroup, tmp_pa
     a, b = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     state = tmp_path / "relay-state"
     with EchoServer() as echo:
-        relay = _relay_for_tokens(procs, tmp_path, (a, b), state, lease=8, name="relay1")
+        relay = _relay_for_tokens(procs, tmp_path, (a, b), state, lease=LEASE, name="relay1")
         first = start_client(procs, tmp_path, relay, [str(echo.port)], name="a1")
         (fwd,) = first.forwards
         port = fwd.port
@@ -164,15 +167,16 @@ def test_an_expired_lease_is_freed_for_another_token(procs: ProcessGroup, tmp_pa
         relay.proc.kill()
         first.proc.kill()
         relay = _relay_for_tokens(
-            procs, tmp_path, (a, b), state, lease=8, port_range=relay.port_range, name="relay2"
+            procs, tmp_path, (a, b), state, lease=LEASE, port_range=relay.port_range, name="relay2"
         )
-        # B is refused while the lease runs (8 s from the load) and retries in the background;
-        # when the lease expires the port is freed and B's retry gets it.
+        # B is refused while the lease runs (LEASE s from the load) and retries in the background
+        # (muxtunnel.client.RETRY_BASE doubling, jittered): when the lease expires the port is
+        # freed and B's next retry gets it.
         other = start_client(
             procs, tmp_path, relay, [f"{port}:{echo.port}"], token=b, expect_forwards=0, name="b"
         )
         other.proc.wait_for_line(
-            re.compile(rf"port {port} is reserved for another token for [1-8] s"),
+            re.compile(rf"port {port} is reserved for another token for [1-{LEASE}] s"),
             stream="stderr",
         )
         try:
