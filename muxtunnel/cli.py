@@ -908,6 +908,15 @@ def bench(
             help="Runs per loopback scenario, medians reported (default: 3; --quick: 1).",
         ),
     ] = None,
+    wan_runs: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            min=1,
+            help="Runs of the 50 ms path scenarios 7 and 7loss, medians reported (default: 3; "
+            "--quick: 1).",
+        ),
+    ] = None,
     verify: Annotated[
         bool | None,
         typer.Option(
@@ -978,6 +987,7 @@ def bench(
     values: dict[str, object] = {
         "--scenarios": scenarios,
         "--runs": runs,
+        "--wan-runs": wan_runs,
         "--json": json_file,
         "--png": png,
         "--write-results": write_results,

@@ -881,10 +881,10 @@ class _Client:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
                         # The same identity checks as a new session; the connection owns the
                         # stream from resume_over() on (it aborts it on failure).
-                        # The first attempt goes over another connection of the session
-                        # if one is up (protocol-spec.md §10.7).
+                        # Every other attempt, the first included, goes over another
+                        # connection of the session if one is up (protocol-spec.md §10.7).
                         conn.carried = False
-                        stream = await self._dial_for_resume(conn, attempts == 1)
+                        stream = await self._dial_for_resume(conn, attempts % 2 == 1)
                         await conn.resume_over(
                             stream, partial(client_credential, self.config.token)
                         )

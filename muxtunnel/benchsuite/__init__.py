@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="runs of scenarios 7 and 7loss, medians reported (default 1)",
+        help="runs of scenarios 7 and 7loss, medians reported (default 3; --quick 1)",
     )
     p.add_argument(
         "--runs",
