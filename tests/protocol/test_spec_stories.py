@@ -181,6 +181,8 @@ def _event(event: ev.Event) -> dict[str, Any]:
         case ev.ResumeRequested():
             fields = {"req_id": event.req_id, "ticket": event.ticket.hex()}
             return {"event": "resume", **fields, "received": event.received}
+        case ev.JoinRequested():
+            return {"event": "join", "req_id": event.req_id, "ticket": event.ticket.hex()}
         case ev.SessionResumed():
             return {"event": "resumed", "peer_received": event.peer_received}
         case ev.ResumeRefused():
