@@ -204,10 +204,10 @@ async def start_relay(
     return Relay(info, stats, config)
 
 
-async def dial(port: int) -> trio.abc.Stream:
+async def dial(port: int, host: str = "127.0.0.1") -> trio.abc.Stream:
     """TCP + TLS to ``port`` (the test's own relay: no identity check needed)."""
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    stream = wrap_tls(tcp, tls.client_ssl_context(), server_hostname="127.0.0.1")
+    tcp = await trio.open_tcp_stream(host, port)
+    stream = wrap_tls(tcp, tls.client_ssl_context(), server_hostname=host)
     await stream.do_handshake()
     return stream
 
@@ -336,12 +336,14 @@ async def visit() -> AsyncIterator[Callable[[int], Awaitable[Visitor]]]:
 # A raw client: RESUME with any ticket
 
 
-async def raw_resume(port: int, token: str, ticket: bytes, received: int = 0) -> tuple[int, int]:
+async def raw_resume(
+    port: int, token: str, ticket: bytes, received: int = 0, host: str = "127.0.0.1"
+) -> tuple[int, int]:
     """Connect, send RESUME(ticket, received) then AUTH; return (AUTH status, RESUME status).
 
     A refused resume leaves an ordinary new session: it is closed with CLOSE(NO_ERROR).
     """
-    stream = await dial(port)
+    stream = await dial(port, host)
     reader = FrameReader(max_data_payload=1 << 20, max_control_payload=1 << 16)
     settings = Settings(resume_window=CLIENT_WINDOW)
     hello = HelloFrame(

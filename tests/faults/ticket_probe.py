@@ -23,40 +23,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from muxtunnel import tls
-from muxtunnel.connection import (
-    MuxConnection,
-    ResumeRefusedError,
-    make_session,
-    wrap_tls,
-)
+from muxtunnel.connection import MuxConnection, ResumeRefusedError, make_session
 from muxtunnel.errors import AuthError, MuxtunnelError
 from muxtunnel.handshake import client_credential, client_handshake
-from muxtunnel.protocol.constants import (
-    MAGIC,
-    PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
-    ResultStatus,
-    Role,
-)
-from muxtunnel.protocol.frames import (
-    AuthFrame,
-    ChallengeFrame,
-    CloseFrame,
-    HelloFrame,
-    ResultFrame,
-    ResumeFrame,
-    Settings,
-    encode_frame,
-)
-from muxtunnel.protocol.reader import FrameReader
-
-
-async def _dial(host: str, port: int) -> trio.abc.Stream:
-    tcp = await trio.open_tcp_stream(host, port)
-    stream = wrap_tls(tcp, tls.client_ssl_context(), server_hostname=host)
-    await stream.do_handshake()
-    return stream
+from muxtunnel.protocol.constants import ResultStatus, Role
+from tests.test_resume_relay import dial, raw_resume
 
 
 async def _new_ticket(conn: MuxConnection, old: bytes | None) -> bytes:
@@ -66,39 +37,6 @@ async def _new_ticket(conn: MuxConnection, old: bytes | None) -> bytes:
         while conn.ticket is None or conn.ticket == old:  # noqa: ASYNC110
             await trio.sleep(0.02)
     return conn.ticket
-
-
-async def _raw_resume(host: str, port: int, token: str, ticket: bytes) -> int:
-    """A new connection that presents ``ticket`` (RESUME before AUTH, received 0) with
-    ``token``; the status of the relay's answer to the RESUME (-1: none came)."""
-    stream = await _dial(host, port)
-    reader = FrameReader(max_data_payload=1 << 20, max_control_payload=1 << 16)
-    hello = HelloFrame(
-        major=PROTOCOL_MAJOR,
-        minor=PROTOCOL_MINOR,
-        role=Role.CLIENT,
-        settings=Settings(resume_window=60).to_pairs(),
-    )
-    async with stream:
-        await stream.send_all(MAGIC + encode_frame(hello))
-        with trio.fail_after(15):
-            nonce: bytes | None = None
-            while nonce is None:
-                for frame in reader.read_frames(await stream.receive_some(65536)):
-                    if isinstance(frame, ChallengeFrame):
-                        nonce = frame.nonce
-            method, credential = client_credential(token, nonce, PROTOCOL_MINOR)
-            await stream.send_all(
-                encode_frame(ResumeFrame(req_id=2, ticket=ticket, received=0))
-                + encode_frame(AuthFrame(req_id=1, method=method, credential=credential))
-            )
-            while data := await stream.receive_some(65536):
-                for frame in reader.read_frames(data):
-                    if isinstance(frame, ResultFrame) and frame.req_id == 2:
-                        return frame.status
-                    if isinstance(frame, CloseFrame):
-                        return -1
-    return -1
 
 
 def _name(status: int) -> str:
@@ -120,22 +58,22 @@ async def main(address: str, token: str, other: str) -> dict[str, object]:
         session = make_session(
             Role.CLIENT, idle_timeout=4.0, settings_overrides={"resume_window": 60}
         )
-        conn = MuxConnection(await _dial(host, port), session, name="probe")
+        conn = MuxConnection(await dial(port, host), session, name="probe")
         await nursery.start(conn.run)
         with trio.fail_after(15):
             await client_handshake(conn, token, [])
         t1 = await _new_ticket(conn, None)
         with trio.fail_after(15):
-            await conn.resume_over(await _dial(host, port), credential)
+            await conn.resume_over(await dial(port, host), credential)
         t2 = await _new_ticket(conn, t1)
         with trio.fail_after(15):
-            await conn.resume_over(await _dial(host, port), credential)
+            await conn.resume_over(await dial(port, host), credential)
         t3 = await _new_ticket(conn, t2)
-        stale = await _raw_resume(host, port, token, t1)
-        foreign = await _raw_resume(host, port, other, t3)
+        _auth, stale = await raw_resume(port, token, t1, host=host)
+        _auth, foreign = await raw_resume(port, other, t3, host=host)
         outcome["stale"], outcome["foreign"] = _name(stale), _name(foreign)
         with trio.fail_after(15):
-            await conn.resume_over(await _dial(host, port), credential)
+            await conn.resume_over(await dial(port, host), credential)
         outcome["current_resumes"] = await _new_ticket(conn, t3) != t3
         print("ready", flush=True)
         with trio.fail_after(30):
@@ -145,7 +83,7 @@ async def main(address: str, token: str, other: str) -> dict[str, object]:
             while True:
                 try:
                     with trio.fail_after(5):
-                        await conn.resume_over(await _dial(host, port), credential)
+                        await conn.resume_over(await dial(port, host), credential)
                 except (AuthError, ResumeRefusedError) as exc:
                     outcome["revoked"] = str(exc)
                     break
