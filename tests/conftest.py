@@ -199,6 +199,30 @@ async def start_relay(
     return Relay(info, config, shutdown, scope, done, lines)
 
 
+def client_config(
+    relay: Relay,
+    state_dir: Path,
+    tunnels: list[TunnelSpec],
+    *,
+    port: int | None = None,
+    **overrides: object,
+) -> ClientConfig:
+    """A client config pinned to ``relay``: retries for ever, quick backoff and dials; ``port``
+    dials another port (a proxy in front of the relay) instead of the relay's own."""
+    config = ClientConfig(
+        server_host="127.0.0.1",
+        server_port=relay.info.port if port is None else port,
+        token=TOKEN,
+        fingerprint=relay.info.fingerprint,
+        state_dir=state_dir,
+        tunnels=tuple(tunnels),
+        max_retries=None,
+        connect_timeout=2.0,
+        backoff_cap=1.0,
+    )
+    return replace(config, **overrides)  # type: ignore[arg-type]
+
+
 async def start_client(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -209,18 +233,7 @@ async def start_client(
     **overrides: object,
 ) -> Client:
     """Start ``run_client`` against ``relay`` (pinned fingerprint); waits until it is up."""
-    config = ClientConfig(
-        server_host="127.0.0.1",
-        server_port=relay.info.port,
-        token=TOKEN,
-        fingerprint=relay.info.fingerprint,
-        state_dir=tmp_path / name,
-        tunnels=tuple(tunnels),
-        max_retries=None,
-        connect_timeout=2.0,
-        backoff_cap=1.0,
-    )
-    config = replace(config, **overrides)  # type: ignore[arg-type]
+    config = client_config(relay, tmp_path / name, tunnels, port=None, **overrides)
     info, shutdown, scope, done, lines = await _start_entry_point(nursery, run_client, config)
     assert isinstance(info, ClientInfo)
     return Client(info, config, shutdown, scope, done, lines)

@@ -5,8 +5,6 @@ died) while refusing new connections (only the session's remaining connections a
 
 from __future__ import annotations
 
-import socket
-import struct
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -14,7 +12,7 @@ import trio
 
 from muxtunnel import tls
 from muxtunnel.client import ClientInfo, run_client
-from muxtunnel.config import ClientConfig, ServerConfig, TunnelSpec, build_client_config
+from muxtunnel.config import ServerConfig, TunnelSpec, build_client_config
 from muxtunnel.connection import (
     MuxConnection,
     MuxStream,
@@ -33,6 +31,7 @@ from tests.conftest import (
     Client,
     Relay,
     _start_entry_point,
+    client_config,
     connect,
     random_bytes,
     sha,
@@ -40,6 +39,7 @@ from tests.conftest import (
     start_relay,
     start_service,
 )
+from tests.cutproxy import CutProxy
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -50,65 +50,6 @@ if TYPE_CHECKING:
 JOINED = "joined the session"
 
 
-def _abort(stream: trio.SocketStream) -> None:
-    try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    stream.socket.close()
-
-
-class CountingProxy:
-    """A TCP forwarder from the client to the relay that numbers its connections (0 = the
-    first, the session's first connection), counts the bytes each carried, and cuts any one."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        #: New connections are aborted at once while set (only carrier streams can resume).
-        self.down = False
-        self.carried: list[int] = []
-        self._pairs: dict[int, tuple[trio.SocketStream, trio.SocketStream]] = {}
-
-    def live(self) -> list[int]:
-        """Numbers of the connections open now."""
-        return sorted(self._pairs)
-
-    def cut(self, number: int) -> None:
-        for stream in self._pairs.pop(number):
-            _abort(stream)
-
-    async def handle(self, down: trio.SocketStream) -> None:
-        if self.down:
-            _abort(down)
-            return
-        try:
-            up = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-        except OSError:
-            _abort(down)
-            return
-        number = len(self.carried)
-        self.carried.append(0)
-        self._pairs[number] = (down, up)
-
-        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-            try:
-                while data := await src.receive_some(65536):
-                    self.carried[number] += len(data)
-                    await dst.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            nursery.cancel_scope.cancel()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, down, up)
-                nursery.start_soon(pump, up, down)
-        finally:
-            self._pairs.pop(number, None)
-            _abort(down)
-            _abort(up)
-
-
 async def _setup(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -116,23 +57,18 @@ async def _setup(
     *,
     connections: int = 3,
     relay: dict[str, Any] | None = None,
-) -> tuple[Relay, CountingProxy, Client]:
+) -> tuple[Relay, CutProxy, Client]:
     """Echo service, relay, proxy and a client with ``connections`` connections through it;
     waits until the extra connections joined."""
     echo = await start_echo(nursery)
     started = await start_relay(nursery, tmp_path, **(relay or {}))
-    proxy = CountingProxy(started.info.port)
+    proxy = CutProxy(started.info.port)
     proxy_port = await start_service(nursery, proxy.handle)
-    config = ClientConfig(
-        server_host="127.0.0.1",
-        server_port=proxy_port,
-        token=TOKEN,
-        fingerprint=started.info.fingerprint,
-        state_dir=tmp_path / "client",
-        tunnels=(TunnelSpec(local_port=echo),),
-        max_retries=None,
-        connect_timeout=2.0,
-        backoff_cap=1.0,
+    config = client_config(
+        started,
+        tmp_path / "client",
+        [TunnelSpec(local_port=echo)],
+        port=proxy_port,
         connections=connections,
     )
     stats = Stats("client")
@@ -199,12 +135,12 @@ async def test_streams_spread_over_the_connections_and_arrive_intact(
     assert proxy.live() == [0, 1, 2]
     (session,) = client.stats.snapshot()["sessions"]  # type: ignore[attr-defined]
     assert session["connections"] == 3
-    before = list(proxy.carried)
+    before = list(proxy.bytes_moved)
     with trio.fail_after(60):
         async with trio.open_nursery() as load:
             for i in range(9):
                 load.start_soon(_echo_checked, client.port(), 512 * 1024, i)
-    moved = [after - start for after, start in zip(proxy.carried, before, strict=True)]
+    moved = [after - start for after, start in zip(proxy.bytes_moved, before, strict=True)]
     # Nine streams at once, least-loaded placement: each connection carries three of them.
     for number, count in enumerate(moved):
         assert count >= 2 * 512 * 1024, f"connection {number} carried only {count} bytes"
@@ -223,8 +159,7 @@ async def test_a_lost_connection_resumes_on_a_remaining_one(
             await started.all.wait()
             # No new TCP connection gets through: connection 2's streams can only resume over
             # one of the remaining connections of the session.
-            proxy.down = True
-            proxy.cut(2)
+            proxy.cut(down=True, number=2)
             await logs.wait_for("resumed over another connection of the session")
             assert proxy.live() == [0, 1]
             proxy.down = False
@@ -245,8 +180,7 @@ async def test_a_lost_first_connection_resumes_on_a_joined_one(
             for i in range(4):
                 load.start_soon(_echo_checked, client.port(), 3 << 20, 20 + i, True, started)
             await started.all.wait()
-            proxy.down = True
-            proxy.cut(0)
+            proxy.cut(down=True, number=0)
             line = await logs.wait_for("resumed over another connection of the session")
             assert f"session with relay {client.config.server_key}" in line
             proxy.down = False

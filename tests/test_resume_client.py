@@ -7,8 +7,6 @@ from __future__ import annotations
 import errno
 import itertools
 import socket
-import struct
-from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +26,7 @@ from tests.conftest import (
     Client,
     Relay,
     _start_entry_point,
+    client_config,
     connect,
     random_bytes,
     sha,
@@ -35,6 +34,7 @@ from tests.conftest import (
     start_relay,
     start_service,
 )
+from tests.cutproxy import CutProxy
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -46,80 +46,6 @@ if TYPE_CHECKING:
 def _resumed(client: Client) -> str:
     """The start of the client's log line for a resumed session."""
     return f"session with relay {client.config.server_key} resumed after"
-
-
-def _abort(stream: trio.SocketStream) -> None:
-    """Close ``stream``'s socket with RST (SO_LINGER 0); tasks blocked on it wake up."""
-    try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    stream.socket.close()
-
-
-class CutProxy:
-    """A TCP forwarder from the client to the relay.
-
-    ``cut()`` aborts both sockets of every connection it carries; while ``down`` is set it aborts
-    new connections at once (the relay is unreachable); ``freeze()`` stops moving bytes on the
-    connections it carries now but keeps their sockets open (the path went silent).
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.down = False
-        #: Connections carried to the relay so far.
-        self.carried = 0
-        self._pairs: set[tuple[trio.SocketStream, trio.SocketStream]] = set()
-        self._frozen: set[trio.SocketStream] = set()
-
-    def cut(self, *, down: bool) -> None:
-        self.down = down
-        for pair in list(self._pairs):
-            for stream in pair:
-                _abort(stream)
-
-    def freeze(self) -> None:
-        for down, _up in self._pairs:
-            self._frozen.add(down)
-
-    async def _pump(
-        self, key: trio.SocketStream, src: trio.SocketStream, dst: trio.SocketStream
-    ) -> None:
-        try:
-            while data := await src.receive_some(65536):
-                if key in self._frozen:
-                    await trio.sleep_forever()
-                await dst.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-
-    async def handle(self, down: trio.SocketStream) -> None:
-        if self.down:
-            _abort(down)
-            return
-        try:
-            up = await trio.open_tcp_stream("127.0.0.1", self.target_port)
-        except OSError:
-            _abort(down)
-            return
-        pair = (down, up)
-        self._pairs.add(pair)
-        self.carried += 1
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                    await self._pump(down, src, dst)
-                    nursery.cancel_scope.cancel()  # one way ended: the connection is over
-
-                nursery.start_soon(pump, down, up)
-                nursery.start_soon(pump, up, down)
-        finally:
-            self._pairs.discard(pair)
-            self._frozen.discard(down)
-            for stream in pair:
-                _abort(stream)
 
 
 async def _run_client_into(errors: list[Exception], config: ClientConfig, **kwargs: Any) -> None:
@@ -144,18 +70,13 @@ async def _setup(
     started = await start_relay(nursery, tmp_path, **(relay or {}))
     proxy = CutProxy(started.info.port)
     proxy_port = await start_service(nursery, proxy.handle)
-    config = ClientConfig(
-        server_host="127.0.0.1",
-        server_port=proxy_port,
-        token=TOKEN,
-        fingerprint=started.info.fingerprint,
-        state_dir=tmp_path / "client",
-        tunnels=(TunnelSpec(local_port=echo),),
-        max_retries=None,
-        connect_timeout=2.0,
-        backoff_cap=1.0,
+    config = client_config(
+        started,
+        tmp_path / "client",
+        [TunnelSpec(local_port=echo)],
+        port=proxy_port,
+        **client_overrides,
     )
-    config = replace(config, **client_overrides)  # type: ignore[arg-type]
     stats = Stats("client")
     entry = run_client if errors is None else partial(_run_client_into, errors)
     info, shutdown, scope, done, lines = await _start_entry_point(
@@ -374,14 +295,14 @@ async def test_a_loss_during_the_handshake_after_the_ticket_is_resumed(
     proxy = CutProxy(relay.info.port)
     proxies.append(proxy)
     proxy_port = await start_service(nursery, proxy.handle)
-    config = ClientConfig(
-        server_host="127.0.0.1",
-        server_port=proxy_port,
-        token=TOKEN,
-        fingerprint=relay.info.fingerprint,
-        state_dir=tmp_path / "client",
-        tunnels=(TunnelSpec(local_port=echo),),
-        max_retries=None,
+    # The default dial timeout and backoff: not the quick ones of client_config.
+    config = client_config(
+        relay,
+        tmp_path / "client",
+        [TunnelSpec(local_port=echo)],
+        port=proxy_port,
+        connect_timeout=10.0,
+        backoff_cap=30.0,
     )
     with trio.fail_after(10):  # not the 15 s handshake timeout and a reconnect
         info = await nursery.start(partial(run_client, config, report=lambda _: None))
