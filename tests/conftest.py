@@ -233,7 +233,8 @@ async def start_client(
     **overrides: object,
 ) -> Client:
     """Start ``run_client`` against ``relay`` (pinned fingerprint); waits until it is up."""
-    config = client_config(relay, tmp_path / name, tunnels, port=None, **overrides)
+    # ``overrides`` may name any field, the state directory included.
+    config = replace(client_config(relay, tmp_path / name, tunnels), **overrides)  # type: ignore[arg-type]
     info, shutdown, scope, done, lines = await _start_entry_point(nursery, run_client, config)
     assert isinstance(info, ClientInfo)
     return Client(info, config, shutdown, scope, done, lines)
