@@ -1,15 +1,21 @@
-"""The bench's muxtunnel targets: ``muxtunnel-noresume`` runs both ends with resumption off."""
+"""The bench's targets: ``muxtunnel-noresume`` runs both ends with resumption off; the bare
+ceiling relay forwards bytes."""
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
+import muxtunnel.benchsuite as suite
 from muxtunnel import admin
-from muxtunnel.benchsuite.targets import Layout, MuxTarget, make_target
+from muxtunnel.benchsuite import report
+from muxtunnel.benchsuite.procs import BenchError
+from muxtunnel.benchsuite.runner import Outcome
+from muxtunnel.benchsuite.targets import CeilingTarget, Layout, MuxTarget, make_target
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -43,3 +49,74 @@ def test_mux_targets_choose_session_resumption(tmp_path: Path, key: str, resumab
             assert target.alive()
         finally:
             target.stop()
+
+
+@pytest.mark.parametrize("key", ["ceiling", "ceiling-tcp"])
+def test_ceiling_targets_carry_bytes_both_ways(tmp_path: Path, key: str) -> None:
+    """The bare relay target forwards a visitor to the service and back, byte for byte."""
+    with socket.socket() as service:
+        service.bind(("127.0.0.1", 0))
+        service.listen()
+        target = make_target(key, Layout(), service.getsockname()[1], tmp_path)
+        assert isinstance(target, CeilingTarget)
+        try:
+            target.start()
+            assert ("TLS 1.3" in target.note) == (key == "ceiling")
+            payload = os.urandom(300_000)
+            with socket.create_connection((target.host, target.port), timeout=10) as visitor:
+                service.settimeout(10)
+                conn, _ = service.accept()
+                with conn:
+                    visitor.sendall(payload)
+                    got = bytearray()
+                    while len(got) < len(payload):
+                        got += conn.recv(65536)
+                    assert bytes(got) == payload
+                    conn.sendall(payload[::-1])
+                    back = bytearray()
+                    while len(back) < len(payload):
+                        back += visitor.recv(65536)
+                    assert bytes(back) == payload[::-1]
+            assert target.alive()
+            assert target.relay_rss() is not None
+        finally:
+            target.stop()
+
+
+def test_ceiling_target_is_loopback_only(tmp_path: Path) -> None:
+    target = make_target("ceiling", Layout(relay_ns="r", edge_ns="e"), 1, tmp_path)
+    with pytest.raises(BenchError, match="loopback only"):
+        target.start()
+    assert not target.children
+
+
+def test_default_loopback_targets_include_the_ceiling_but_not_the_50ms_path() -> None:
+    keys, wan = suite._target_keys(None)
+    assert keys[-1] == "ceiling"
+    assert "ceiling" not in wan
+
+
+def test_report_shows_the_bare_relay_beside_each_goal_against_ssh() -> None:
+    out = Outcome()
+    for key, put, get, rtt, conns in (
+        ("muxtunnel", 250.0, 300.0, 750.0, 600.0),
+        ("ssh-aes128", 500.0, 400.0, 300.0, 2000.0),
+        ("ssh", 300.0, 300.0, 320.0, 1900.0),
+        ("ceiling", 350.0, 280.0, 540.0, 1600.0),
+    ):
+        out.add("1", key, {"put_mbps": put, "get_mbps": get})
+        out.add("3", key, {"p50_us": rtt})
+        out.add("5", key, {"per_second": conns})
+    verdicts = {c.goal: c for c in report.checks(out)}
+    one = verdicts["one stream >= 1.0x ssh -R aes128-gcm (worse of up/down)"]
+    assert (one.met, one.measured) == (False, "0.5x (bare relay: 0.7x)")
+    idle = verdicts["idle RTT p50 <= 1.5x ssh -R (the faster ssh)"]
+    assert (idle.met, idle.measured) == (False, "2.5x (bare relay: 1.8x)")
+    rate = verdicts["new tunnelled connections/s >= 1.0x ssh -R aes128-gcm"]
+    assert (rate.met, rate.measured) == (False, "0.3x (bare relay: 0.8x)")
+    row = next(line for line in report.table(out).splitlines() if line.startswith("3 idle"))
+    assert row.split()[-1] == f"{750 / 540:.2f}x"  # mux/ceiling
+    # Without the bare relay the figures stand alone.
+    del out.runs["3"]["ceiling"]
+    idle = {c.goal: c for c in report.checks(out)}["idle RTT p50 <= 1.5x ssh -R (the faster ssh)"]
+    assert idle.measured == "2.5x"

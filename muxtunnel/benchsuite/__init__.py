@@ -33,6 +33,7 @@ from muxtunnel.benchsuite.procs import BenchError, Child
 from muxtunnel.benchsuite.runner import Bench, Outcome, Sizes, size_text, stop_targets
 from muxtunnel.benchsuite.targets import (
     ALL_TARGETS,
+    CEILING,
     CONNS,
     CONNS_SCENARIOS,
     EXTRA_TARGETS,
@@ -49,6 +50,10 @@ ALL_SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "7loss", "8")
 LOOPBACK_SCENARIOS = ("1", "2", "3", "4", "5", "6")
 #: Failures of these targets make the exit status non-zero (ssh is only a reference).
 STRICT_TARGETS = ("direct", "muxtunnel")
+
+
+#: Targets scenario 6 (idle streams, memory) leaves out.
+_NOT_IN_IDLE = ("direct", "ceiling", "ceiling-tcp")
 
 
 def _strict(key: str) -> bool:
@@ -76,10 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         "--targets",
         default=None,
         help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: all of them, plus "
-        f"{CONNS} in scenarios 7 and 7loss); also muxtunnel-ref: another tree named by "
-        "MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT, muxtunnel-noresume: this tree with "
-        f"--resume-window 0 at both ends, and {CONNS} / {CONNS}N: the client with "
-        "--connections 4 / N (2-16), for A/B runs",
+        f"{CONNS} in scenarios 7 and 7loss and {CEILING}, the bare TLS relay of "
+        "muxtunnel.benchsuite.ceiling, in scenarios 1-5 and 8); also muxtunnel-ref: another "
+        "tree named by MUXTUNNEL_BENCH_REF=PYTHON:SOURCE_ROOT, muxtunnel-noresume: this tree "
+        f"with --resume-window 0 at both ends, {CONNS} / {CONNS}N: the client with "
+        "--connections 4 / N (2-16), for A/B runs, and ceiling-tcp: the bare relay without TLS",
     )
     p.add_argument(
         "--wan-runs",
@@ -186,7 +192,7 @@ def _target_keys(chosen: str | None) -> tuple[list[str], list[str]]:
     if chosen is None:
         wan = [*ALL_TARGETS]
         wan.insert(wan.index("muxtunnel") + 1, CONNS)
-        return [*ALL_TARGETS], wan
+        return [*ALL_TARGETS, CEILING], wan
     items = _parse_list(chosen, is_target)
     order = [*ALL_TARGETS, *EXTRA_TARGETS]
     keys = sorted(dict.fromkeys(items), key=lambda k: _target_rank(k, order))
@@ -306,7 +312,9 @@ def main(argv: list[str]) -> int:
                     stop_targets(targets)
                     targets = bench.start_targets(keys, Layout(), sport, "loopback, fresh for 6")
                     by = {t.key: t for t in targets}
-                ts = [t for t in targets if not (sc == 6 and t.key == "direct")]
+                # Scenario 6 measures the tunnel's memory: nothing to learn from direct TCP or
+                # the bare relay there.
+                ts = [t for t in targets if not (sc == 6 and t.key in _NOT_IN_IDLE)]
                 if sc == 1:
                     bench.scenario(
                         "1", titles[1], ts, bench.s_one_stream, s.one_stream, runs=s.runs

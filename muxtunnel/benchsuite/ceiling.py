@@ -47,9 +47,13 @@ CHUNK = 65536
 class _Tunnel:
     """One end of the tunnel connection: framed writes under a lock, frames read in a loop."""
 
-    def __init__(self, stream: trio.abc.Stream, raw: socket.socket | None) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, raw: socket.socket | None, *, local_raw: bool = False
+    ) -> None:
         self.stream = stream
         self.raw = raw
+        #: Whether the local sockets use raw non-blocking calls (always with a raw tunnel).
+        self.local_raw = local_raw or raw is not None
         self.lock = trio.StrictFIFOLock()
         self.socks: dict[int, Any] = {}
         self.pending: dict[int, list[bytes]] = {}
@@ -125,7 +129,7 @@ async def _raw_send_all(sock: socket.socket, data: bytes | memoryview) -> None:
 
 
 async def _local_send(tun: _Tunnel, s: Any, data: bytes) -> None:
-    if tun.raw is not None:
+    if tun.local_raw:
         await _raw_send_all(s, data)
     else:
         await s.send_all(data)
@@ -135,7 +139,7 @@ async def _pump(tun: _Tunnel, sid: int, s: Any) -> None:
     """Local socket -> tunnel frames until EOF."""
     try:
         while True:
-            if tun.raw is not None:
+            if tun.local_raw:
                 data = await _raw_recv(s, CHUNK)
             else:
                 data = await s.receive_some(CHUNK)
@@ -159,7 +163,7 @@ async def _on_frame_common(tun: _Tunnel, sid: int, kind: int, payload: bytes) ->
             await _local_send(tun, s, payload)
     elif kind == EOF:
         del tun.socks[sid]
-        if tun.raw is not None:
+        if tun.local_raw:
             trio.lowlevel.notify_closing(s)
             s.close()
         else:
@@ -249,7 +253,7 @@ async def _open_tunnel(
     stream: trio.abc.Stream = trio.SocketStream(tsock)
     raw: socket.socket | None = None
     if ctx is not None:
-        if args.raw:
+        if args.raw and not args.fast:
             raw = await _raw_tls(ctx, tsock, server_side=server_side)
         else:
             tls_stream = _tls_stream(args, stream, ctx, server_side=server_side)
@@ -258,7 +262,7 @@ async def _open_tunnel(
     elif args.raw:
         raw = socket.socket(fileno=os.dup(tsock.fileno()))
         raw.setblocking(False)
-    return _Tunnel(stream, raw)
+    return _Tunnel(stream, raw, local_raw=args.raw)
 
 
 def _detach(s: trio.socket.SocketType) -> socket.socket:
@@ -347,6 +351,7 @@ def _run_all(args: argparse.Namespace) -> int:
                             "raw": ["--raw"],
                             "tlsfast": ["--tls", "--fast"],
                             "rawtls": ["--tls", "--raw"],
+                            "tlsfastraw": ["--tls", "--fast", "--raw"],
                         }[v]
                         common = ["--cert", str(work / "cert.pem"), "--key", str(work / "key.pem")]
                         r = Child(

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from muxtunnel.benchsuite.targets import CONNS, DEFAULT_CONNECTIONS, connections_of, label
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from muxtunnel.benchsuite.runner import Outcome
 
 MUX = "muxtunnel"
@@ -66,7 +68,17 @@ ROWS: tuple[Row, ...] = (
     Row("8", "tpcb_c8_tps", "8 pgbench TPC-B-like 8 clients", "tps", True),
 )
 
-TARGET_ORDER = ("direct", "muxtunnel", "muxtunnel-ref", "muxtunnel-noresume", "ssh", "ssh-aes128")
+TARGET_ORDER = (
+    "direct",
+    "muxtunnel",
+    "muxtunnel-ref",
+    "muxtunnel-noresume",
+    "ssh",
+    "ssh-aes128",
+    "ceiling",
+    "ceiling-tcp",
+)
+CEILING = "ceiling"
 REF = "muxtunnel-ref"
 NORESUME = "muxtunnel-noresume"
 
@@ -119,12 +131,14 @@ def rows_present(out: Outcome) -> list[Row]:
 def table(out: Outcome, *, markdown: bool = False) -> str:
     """Medians per target plus muxtunnel's ratios to direct and to both ssh ciphers."""
     keys = present_keys(out)
-    others = (DIRECT, SSH, SSH_AES, *(k for k in (REF, NORESUME) if k in keys))
+    others = (DIRECT, SSH, SSH_AES, *(k for k in (REF, NORESUME, CEILING) if k in keys))
     head = ["scenario", "unit", *[label(k) for k in keys], "mux/direct", "mux/ssh", "mux/ssh-aes"]
     if REF in keys:
         head.append("mux/ref")
     if NORESUME in keys:
         head.append("mux/noresume")
+    if CEILING in keys:
+        head.append("mux/ceiling")
     striped = [k for k in keys if connections_of(k) is not None]
     for k in striped:
         head += [f"conns{connections_of(k)}/direct", f"conns{connections_of(k)}/mux"]
@@ -176,8 +190,8 @@ def checks(out: Outcome) -> list[Check]:
     def add(goal: str, value: float | None, ok: bool | None, measured: str) -> None:
         res.append(Check(goal, measured, value, ok))
 
-    def q(sid: str, metric: str, other: str) -> float | None:
-        return ratio(med(sid, MUX, metric), med(sid, other, metric))
+    def q(sid: str, metric: str, other: str, who: str = MUX) -> float | None:
+        return ratio(med(sid, who, metric), med(sid, other, metric))
 
     def worst(*vals: float | None, low: bool = True) -> float | None:
         got = [v for v in vals if v is not None]
@@ -185,51 +199,46 @@ def checks(out: Outcome) -> list[Check]:
             return None
         return min(got) if low else max(got)
 
-    v = worst(q("1", "put_mbps", SSH_AES), q("1", "get_mbps", SSH_AES))
-    add(
+    def vs_ssh(goal: str, bound: float, at_least: bool, of: Callable[[str], float | None]) -> None:
+        """A goal against ssh; the bare relay's figure (same run) is shown beside ours."""
+        v, bare = of(MUX), of(CEILING)
+        shown = fmt_ratio(v)
+        if bare is not None:
+            shown += f" (bare relay: {fmt_ratio(bare)})"
+        add(goal, v, None if v is None else (v >= bound if at_least else v <= bound), shown)
+
+    def rtt(sid: str, metric: str) -> Callable[[str], float | None]:
+        def of(who: str) -> float | None:
+            best_ssh = worst(med(sid, SSH, metric), med(sid, SSH_AES, metric))
+            return ratio(med(sid, who, metric), best_ssh)
+
+        return of
+
+    vs_ssh(
         "one stream >= 1.0x ssh -R aes128-gcm (worse of up/down)",
-        v,
-        None if v is None else v >= 1.0,
-        f"{fmt_ratio(v)}",
+        1.0,
+        True,
+        lambda w: worst(q("1", "put_mbps", SSH_AES, w), q("1", "get_mbps", SSH_AES, w)),
     )
-    v = worst(q("1", "put_mbps", SSH), q("1", "get_mbps", SSH))
-    add(
+    vs_ssh(
         "one stream >= 1.6x ssh -R default cipher (worse of up/down)",
-        v,
-        None if v is None else v >= 1.6,
-        f"{fmt_ratio(v)}",
+        1.6,
+        True,
+        lambda w: worst(q("1", "put_mbps", SSH, w), q("1", "get_mbps", SSH, w)),
     )
-    v = q("2", "mbps", SSH_AES)
-    add(
+    vs_ssh(
         "100 streams aggregate >= 1.5x ssh -R aes128-gcm",
-        v,
-        None if v is None else v >= 1.5,
-        fmt_ratio(v),
+        1.5,
+        True,
+        lambda w: q("2", "mbps", SSH_AES, w),
     )
-    best_ssh = worst(med("3", SSH, "p50_us"), med("3", SSH_AES, "p50_us"))
-    v = ratio(med("3", MUX, "p50_us"), best_ssh)
-    add(
-        "idle RTT p50 <= 1.5x ssh -R (the faster ssh)",
-        v,
-        None if v is None else v <= 1.5,
-        fmt_ratio(v),
-    )
-    best_ssh = worst(med("4", SSH, "p99_us"), med("4", SSH_AES, "p99_us"))
-    v = ratio(med("4", MUX, "p99_us"), best_ssh)
-    add(
-        "RTT p99 under bulk <= 0.3x ssh -R (the better ssh)",
-        v,
-        None if v is None else v <= 0.3,
-        fmt_ratio(v),
-    )
-    best_ssh = worst(med("4", SSH, "p50_us"), med("4", SSH_AES, "p50_us"))
-    v = ratio(med("4", MUX, "p50_us"), best_ssh)
-    add(
-        "RTT p50 under bulk <= 1.0x ssh -R (the better ssh)",
-        v,
-        None if v is None else v <= 1.0,
-        fmt_ratio(v),
-    )
+
+    def pg_ratio(metric: str) -> Callable[[str], float | None]:
+        return lambda who: q("8", metric, SSH_AES, who)
+
+    vs_ssh("idle RTT p50 <= 1.5x ssh -R (the faster ssh)", 1.5, False, rtt("3", "p50_us"))
+    vs_ssh("RTT p99 under bulk <= 0.3x ssh -R (the better ssh)", 0.3, False, rtt("4", "p99_us"))
+    vs_ssh("RTT p50 under bulk <= 1.0x ssh -R (the better ssh)", 1.0, False, rtt("4", "p50_us"))
     v = worst(q("7", "put_mbps", DIRECT), q("7", "get_mbps", DIRECT))
     add(
         "50 ms RTT one stream >= 0.95x direct (worse of up/down)",
@@ -283,12 +292,11 @@ def checks(out: Outcome) -> list[Check]:
             None if opened is None else (opened >= 10000 and not failed),
             "-" if opened is None else f"{opened:.0f} open" + (", errors" if failed else ""),
         )
-    v = q("5", "per_second", SSH_AES)
-    add(
+    vs_ssh(
         "new tunnelled connections/s >= 1.0x ssh -R aes128-gcm",
-        v,
-        None if v is None else v >= 1.0,
-        fmt_ratio(v),
+        1.0,
+        True,
+        lambda w: q("5", "per_second", SSH_AES, w),
     )
     v = med("1", MUX, "relay_rss_growth")
     add(
@@ -302,13 +310,7 @@ def checks(out: Outcome) -> list[Check]:
         ("select_c8_tps", "select-only 8 clients"),
         ("tpcb_c8_tps", "TPC-B-like 8 clients"),
     ):
-        v = q("8", metric, SSH_AES)
-        add(
-            f"pgbench {what} >= 0.7x ssh -R aes128-gcm",
-            v,
-            None if v is None else v >= 0.7,
-            fmt_ratio(v),
-        )
+        vs_ssh(f"pgbench {what} >= 0.7x ssh -R aes128-gcm", 0.7, True, pg_ratio(metric))
     return res
 
 
@@ -429,6 +431,8 @@ def write_png(path: Path, out: Outcome) -> str | None:
         "ssh-aes128": "#ff7f0e",
         "muxtunnel-ref": "#17becf",
         "muxtunnel-noresume": "#9467bd",
+        "ceiling": "#bcbd22",
+        "ceiling-tcp": "#e377c2",
     }
     for ax, r in zip(axes.flat, rows, strict=False):
         vals = [out.median(r.sid, k, r.metric) or 0.0 for k in keys]

@@ -1,4 +1,5 @@
-"""The things being measured: direct TCP, muxtunnel, and OpenSSH ``ssh -N -R``."""
+"""The things being measured: direct TCP, muxtunnel, OpenSSH ``ssh -N -R``, and the bare relay of
+:mod:`muxtunnel.benchsuite.ceiling` (what Python + trio can do here at best, in the same run)."""
 
 from __future__ import annotations
 
@@ -351,7 +352,57 @@ class SshTarget(Target):
         return tree_rss(self.children[1].pid) if len(self.children) > 1 else None
 
 
+@dataclass
+class CeilingTarget(Target):
+    """The bare two-process multiplexer of :mod:`muxtunnel.benchsuite.ceiling` (loopback only).
+
+    No flow control, no scheduler, no authentication, one task wake-up per crossing: the
+    ceiling a Python + trio tunnel reaches on this machine, measured beside muxtunnel and ssh
+    in the same run, so a miss can be read against it.
+    """
+
+    #: ``ceiling`` relay/client flags (``--tls``: TLS 1.3; ``--raw``: raw socket calls).
+    flags: tuple[str, ...] = ()
+
+    def start(self) -> None:
+        if self.layout.remote:
+            raise BenchError("the bare ceiling relay runs on loopback only")
+        from muxtunnel.tls import generate_self_signed
+
+        d = self.workdir / f"{self.key}-files"
+        d.mkdir(parents=True, exist_ok=True)
+        cert, key = generate_self_signed("ceiling")
+        (d / "cert.pem").write_bytes(cert)
+        (d / "key.pem").write_bytes(key)
+        module = [python(), "-m", "muxtunnel.benchsuite.ceiling"]
+        common = [*self.flags, "--cert", str(d / "cert.pem"), "--key", str(d / "key.pem")]
+        relay = Child(f"{self.key}-relay", [*module, "relay", *common], self.workdir)
+        self.children.append(relay)
+        m = relay.wait_for(r"^tunnel (\d+) public (\d+)", 20)
+        client = Child(
+            f"{self.key}-client",
+            [*module, "client", *common, "--tunnel-port", m.group(1),
+             "--service-port", str(self.service_port)],
+            self.workdir,
+        )  # fmt: skip
+        self.children.append(client)
+        self.host, self.port = "127.0.0.1", int(m.group(2))
+        tls = "TLS 1.3" if "--tls" in self.flags else "plain TCP"
+        self.note = f"bare relay {self.host}:{self.port} ({tls}, raw socket calls)"
+
+    def relay_rss(self) -> int | None:
+        return tree_rss(self.children[0].pid) if self.children else None
+
+    def client_rss(self) -> int | None:
+        return tree_rss(self.children[1].pid) if len(self.children) > 1 else None
+
+
 ALL_TARGETS = ("direct", "muxtunnel", "ssh", "ssh-aes128")
+#: The bare TLS relay of :mod:`muxtunnel.benchsuite.ceiling`: in the default loopback and
+#: pgbench scenarios (not the idle-memory one, where it would measure nothing of interest).
+CEILING = "ceiling"
+#: ``--tls --raw``: the fastest TLS variant of the ceiling; ``ceiling-tcp`` has no TLS.
+CEILING_FLAGS = {CEILING: ("--tls", "--raw"), "ceiling-tcp": ("--raw",)}
 #: The client with several TLS connections per session (``--connections``), default count.
 CONNS = "muxtunnel-conns"
 #: N of ``muxtunnel-conns``; ``muxtunnel-conns<N>`` (2-16) names another count explicitly.
@@ -362,7 +413,7 @@ RELAY_DEFAULT_CONNECTIONS = 8
 #: Scenarios whose default run adds :data:`CONNS` to the default targets (the 50 ms path).
 CONNS_SCENARIOS = ("7", "7loss")
 #: Allowed in --targets but never run by default (``muxtunnel-conns<N>`` is allowed too).
-EXTRA_TARGETS = ("muxtunnel-ref", "muxtunnel-noresume", CONNS)
+EXTRA_TARGETS = ("muxtunnel-ref", "muxtunnel-noresume", CONNS, CEILING, "ceiling-tcp")
 LABELS = {
     "direct": "direct TCP",
     "muxtunnel": "muxtunnel",
@@ -371,6 +422,8 @@ LABELS = {
     CONNS: f"muxtunnel --connections {DEFAULT_CONNECTIONS}",
     "ssh": "ssh -R (default)",
     "ssh-aes128": "ssh -R aes128-gcm",
+    CEILING: "bare TLS relay (ceiling)",
+    "ceiling-tcp": "bare TCP relay (ceiling)",
 }
 
 
@@ -419,4 +472,6 @@ def make_target(key: str, layout: Layout, service_port: int, workdir: Path) -> T
         return SshTarget(key, name, layout, service_port, workdir)
     if key == "ssh-aes128":
         return SshTarget(key, name, layout, service_port, workdir, cipher=AES128)
+    if key in CEILING_FLAGS:
+        return CeilingTarget(key, name, layout, service_port, workdir, flags=CEILING_FLAGS[key])
     raise BenchError(f"unknown target {key!r}")
