@@ -13,9 +13,12 @@ per crossing. With ``--raw`` the hot path uses the non-blocking stdlib socket ca
 with ``trio.lowlevel.wait_readable``/``wait_writable`` only when a call would block (no trio
 checkpoint per call); with ``--raw --tls`` the tunnel is a non-blocking ``ssl.SSLSocket`` (OpenSSL
 does the socket I/O: the least Python per byte TLS can cost); ``--tls --fast`` uses muxtunnel's
-own :class:`~muxtunnel.tlsstream.TLSStream` instead of ``trio.SSLStream``. Variants for ``run``:
-direct, tcp, raw, tls, tlsfast, rawtls. Figures from this tool are the ceiling for the
-tunnel's idle RTT, connection rate and bulk rate, not a tunnel anyone should use.
+own :class:`~muxtunnel.tlsstream.TLSStream` instead of ``trio.SSLStream``, and ``--tls --fast
+--raw`` that with raw calls on the local sockets (muxtunnel's own combination). Variants for
+``run``: direct, tcp, raw, tls, tlsfast, rawtls, tlsfastraw. ``muxtunnel bench`` runs the
+``--tls --raw`` pair as its ``ceiling`` target beside muxtunnel and ssh. Figures from this tool
+are the ceiling for the tunnel's idle RTT, connection rate and bulk rate, not a tunnel anyone
+should use.
 """
 
 from __future__ import annotations
