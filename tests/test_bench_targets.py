@@ -18,6 +18,7 @@ from muxtunnel.benchsuite.runner import Outcome
 from muxtunnel.benchsuite.targets import CeilingTarget, Layout, MuxTarget, make_target
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 
@@ -31,56 +32,67 @@ def _relay_sessions(target: MuxTarget) -> list[dict[str, object]]:
     return sessions
 
 
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+@pytest.fixture
+def service() -> Iterator[socket.socket]:
+    """A listening loopback socket standing in for the service behind a target."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.settimeout(10)
+        yield sock
+
+
 @pytest.mark.parametrize(("key", "resumable"), [("muxtunnel", True), ("muxtunnel-noresume", False)])
-def test_mux_targets_choose_session_resumption(tmp_path: Path, key: str, resumable: bool) -> None:
-    with socket.socket() as service:
-        service.bind(("127.0.0.1", 0))
-        service.listen()
-        target = make_target(key, Layout(), service.getsockname()[1], tmp_path)
-        assert isinstance(target, MuxTarget)
-        try:
-            target.start()
-            (session,) = _relay_sessions(target)
-            # The relay reports a replay log size only for a session with resumption on.
-            if resumable:
-                assert isinstance(session["replay"], int)
-            else:
-                assert session["replay"] is None
-            assert target.alive()
-        finally:
-            target.stop()
+def test_mux_targets_choose_session_resumption(
+    tmp_path: Path, service: socket.socket, key: str, resumable: bool
+) -> None:
+    target = make_target(key, Layout(), service.getsockname()[1], tmp_path)
+    assert isinstance(target, MuxTarget)
+    try:
+        target.start()
+        (session,) = _relay_sessions(target)
+        # The relay reports a replay log size only for a session with resumption on.
+        if resumable:
+            assert isinstance(session["replay"], int)
+        else:
+            assert session["replay"] is None
+        assert target.alive()
+    finally:
+        target.stop()
 
 
 @pytest.mark.parametrize("key", ["ceiling", "ceiling-tcp"])
-def test_ceiling_targets_carry_bytes_both_ways(tmp_path: Path, key: str) -> None:
+def test_ceiling_targets_carry_bytes_both_ways(
+    tmp_path: Path, service: socket.socket, key: str
+) -> None:
     """The bare relay target forwards a visitor to the service and back, byte for byte."""
-    with socket.socket() as service:
-        service.bind(("127.0.0.1", 0))
-        service.listen()
-        target = make_target(key, Layout(), service.getsockname()[1], tmp_path)
-        assert isinstance(target, CeilingTarget)
-        try:
-            target.start()
-            assert ("TLS 1.3" in target.note) == (key == "ceiling")
-            payload = os.urandom(300_000)
-            with socket.create_connection((target.host, target.port), timeout=10) as visitor:
-                service.settimeout(10)
-                conn, _ = service.accept()
-                with conn:
-                    visitor.sendall(payload)
-                    got = bytearray()
-                    while len(got) < len(payload):
-                        got += conn.recv(65536)
-                    assert bytes(got) == payload
-                    conn.sendall(payload[::-1])
-                    back = bytearray()
-                    while len(back) < len(payload):
-                        back += visitor.recv(65536)
-                    assert bytes(back) == payload[::-1]
-            assert target.alive()
-            assert target.relay_rss() is not None
-        finally:
-            target.stop()
+    target = make_target(key, Layout(), service.getsockname()[1], tmp_path)
+    assert isinstance(target, CeilingTarget)
+    try:
+        target.start()
+        assert ("TLS 1.3" in target.note) == (key == "ceiling")
+        payload = os.urandom(300_000)
+        with socket.create_connection((target.host, target.port), timeout=10) as visitor:
+            conn, _ = service.accept()
+            with conn:
+                conn.settimeout(10)
+                visitor.sendall(payload)
+                assert _read_exactly(conn, len(payload)) == payload
+                conn.sendall(payload[::-1])
+                assert _read_exactly(visitor, len(payload)) == payload[::-1]
+        assert target.alive()
+        assert target.relay_rss() is not None
+    finally:
+        target.stop()
 
 
 def test_ceiling_target_is_loopback_only(tmp_path: Path) -> None:
