@@ -34,6 +34,7 @@ from muxtunnel.benchsuite.runner import Bench, Outcome, Sizes, size_text, stop_t
 from muxtunnel.benchsuite.targets import (
     ALL_TARGETS,
     CEILING,
+    CEILING_FLAGS,
     CONNS,
     CONNS_SCENARIOS,
     EXTRA_TARGETS,
@@ -53,7 +54,7 @@ STRICT_TARGETS = ("direct", "muxtunnel")
 
 
 #: Targets scenario 6 (idle streams, memory) leaves out.
-_NOT_IN_IDLE = ("direct", "ceiling", "ceiling-tcp")
+_NOT_IN_IDLE = ("direct", *CEILING_FLAGS)
 
 
 def _strict(key: str) -> bool:

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from muxtunnel.benchsuite.targets import CONNS, DEFAULT_CONNECTIONS, connections_of, label
+from muxtunnel.benchsuite.targets import (
+    CEILING,
+    CEILING_FLAGS,
+    CONNS,
+    DEFAULT_CONNECTIONS,
+    connections_of,
+    label,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -75,10 +82,8 @@ TARGET_ORDER = (
     "muxtunnel-noresume",
     "ssh",
     "ssh-aes128",
-    "ceiling",
-    "ceiling-tcp",
+    *CEILING_FLAGS,
 )
-CEILING = "ceiling"
 REF = "muxtunnel-ref"
 NORESUME = "muxtunnel-noresume"
 
