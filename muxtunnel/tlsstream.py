@@ -456,7 +456,16 @@ class TLSStream(trio.abc.Stream):
                 self._eof_received = True
                 break
             pos += n
+            if self._drained():
+                break  # another read would only raise SSLWantReadError (a costly exception)
         return bytes(view[:pos])
+
+    def _drained(self) -> bool:
+        """True if a read now could only ask for more input: no decrypted bytes are kept and
+        the incoming BIO is empty and not at EOF (a partial record kept by OpenSSL needs more
+        input as well). The caller holds the SSL lock, or no worker thread exists."""
+        incoming = self._incoming
+        return not incoming.pending and not incoming.eof and not self._ssl.pending()
 
     def _feed_and_decrypt(self, data: bytes | bytearray | memoryview, max_bytes: int) -> bytes:
         # The caller holds the SSL lock.
@@ -495,7 +504,10 @@ class TLSStream(trio.abc.Stream):
                         exc, self._deferred_error = self._deferred_error, None
                         raise exc
                     if incoming is None:
-                        data, y = await self._call(False, self._decrypt, max_bytes)
+                        if self._offload is None and self._drained():
+                            data, y = b"", False  # nothing to decrypt: read the socket
+                        else:
+                            data, y = await self._call(False, self._decrypt, max_bytes)
                     else:
                         big = self._offload is not None and len(incoming) >= self._offload
                         data, y = await self._call(big, self._feed_and_decrypt, incoming, max_bytes)
