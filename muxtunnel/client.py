@@ -405,6 +405,9 @@ class _ProxyHeaderPolicy(StreamPolicy):
     async def throttle(self, info: StreamInfo, direction: Direction, nbytes: int) -> None:
         await self.inner.throttle(info, direction, nbytes)
 
+    def throttles(self, info: StreamInfo) -> bool:
+        return self.inner.throttles(info)
+
     def finished(self, info: StreamInfo, now: float, error: str | None) -> None:
         self.inner.finished(info, now, error)
 

@@ -80,6 +80,17 @@ class StreamPolicy:
         """Called after each chunk is moved; a bandwidth limit may sleep here."""
         del info, direction, nbytes
 
+    def throttles(self, info: StreamInfo) -> bool:
+        """Whether :meth:`throttle` must see the stream's bytes now (it may sleep or count).
+
+        While False, bytes arriving for the stream may be written to the local socket by the
+        connection's reader itself, without a call to :meth:`throttle`
+        (``muxtunnel.splice``). Asked again for every such write, so a limit that appears
+        later takes effect. The default: True if a subclass overrides :meth:`throttle`.
+        """
+        del info
+        return type(self).throttle is not StreamPolicy.throttle
+
     def finished(self, info: StreamInfo, now: float, error: str | None) -> None:
         """Called once when the stream is over; ``error`` is None for a clean end."""
         logger.debug(

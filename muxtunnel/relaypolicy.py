@@ -112,6 +112,16 @@ class RelayPolicy(StreamPolicy):
         if wait > 0:
             await trio.sleep(wait)
 
+    def throttles(self, info: StreamInfo) -> bool:
+        """True while the wrapped policy throttles or the token or tunnel has a rate limit."""
+        if self.inner.throttles(info):
+            return True
+        limits = self._streams.get(id(info))
+        if limits is None:
+            return False
+        policy = limits.holder.token.policy
+        return policy.bandwidth is not None or policy.tunnel_bandwidth is not None
+
     def finished(self, info: StreamInfo, now: float, error: str | None) -> None:
         """Forget the stream's limits; then the wrapped policy's ``finished``."""
         self._streams.pop(id(info), None)

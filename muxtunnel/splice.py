@@ -94,7 +94,7 @@ class _Splice:
         tcp: trio.abc.HalfCloseableStream,
         mux: MuxStream,
         policy: StreamPolicy,
-        direct: bool = False,
+        direct: bool | None = False,
     ) -> None:
         self.tcp = tcp
         self.mux = mux
@@ -110,8 +110,10 @@ class _Splice:
         self.short_read = False
         #: Whether the last ``_receive_local`` waited for readability (a schedule point).
         self.waited = False
-        #: Let the connection's reader write arriving bytes straight into the local socket.
-        self.direct = direct and self.raw is not None
+        #: Let the connection's reader write arriving bytes straight into the local socket
+        #: (None: while ``policy.throttles`` says no, asked at every write).
+        self.direct = direct is not False and self.raw is not None
+        self.ask_policy = direct is None
 
     def _fail(self, error: str, *, mux_code: ErrorCode | None) -> None:
         if self.result.error is None:
@@ -242,6 +244,8 @@ class _Splice:
         raw = self.raw
         if raw is None or self.result.error is not None:
             return 0
+        if self.ask_policy and self.policy.throttles(self.mux.info):
+            return 0  # a limit applies now: the copy loop writes and calls ``throttle``
         try:
             return raw.send(data)
         except OSError:
@@ -329,14 +333,13 @@ async def splice(
     Never raises for I/O errors: they are returned in the result (and turned into RESET / RST).
     Cancellation resets the mux stream and aborts the TCP side.
 
-    With ``direct`` (default: when ``policy`` never throttles, i.e. its ``throttle`` is
-    ``StreamPolicy``'s), the connection's reader writes arriving bytes straight into the
+    With ``direct`` (default None: whenever ``policy.throttles(mux.info)`` is False at the
+    time of the write), the connection's reader writes arriving bytes straight into the
     local socket while this splice waits for them (:attr:`MuxStream.direct_sink`); only what
-    the socket does not take at once goes through the stream's buffer and this task. Pass
-    ``direct=True`` only for a policy whose ``throttle`` never waits.
+    the socket does not take at once goes through the stream's buffer and this task, which
+    calls ``throttle``. ``direct=True`` skips the question (for a policy whose ``throttle``
+    never waits); ``direct=False`` turns the shortcut off.
     """
-    if direct is None:
-        direct = type(policy).throttle is StreamPolicy.throttle
     state = _Splice(tcp, mux, policy, direct)
     clean = False
     try:

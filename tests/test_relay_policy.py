@@ -179,6 +179,27 @@ async def test_unlimited_stream_costs_no_bucket_and_no_checkpoint() -> None:
     assert policy.tracked() == 0
 
 
+def test_throttles_follows_the_limits_in_force() -> None:
+    """The splice's reader shortcut is allowed only while no limit applies to the stream."""
+    policy = RelayPolicy(DEFAULT_POLICY)
+    info = _info()
+    assert not DEFAULT_POLICY.throttles(info)
+    assert not policy.throttles(info)  # untracked
+    holder = _Holder(TokenPolicy())
+    policy.track(info, StreamLimits(holder, DuplexMeter(), DuplexMeter()))
+    assert not policy.throttles(info)
+    # A reload that gives the token (or its tunnels) a rate applies to open streams at once.
+    holder.token = TokenEntry("t", bytes(32), TokenPolicy(bandwidth=100_000))
+    assert policy.throttles(info)
+    holder.token = TokenEntry("t", bytes(32), TokenPolicy(tunnel_bandwidth=100_000))
+    assert policy.throttles(info)
+    holder.token = TokenEntry("t", bytes(32), TokenPolicy())
+    assert not policy.throttles(info)
+    # A wrapped policy that overrides ``throttle`` must see every chunk.
+    assert _Recording().throttles(info)
+    assert RelayPolicy(_Recording()).throttles(info)
+
+
 # --------------------------------------------------------------------------------------------
 # Address rules and port sets
 

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 from muxtunnel.connection import MuxStream, MuxStreamResetError
 from muxtunnel.errors import ErrorCode
@@ -241,3 +242,51 @@ async def test_a_reset_while_blocked_on_the_window_is_noticed(nursery: trio.Nurs
 
     with pytest.raises(MuxStreamResetError):
         await drain()
+
+
+class _SwitchablePolicy(StreamPolicy):
+    """Counts what ``throttle`` sees; ``limited`` is what ``throttles`` answers."""
+
+    def __init__(self) -> None:
+        self.limited = True
+        self.moved: dict[Direction, int] = {Direction.IN: 0, Direction.OUT: 0}
+
+    async def throttle(self, info: StreamInfo, direction: Direction, nbytes: int) -> None:
+        self.moved[direction] += nbytes
+        await trio.lowlevel.checkpoint()
+
+    def throttles(self, info: StreamInfo) -> bool:
+        return self.limited
+
+
+async def test_throttle_sees_every_byte_while_the_policy_throttles(nursery: trio.Nursery) -> None:
+    """The reader's shortcut into the local socket skips ``throttle``: it is taken only while
+    the policy says the stream is not throttled, asked at every write."""
+    far, near = await _setup(nursery)
+    app, local = await tcp_pair()
+    policy = _SwitchablePolicy()
+    nursery.start_soon(lambda: splice(local, near, policy=policy))
+
+    async def exchange(data: bytes) -> None:
+        await far.send_all(data)
+        got = b""
+        while len(got) < len(data):
+            got += await app.receive_some(1 << 16)
+        assert got == data
+
+    with trio.fail_after(10):
+        for _ in range(20):
+            await exchange(b"limited")
+        assert policy.moved[Direction.IN] == 20 * len(b"limited")
+        policy.limited = False
+        await trio.testing.wait_all_tasks_blocked()  # the splice waits for data
+        for _ in range(20):
+            await exchange(b"free")
+            await trio.testing.wait_all_tasks_blocked()
+        # Written by the connection's reader: the policy was not asked to throttle them.
+        assert policy.moved[Direction.IN] == 20 * len(b"limited")
+        policy.limited = True
+        await exchange(b"limited again")
+        assert policy.moved[Direction.IN] == 20 * len(b"limited") + len(b"limited again")
+    await far.aclose()
+    await app.aclose()
