@@ -83,10 +83,10 @@ class StreamPolicy:
     def throttles(self, info: StreamInfo) -> bool:
         """Whether :meth:`throttle` must see the stream's bytes now (it may sleep or count).
 
-        While False, bytes arriving for the stream may be written to the local socket by the
-        connection's reader itself, without a call to :meth:`throttle`
-        (``muxtunnel.splice``). Asked again for every such write, so a limit that appears
-        later takes effect. The default: True if a subclass overrides :meth:`throttle`.
+        While False, ``muxtunnel.splice`` does not call :meth:`throttle`, and bytes arriving
+        for the stream may be written to the local socket by the connection's reader itself.
+        Asked again for every chunk, so a limit that appears later takes effect. The
+        default: True if a subclass overrides :meth:`throttle`.
         """
         del info
         return type(self).throttle is not StreamPolicy.throttle

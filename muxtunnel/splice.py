@@ -189,7 +189,8 @@ class _Splice:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._fail(f"mux stream failed: {exc}", mux_code=None)
                 return
-            await policy.throttle(info, Direction.OUT, len(data))
+            if policy.throttles(info):
+                await policy.throttle(info, Direction.OUT, len(data))
 
     async def _receive_local(self, max_bytes: int) -> bytes | bytearray:
         """``tcp.receive_some(max_bytes)`` without its extra schedule point.
@@ -318,7 +319,8 @@ class _Splice:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._fail(f"local write failed: {exc}", mux_code=ErrorCode.CONNECT_ERROR)
                 return
-            await policy.throttle(info, Direction.IN, len(chunk))
+            if policy.throttles(info):
+                await policy.throttle(info, Direction.IN, len(chunk))
 
 
 async def splice(
