@@ -2,7 +2,7 @@
 
 The real relay (``muxtunnel.server.serve``) and client (``muxtunnel.client.run_client``) run in
 one trio run with an echo service; a visitor sends 64 bytes to the public port and reads them
-back, ``--rounds`` times. Every layer of the path is there: the public socket, the relay's
+back, ``--rounds`` times in all (``--concurrency`` visitors at once share them). Every layer of the path is there: the public socket, the relay's
 splice, stream, session, TLS over loopback TCP, and the same at the client, to the service and
 back. One process and one core, so the figure is the tunnel's own work per round trip, without
 the wake-ups and cache misses of four processes (``muxtunnel bench`` scenario 3 measures those).
@@ -12,6 +12,7 @@ Usage::
     python benchmarks/bench_roundtrip.py                  # CPU us per round trip, median of 5
     python benchmarks/bench_roundtrip.py --instructions   # instructions per round trip (valgrind)
     python benchmarks/bench_roundtrip.py --instructions --tree /path/to/other/checkout
+    python benchmarks/bench_roundtrip.py --concurrency 8      # 8 visitors at once
 
 ``--instructions`` runs this script twice under ``valgrind --tool=callgrind`` (200 and 1,000
 round trips) and prints the difference per round trip: unlike timings on a shared machine it
@@ -60,7 +61,15 @@ async def _round_trips(visitor: trio.SocketStream, rounds: int) -> None:
             got += len(chunk)
 
 
-async def _main(rounds: int, repeats: int) -> list[float]:
+async def _all_round_trips(visitors: list[trio.SocketStream], rounds: int) -> None:
+    """``rounds`` round trips in all, spread over the visitors, all of them at once."""
+    async with trio.open_nursery() as nursery:
+        for i, visitor in enumerate(visitors):
+            share = rounds // len(visitors) + (1 if i < rounds % len(visitors) else 0)
+            nursery.start_soon(_round_trips, visitor, share)
+
+
+async def _main(rounds: int, repeats: int, concurrency: int) -> list[float]:
     from muxtunnel.client import run_client
     from muxtunnel.config import ClientConfig, ServerConfig, TunnelSpec
     from muxtunnel.server import serve
@@ -99,14 +108,16 @@ async def _main(rounds: int, repeats: int) -> list[float]:
                     task_status=task_status,
                 )
             )
-            visitor = await trio.open_tcp_stream("127.0.0.1", client.tunnels[0].remote_port)
-            await _round_trips(visitor, WARMUP)
+            port = client.tunnels[0].remote_port
+            visitors = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(concurrency)]
+            await _all_round_trips(visitors, WARMUP * concurrency)
             cpu: list[float] = []
             for _ in range(repeats):
                 start = time.process_time()
-                await _round_trips(visitor, rounds)
+                await _all_round_trips(visitors, rounds)
                 cpu.append((time.process_time() - start) / rounds * 1e6)
-            await visitor.aclose()
+            for visitor in visitors:
+                await visitor.aclose()
             nursery.cancel_scope.cancel()
     return cpu
 
@@ -119,13 +130,15 @@ def _free_port() -> int:
     return port
 
 
-def _instructions(tree: Path | None) -> int:
+def _instructions(tree: Path | None, concurrency: int) -> int:
     """Instructions per round trip: callgrind's totals for 1,000 and 200 rounds, per round."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
     env = dict(os.environ, PYTHONHASHSEED="0")
-    other = [] if tree is None else ["--tree", str(tree)]
+    other = ["--concurrency", str(concurrency)]
+    if tree is not None:
+        other += ["--tree", str(tree)]
     totals = []
     for rounds in (200, 1000):
         out = subprocess.run(
@@ -157,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2000, help="round trips per repeat")
     p.add_argument("--repeats", type=int, default=5, help="CPU measurements (median)")
+    p.add_argument("--concurrency", type=int, default=1, help="visitors doing round trips at once")
     p.add_argument("--instructions", action="store_true", help="count instructions (valgrind)")
     p.add_argument("--tree", type=Path, help="measure another checkout's muxtunnel package")
     args = p.parse_args(argv)
     if args.instructions:
-        print(f"instructions per round trip: {_instructions(args.tree):,}")
+        print(f"instructions per round trip: {_instructions(args.tree, args.concurrency):,}")
         return 0
     sys.path.insert(0, str(ROOT if args.tree is None else args.tree))
-    cpu = trio.run(_main, args.rounds, args.repeats)
+    cpu = trio.run(_main, args.rounds, args.repeats, args.concurrency)
     print(f"CPU per round trip: {statistics.median(cpu):.1f} us (median of {len(cpu)})")
     return 0
 

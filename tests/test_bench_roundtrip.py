@@ -12,7 +12,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_round_trip_benchmark_measures_real_round_trips() -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_roundtrip.py"), "--rounds", "30"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_roundtrip.py"),
+            "--rounds",
+            "40",
+            "--concurrency",
+            "4",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
