@@ -78,15 +78,23 @@ class RelayPolicy(StreamPolicy):
         """Streams registered now."""
         return len(self._streams)
 
-    def delay(self, info: StreamInfo, direction: Direction, nbytes: int) -> float:
-        """Charge ``nbytes`` to the stream's buckets; the seconds until both allow more."""
+    def _limits(self, info: StreamInfo) -> tuple[StreamLimits, int | None, int | None] | None:
+        """The stream's buckets and the token and tunnel rates in force; None without a rate."""
         limits = self._streams.get(id(info))
         if limits is None:
-            return 0.0
+            return None
         policy = limits.holder.token.policy
         token_rate, tunnel_rate = policy.bandwidth, policy.tunnel_bandwidth
         if token_rate is None and tunnel_rate is None:
+            return None
+        return limits, token_rate, tunnel_rate
+
+    def delay(self, info: StreamInfo, direction: Direction, nbytes: int) -> float:
+        """Charge ``nbytes`` to the stream's buckets; the seconds until both allow more."""
+        found = self._limits(info)
+        if found is None:
             return 0.0
+        limits, token_rate, tunnel_rate = found
         now = self._clock()
         wait = 0.0
         if token_rate is not None:
@@ -114,13 +122,7 @@ class RelayPolicy(StreamPolicy):
 
     def throttles(self, info: StreamInfo) -> bool:
         """True while the wrapped policy throttles or the token or tunnel has a rate limit."""
-        if self.inner.throttles(info):
-            return True
-        limits = self._streams.get(id(info))
-        if limits is None:
-            return False
-        policy = limits.holder.token.policy
-        return policy.bandwidth is not None or policy.tunnel_bandwidth is not None
+        return self.inner.throttles(info) or self._limits(info) is not None
 
     def finished(self, info: StreamInfo, now: float, error: str | None) -> None:
         """Forget the stream's limits; then the wrapped policy's ``finished``."""

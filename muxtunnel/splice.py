@@ -94,7 +94,7 @@ class _Splice:
         tcp: trio.abc.HalfCloseableStream,
         mux: MuxStream,
         policy: StreamPolicy,
-        direct: bool | None = False,
+        direct: bool | None,
     ) -> None:
         self.tcp = tcp
         self.mux = mux
