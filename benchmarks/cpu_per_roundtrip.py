@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,30 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from muxtunnel.benchsuite.procs import Child, descendants, package_env, python
+from muxtunnel.benchsuite.procs import Child, cpu_times, package_env, python
 from muxtunnel.benchsuite.targets import Layout, Target, make_target
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu(target: Target) -> tuple[float, float]:
-    """(user, system) CPU seconds of the target's processes and their children so far."""
-    user = system = 0
-    for child in target.children:
-        for pid in [child.pid, *descendants(child.pid)]:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            user += int(fields[11])
-            system += int(fields[12])
-    return user / _TICK, system / _TICK
 
 
 def _run(target: Target, clients: int, count: int) -> tuple[float, float, float, float]:
     """One run: (round trips/s, user us and system us per round trip, median p50 us)."""
-    user0, sys0 = _cpu(target)
+    pids = [child.pid for child in target.children]
+    user0, sys0 = cpu_times(pids)
     start = time.perf_counter()
     argv = [
         python(),
@@ -79,7 +62,7 @@ def _run(target: Target, clients: int, count: int) -> tuple[float, float, float,
             raise SystemExit(f"{target.key}: {line.get('error', line)}")
         results.append(line["result"])
     elapsed = time.perf_counter() - start
-    user1, sys1 = _cpu(target)
+    user1, sys1 = cpu_times(pids)
     trips = sum(r["samples"] for r in results)
     return (
         trips / elapsed,

@@ -1,4 +1,5 @@
-"""The bench's per-process CPU accounting (``muxtunnel bench`` scenario 4 reports it)."""
+"""The bench's per-process CPU accounting (``muxtunnel bench`` scenario 4 reports it, and
+benchmarks/cpu_per_roundtrip.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from muxtunnel.benchsuite.procs import sched_times
+from muxtunnel.benchsuite.procs import cpu_times, sched_times
 
 #: CPU seconds the child burns before it says so.
 BURN = 0.3
@@ -41,6 +42,12 @@ def test_sched_times_sums_a_process_tree() -> None:
         # Our own tree includes the child as a descendant.
         assert tree[0] >= alone[0]
         assert alone[1] >= 0
+        # User and system time of the same process, in seconds (clock ticks); the busy loop
+        # asks the kernel for its CPU clock, so it is both.
+        user, system = cpu_times([child.pid])
+        assert user > 0
+        assert user + system >= BURN * 0.8
+        assert sum(cpu_times([os.getpid()])) >= user + system
     finally:
         if child.stdin is not None:
             child.stdin.close()
@@ -49,3 +56,4 @@ def test_sched_times_sums_a_process_tree() -> None:
             child.stdout.close()
     # A process that is gone has nothing to read.
     assert sched_times([child.pid]) is None
+    assert cpu_times([child.pid]) == (0.0, 0.0)

@@ -234,12 +234,16 @@ def tree_rss(pid: int) -> int:
     return rss_bytes(pid) + sum(rss_bytes(p) for p in descendants(pid))
 
 
+def _with_descendants(pids: list[int]) -> set[int]:
+    return {p for root in pids for p in (root, *descendants(root))}
+
+
 def sched_times(pids: list[int]) -> tuple[int, int] | None:
     """Nanoseconds on a CPU and runnable but waiting for one, summed over *pids* and their
     descendants (main threads, ``/proc/PID/schedstat``); None without any readable process."""
     cpu = wait = 0
     found = False
-    for pid in {p for root in pids for p in (root, *descendants(root))}:
+    for pid in _with_descendants(pids):
         try:
             fields = Path(f"/proc/{pid}/schedstat").read_text().split()
             cpu += int(fields[0])
@@ -248,6 +252,21 @@ def sched_times(pids: list[int]) -> tuple[int, int] | None:
             continue
         found = True
     return (cpu, wait) if found else None
+
+
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of *pids* and their descendants, all threads
+    (``/proc/PID/stat``, clock-tick resolution); processes that are gone count 0."""
+    user = system = 0
+    for pid in _with_descendants(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def python() -> str:
