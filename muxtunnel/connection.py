@@ -329,16 +329,17 @@ class StreamFailure:
 class _ConflictDetector:
     """Raise ``trio.BusyResourceError`` when two tasks use one side of a stream at once."""
 
-    __slots__ = ("_held", "_message")
+    __slots__ = ("held", "message")
 
     def __init__(self, message: str) -> None:
-        self._held = False
-        self._message = message
+        #: True while a task is inside (a method that never waits may just check this).
+        self.held = False
+        self.message = message
 
     def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._message)
-        self._held = True
+        if self.held:
+            raise trio.BusyResourceError(self.message)
+        self.held = True
 
     def __exit__(
         self,
@@ -346,7 +347,7 @@ class _ConflictDetector:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._held = False
+        self.held = False
 
 
 def _unpinned(view: memoryview) -> memoryview:
@@ -647,16 +648,17 @@ class MuxStream(trio.abc.HalfCloseableStream):
         No schedule point (a copy loop that waits elsewhere on every round uses it to hand
         over what it just read). Raises like :meth:`send_all` does without waiting.
         """
-        with self._send_conflict:
-            self._check_send()
-            n = min(len(data), self._conn.send_room(self.stream_id))
-            if n <= 0:
-                return 0
-            if self.incoming and self._pending:
-                self.accept()
-            self._conn.queue_data(self.stream_id, data if n == len(data) else data[:n])
-            self.info.bytes_out += n
-            return n
+        if self._send_conflict.held:  # a send_all of another task is waiting
+            raise trio.BusyResourceError(self._send_conflict.message)
+        self._check_send()
+        n = min(len(data), self._conn.send_room(self.stream_id))
+        if n <= 0:
+            return 0
+        if self.incoming and self._pending:
+            self.accept()
+        self._conn.queue_data(self.stream_id, data if n == len(data) else data[:n])
+        self.info.bytes_out += n
+        return n
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` on the stream; waits while too much of it is still unsent.
@@ -1803,14 +1805,30 @@ class MuxConnection:
         self._blocked.add(stream)
 
     def queue_data(self, stream_id: int, data: bytes | memoryview) -> None:
-        """Queue stream bytes (within :meth:`send_room`) and wake the writer."""
-        self._session.send_data(stream_id, data)
-        self._senders.add(stream_id)
+        """Queue stream bytes (within :meth:`send_room`) and wake the writer.
+
+        With the writer idle and nothing else queued, the bytes are framed and sent right
+        here (``Session.send_data_now``), without a trip through the scheduler.
+        """
         ev = self._activity_waiter
         if ev is not None:
             self._activity_waiter = None
             ev.set()
-        self._flush_or_wake()
+        transport = self._inline_transport()
+        if transport is None:
+            self._session.send_data(stream_id, data)
+            self._senders.add(stream_id)
+            self._wake_writer()
+            return
+        out = self._session.send_data_now(stream_id, data)
+        if out is None:
+            self._session.send_data(stream_id, data)
+            self._senders.add(stream_id)
+            self._send_inline(transport)
+            return
+        self.bytes_sent += len(out)
+        if not transport.send_nowait(out):
+            self._wake_writer()  # sends the rest (or reports the error)
 
     def queue_fin(self, stream: MuxStream) -> None:
         """Queue the stream's FIN (after its data) and wake the writer."""
@@ -1832,10 +1850,8 @@ class MuxConnection:
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """Return the credit of ``n`` bytes the application consumed (spec §8.5)."""
-        if n and not self._session.closed:
-            self._session.acknowledge(stream_id, n, trio.current_time())
-            if self._session.wants_write():
-                self._wake_writer()
+        if n and self._session.acknowledge(stream_id, n, trio.current_time()):
+            self._wake_writer()
 
     def reset_stream(self, stream: MuxStream, failure: StreamFailure) -> None:
         """Queue RESET(``failure.code``) for the stream, fail it and forget it."""
@@ -1906,17 +1922,29 @@ class MuxConnection:
         no waiting, no task hop). What the socket does not take, and everything while the
         writer is busy, is left to the writer task, which keeps the order.
         """
+        transport = self._inline_transport()
+        if transport is None:
+            self._wake_writer()
+        else:
+            self._send_inline(transport)
+
+    def _inline_transport(self) -> TLSStream | None:
+        """The transport, if the calling task may send on it now: the writer is idle (parked
+        on its event), the connection is not ending, and ``TLSStream.send_nowait`` is
+        possible. Else None."""
         transport = self._fast_transport
-        ev = self._writer_waiter
         if (
             transport is None
-            or ev is None
+            or self._writer_waiter is None
             or self._dead is not None
             or self._closing.is_set()
             or not transport.can_send_nowait
         ):
-            self._wake_writer()
-            return
+            return None
+        return transport
+
+    def _send_inline(self, transport: TLSStream) -> None:
+        """Send what the session has queued from the calling task (see :meth:`_flush_or_wake`)."""
         senders = self._senders
         out = self._session.data_to_send(BULK_WRITE_BATCH if len(senders) <= 1 else WRITE_BATCH)
         senders.clear()

@@ -95,6 +95,18 @@ async def test_a_quiet_connection_sends_without_a_task_switch(
         assert await c.receive_some(100) == b"keystroke"
 
 
+async def test_send_nowait_refuses_while_another_send_waits(nursery: trio.Nursery) -> None:
+    relay, client = await mux_connection_pair(nursery)
+    s, _c = await mux_stream_pair(relay, client)
+    # Nobody reads: the windows fill up and this send_all waits for room (until the test's
+    # nursery is cancelled).
+    nursery.start_soon(s.send_all, bytes(64 << 20))
+    await trio.testing.wait_all_tasks_blocked()
+    assert s.send_blocked
+    with pytest.raises(trio.BusyResourceError):
+        s.send_nowait(b"x")
+
+
 async def test_direct_sink_takes_data_for_a_waiting_reader(nursery: trio.Nursery) -> None:
     relay, client = await mux_connection_pair(nursery)
     s, c = await mux_stream_pair(relay, client)

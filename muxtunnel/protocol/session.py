@@ -1361,6 +1361,8 @@ class Session:
         if self._conn_dirty or self._dirty:
             return True
         sched = self._sched
+        if not (sched.new or sched.old or sched.fins):
+            return False  # no stream has anything queued (the usual answer after input)
         for out in sched.fins:
             if out.fin_queued and not out.pending:
                 return True
@@ -2077,6 +2079,50 @@ class Session:
         if was_idle and (n or end_stream):
             self._sched.activate(stream)
 
+    def send_data_now(self, stream_id: int, data: bytes | bytearray | memoryview) -> bytes | None:
+        """Frame ``data`` on a stream at once when nothing else waits to be sent.
+
+        Returns the bytes to send (one DATA frame: exactly what :meth:`send_data` followed by
+        :meth:`data_to_send` would give, counted and recorded alike), or None, queueing
+        nothing, if that is not so: other output is queued (control frames, WINDOW, PONG, an
+        ACK, data of any stream, this stream's bytes blocked on credit), the session is in a
+        resume, ``data`` is empty or more than one frame, or the stream's or the connection's
+        credit (or the replay bound) does not cover all of it. Then use :meth:`send_data`.
+        Raises like :meth:`send_data`.
+        """
+        stream = self._stream_for(stream_id)
+        if stream is None or stream.state not in SEND_DATA_STATES or stream.fin_queued:
+            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
+        n = len(data)
+        sched = self._sched
+        conn_send = self._conn_send
+        log = self._log
+        if (
+            self._special_out
+            or self._control
+            or self._pong is not None
+            or self._conn_dirty
+            or self._dirty
+            or sched.new
+            or sched.old
+            or sched.fins
+            or stream.pending
+            or not 0 < n <= sched.single_max
+            or n > stream.limit - stream.sent
+            or n > conn_send.limit - conn_send.sent
+            or (log is not None and n > self._replay_room())
+        ):
+            return None
+        out = HEADER.pack(n, FrameType.DATA, 0, 0, stream_id) + data
+        stream.sent += n
+        conn_send.sent += n
+        stats = self._stats
+        stats["data_bytes_sent"] += n
+        stats["bytes_sent"] += len(out)
+        if log is not None:
+            log.record(out)
+        return out
+
     def end_stream(self, stream_id: int) -> None:
         """Queue FIN on a stream, after every byte queued before it.
 
@@ -2141,23 +2187,27 @@ class Session:
         conn = self._conn_send
         return min(stream.limit - stream.sent, conn.limit - conn.sent)
 
-    def acknowledge(self, stream_id: int, n: int, now: float) -> None:
+    def acknowledge(self, stream_id: int, n: int, now: float) -> bool:
         """The application consumed ``n`` bytes of a stream: return them as credit.
 
         Unknown and reset streams are ignored (their bytes were credited when they closed).
+
+        Returns:
+            True if a WINDOW update is queued (for the next :meth:`data_to_send`; while
+            suspended, for the one after the resume): the caller's cue to write.
 
         Raises:
             ValueError: ``n`` exceeds the bytes received and not yet acknowledged.
         """
         if self._life.closed or n == 0:
-            return
+            return False
         self._now = now
         budget = self.config.window_budget
         stream = self._streams.get(stream_id)
         if stream is None:
             remaining = self._drain.get(stream_id)
             if remaining is None:
-                return
+                return False
             if n > remaining:
                 raise ValueError(f"cannot acknowledge {n} bytes: {remaining} are buffered")
             if remaining == n:
@@ -2166,7 +2216,7 @@ class Session:
                 self._drain[stream_id] = remaining - n
             self._unconsumed -= n
             self._settle()
-            return
+            return self._conn_dirty
         state = stream.state
         recv = stream.recv
         recv.consume(n)
@@ -2182,6 +2232,7 @@ class Session:
                 if self._conn_recv.ensure_window(min_conn_window(recv.window)):
                     self._conn_dirty = True
         self._settle()
+        return self._conn_dirty or bool(self._dirty)
 
     def _budget_in_force(self) -> int:
         """The receive budget, raised to the largest stream window so far (spec §8.5 item 2)."""

@@ -412,6 +412,39 @@ def test_acknowledge_after_graceful_close_still_credits() -> None:
     client.acknowledge(sid, 5, 0.0)  # unknown by now: ignored
 
 
+def test_acknowledge_says_when_a_window_update_is_queued() -> None:
+    pair = SessionPair()
+    server, client = pair.server, pair.client
+    sid = pair.open()
+    server.send_data(sid, bytes(256 * KiB))
+    pair.send(server, 1 << 20)
+    assert not client.wants_write()
+    answers = []
+    for _ in range(256):
+        answers.append(client.acknowledge(sid, 1 * KiB, 0.0))
+        assert answers[-1] is client.wants_write()
+    assert answers[0] is False
+    assert answers[-1] is True  # the half-window rule (spec §8.5)
+    client.data_to_send()
+    assert client.acknowledge(sid, 0, 0.0) is False
+    assert client.acknowledge(sid + 2, 1, 0.0) is False  # never opened: ignored
+
+
+def test_acknowledge_after_close_says_when_the_connection_window_moves() -> None:
+    pair = SessionPair(client_config=TIGHT_CONFIG)
+    server, client = pair.server, pair.client
+    sids = exhaust_connection_window(pair)
+    client.data_to_send()
+    server.end_stream(sids[1])
+    client.end_stream(sids[1])
+    pair.pump()
+    assert not client.stream_is_open(sids[1])  # its 1 MiB is held beyond the budget
+    client.data_to_send()
+    assert client.acknowledge(sids[1], 1 * MiB, 0.0) is client.wants_write() is True
+    client.data_to_send()
+    assert client.acknowledge(sids[1], 1, 0.0) is client.wants_write() is False  # all acked
+
+
 def test_acknowledge_more_than_received() -> None:
     pair = SessionPair()
     sid = pair.open()
