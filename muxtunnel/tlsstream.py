@@ -483,18 +483,6 @@ class TLSStream(trio.abc.Stream):
             trio.ClosedResourceError: This stream was closed.
             trio.BusyResourceError: Another task is receiving.
         """
-        sock = self._raw_socket
-        if (
-            sock is not None
-            and self._offload is None
-            and self._handshake_done
-            and self._state is _State.OK
-            and not self._eof_received
-            and self._deferred_error is None
-            and type(max_bytes) is int
-            and max_bytes > 0
-        ):
-            return await self._receive_inline(max_bytes)
         with self._recv_conflict:
             self._check_status()
             if max_bytes is None:
@@ -540,36 +528,6 @@ class TLSStream(trio.abc.Stream):
                     yielded = True
                 incoming = await self._transport_receive()
                 yielded |= self._recv_yielded
-            if not yielded:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-
-    async def _receive_inline(self, max_bytes: int) -> bytes:
-        """:meth:`receive_some` in the usual state, on fewer steps: a socket transport, the
-        handshake done, the stream usable, and no crypto thread (so no SSL lock is needed:
-        only this thread touches the ``SSLObject``)."""
-        with self._recv_conflict:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = False
-            incoming = self._incoming
-            try:
-                data = b"" if self._drained() else self._decrypt(max_bytes)
-                while not (data or self._eof_received):
-                    if self._outgoing.pending:
-                        await self._flush_if_free()
-                        yielded = True
-                    received = await self._transport_receive()
-                    yielded |= self._recv_yielded
-                    if received:
-                        incoming.write(received)
-                    else:
-                        incoming.write_eof()
-                    data = self._decrypt(max_bytes)
-            except ssl.SSLZeroReturnError:
-                self._eof_received = True
-                data = b""
-            except (ssl.SSLError, ssl.CertificateError) as exc:
-                raise self._transport_error(exc) from exc
             if not yielded:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data

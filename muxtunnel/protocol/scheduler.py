@@ -146,38 +146,12 @@ class Scheduler:
             (bytes appended, payload bytes charged to the connection, streams whose FIN
             was framed in this batch).
         """
-        new = self.new
-        fins = self.fins
-        if len(new) == 1 and not self.old and not fins:
-            # One ready stream whose whole queue is one chunk that fits: what the loop below
-            # does for it, without the loop (the interactive case: a message, sent at once).
-            stream = new[0]
-            chunks = stream.chunks
-            n = stream.pending
-            if (
-                len(chunks) == 1
-                and 0 < n <= self.single_max
-                and n <= stream.limit - stream.sent
-                and n <= conn_available
-                and n + _HEADER_SIZE <= room
-            ):
-                fin = stream.fin_queued
-                parts.append(HEADER.pack(n, _DATA, FLAG_FIN if fin else 0, 0, stream.stream_id))
-                parts.append(chunks.popleft())
-                new.popleft()
-                stream.pending = 0
-                stream.sent += n
-                stream.deficit = 0
-                stream.scheduled = False
-                if fin:
-                    stream.fin_queued = False
-                    return _HEADER_SIZE + n, n, [stream]
-                return _HEADER_SIZE + n, n, []
         pack = HEADER.pack
         append = parts.append
         finished: list[OutboundStream] = []
         used = 0
         charged = 0
+        fins = self.fins
         while fins and used < room:
             stream = fins.popleft()
             if stream.fin_queued and not stream.pending:
@@ -185,6 +159,7 @@ class Scheduler:
                 used += _HEADER_SIZE
                 stream.fin_queued = False
                 finished.append(stream)
+        new = self.new
         old = self.old
         quantum = self.quantum
         single_max = self.single_max
