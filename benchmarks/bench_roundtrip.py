@@ -13,16 +13,23 @@ Usage::
     python benchmarks/bench_roundtrip.py --instructions   # instructions per round trip (valgrind)
     python benchmarks/bench_roundtrip.py --instructions --tree /path/to/other/checkout
     python benchmarks/bench_roundtrip.py --concurrency 8      # 8 visitors at once
+    python benchmarks/bench_roundtrip.py --ceiling --instructions   # the bare TLS relay
+    python benchmarks/bench_roundtrip.py --rounds 300 --bytecodes 20   # where the bytecodes go
 
 ``--instructions`` runs this script twice under ``valgrind --tool=callgrind`` (200 and 1,000
 round trips) and prints the difference per round trip: unlike timings on a shared machine it
 repeats within about 1%, so it can compare two trees (``--tree``: another checkout's
-``muxtunnel`` package, first on ``sys.path``) change by change.
+``muxtunnel`` package, first on ``sys.path``) change by change. ``--ceiling`` runs the bare TLS
+relay and client of ``muxtunnel.benchsuite.ceiling`` (9-byte frames, nothing else; the
+``ceiling`` target of ``muxtunnel bench``) in their place: the least a Python + trio + TLS
+tunnel can do per round trip. ``--bytecodes TOP`` counts the bytecodes run per round trip
+instead (by package, and the TOP functions): where the interpreter's work goes, exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import shutil
@@ -33,8 +40,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    import types
+    from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE = bytes(range(64))
@@ -67,6 +79,72 @@ async def _all_round_trips(visitors: list[trio.SocketStream], rounds: int) -> No
         for i, visitor in enumerate(visitors):
             share = rounds // len(visitors) + (1 if i < rounds % len(visitors) else 0)
             nursery.start_soon(_round_trips, visitor, share)
+
+
+def _no_phase(measuring: bool) -> None:
+    del measuring
+
+
+#: Told True when the measured round trips start and False when they end (``--bytecodes``).
+_phase: Callable[[bool], None] = _no_phase
+
+
+async def _measure(visitors: list[trio.SocketStream], rounds: int, repeats: int) -> list[float]:
+    """Warm up, then CPU us per round trip of ``repeats`` batches of ``rounds``."""
+    await _all_round_trips(visitors, WARMUP * len(visitors))
+    cpu: list[float] = []
+    _phase(True)
+    for _ in range(repeats):
+        start = time.process_time()
+        await _all_round_trips(visitors, rounds)
+        cpu.append((time.process_time() - start) / rounds * 1e6)
+    _phase(False)
+    for visitor in visitors:
+        await visitor.aclose()
+    return cpu
+
+
+async def _main_ceiling(rounds: int, repeats: int, concurrency: int) -> list[float]:
+    """The same round trips through the bare TLS relay of ``muxtunnel.benchsuite.ceiling``."""
+    from muxtunnel.benchsuite import ceiling
+    from muxtunnel.tls import generate_self_signed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = generate_self_signed("ceiling")
+        (Path(tmp) / "cert.pem").write_bytes(cert)
+        (Path(tmp) / "key.pem").write_bytes(key)
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            service_port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, _echo, listeners)
+            args = argparse.Namespace(
+                tls=True,
+                raw=True,
+                fast=False,
+                cert=str(Path(tmp) / "cert.pem"),
+                key=str(Path(tmp) / "key.pem"),
+                service_port=service_port,
+                tunnel_port=0,
+            )
+            lines: list[str] = []
+            listening = trio.Event()
+
+            def report(line: str) -> None:
+                lines.append(line)
+                listening.set()
+
+            nursery.start_soon(ceiling.relay, args, report)
+            await listening.wait()
+            match = re.match(r"tunnel (\d+) public (\d+)", lines[0])
+            if match is None:
+                raise SystemExit(f"unexpected line from the bare relay: {lines[0]!r}")
+            args.tunnel_port = int(match.group(1))
+            nursery.start_soon(ceiling.client, args)
+            public = int(match.group(2))
+            visitors = [await trio.open_tcp_stream("127.0.0.1", public) for _ in range(concurrency)]
+            cpu = await _measure(visitors, rounds, repeats)
+            nursery.cancel_scope.cancel()
+    return cpu
 
 
 async def _main(rounds: int, repeats: int, concurrency: int) -> list[float]:
@@ -110,14 +188,7 @@ async def _main(rounds: int, repeats: int, concurrency: int) -> list[float]:
             )
             port = client.tunnels[0].remote_port
             visitors = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(concurrency)]
-            await _all_round_trips(visitors, WARMUP * concurrency)
-            cpu: list[float] = []
-            for _ in range(repeats):
-                start = time.process_time()
-                await _all_round_trips(visitors, rounds)
-                cpu.append((time.process_time() - start) / rounds * 1e6)
-            for visitor in visitors:
-                await visitor.aclose()
+            cpu = await _measure(visitors, rounds, repeats)
             nursery.cancel_scope.cancel()
     return cpu
 
@@ -130,7 +201,7 @@ def _free_port() -> int:
     return port
 
 
-def _instructions(tree: Path | None, concurrency: int) -> int:
+def _instructions(tree: Path | None, concurrency: int, ceiling: bool) -> int:
     """Instructions per round trip: callgrind's totals for 1,000 and 200 rounds, per round."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -139,6 +210,8 @@ def _instructions(tree: Path | None, concurrency: int) -> int:
     other = ["--concurrency", str(concurrency)]
     if tree is not None:
         other += ["--tree", str(tree)]
+    if ceiling:
+        other.append("--ceiling")
     totals = []
     for rounds in (200, 1000):
         out = subprocess.run(
@@ -166,6 +239,46 @@ def _instructions(tree: Path | None, concurrency: int) -> int:
     return (totals[1] - totals[0]) // 800
 
 
+def _bytecodes(main_fn: Callable[..., Any], rounds: int, concurrency: int, top: int) -> None:
+    """Print the bytecodes run per round trip (a ``sys.settrace`` hook with opcode events):
+    in all, by package, and the ``top`` functions. Slow, but exact and repeatable."""
+    global _phase
+    counts: collections.Counter[types.CodeType] = collections.Counter()
+    measuring = False
+
+    def local(frame: types.FrameType, event: str, _arg: object) -> Any:
+        if measuring and event == "opcode":
+            counts[frame.f_code] += 1
+        return local
+
+    def new_frame(frame: types.FrameType, _event: str, _arg: object) -> Any:
+        frame.f_trace_opcodes = True
+        return local
+
+    def phase(on: bool) -> None:
+        nonlocal measuring
+        measuring = on
+
+    _phase = phase
+    sys.settrace(new_frame)
+    try:
+        trio.run(main_fn, rounds, 1, concurrency)
+    finally:
+        sys.settrace(None)
+    by_package: collections.Counter[str] = collections.Counter()
+    by_function: collections.Counter[str] = collections.Counter()
+    for code, n in counts.items():
+        path = code.co_filename
+        package = next((p for p in ("muxtunnel", "trio", "outcome") if f"/{p}/" in path), "other")
+        by_package[package] += n
+        by_function[f"{Path(path).name}:{code.co_firstlineno} {code.co_qualname}"] += n
+    total = sum(counts.values())
+    print(f"bytecodes per round trip: {total / rounds:,.0f}")
+    print("  " + ", ".join(f"{p} {n / rounds:,.0f}" for p, n in by_package.most_common()))
+    for name, n in by_function.most_common(top):
+        print(f"  {n / rounds:8,.1f}  {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2000, help="round trips per repeat")
@@ -173,12 +286,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="visitors doing round trips at once")
     p.add_argument("--instructions", action="store_true", help="count instructions (valgrind)")
     p.add_argument("--tree", type=Path, help="measure another checkout's muxtunnel package")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="the bare TLS relay of muxtunnel.benchsuite.ceiling instead of muxtunnel",
+    )
+    p.add_argument(
+        "--bytecodes",
+        type=int,
+        metavar="TOP",
+        help="count the bytecodes run per round trip; print the TOP functions",
+    )
     args = p.parse_args(argv)
     if args.instructions:
-        print(f"instructions per round trip: {_instructions(args.tree, args.concurrency):,}")
+        count = _instructions(args.tree, args.concurrency, args.ceiling)
+        print(f"instructions per round trip: {count:,}")
         return 0
     sys.path.insert(0, str(ROOT if args.tree is None else args.tree))
-    cpu = trio.run(_main, args.rounds, args.repeats, args.concurrency)
+    main_fn = _main_ceiling if args.ceiling else _main
+    if args.bytecodes is not None:
+        _bytecodes(main_fn, args.rounds, args.concurrency, args.bytecodes)
+        return 0
+    cpu = trio.run(main_fn, args.rounds, args.repeats, args.concurrency)
     print(f"CPU per round trip: {statistics.median(cpu):.1f} us (median of {len(cpu)})")
     return 0
 

@@ -31,6 +31,27 @@ def test_round_trip_benchmark_measures_real_round_trips() -> None:
     assert 10.0 < float(match.group(1)) < 1_000_000.0
 
 
+def test_round_trip_benchmark_runs_the_bare_relay_as_well() -> None:
+    stdout = _run_benchmark(
+        "bench_roundtrip.py", "--ceiling", "--rounds", "40", "--concurrency", "2"
+    )
+    match = re.fullmatch(r"CPU per round trip: ([0-9.]+) us \(median of 5\)\n", stdout)
+    assert match is not None, stdout
+    assert 10.0 < float(match.group(1)) < 1_000_000.0
+
+
+def test_round_trip_benchmark_counts_bytecodes_by_function() -> None:
+    stdout = _run_benchmark("bench_roundtrip.py", "--rounds", "30", "--bytecodes", "5")
+    lines = stdout.splitlines()
+    total = re.fullmatch(r"bytecodes per round trip: ([0-9,]+)", lines[0])
+    assert total is not None, stdout
+    # Both tunnel ends, the splices, trio's loop: thousands of bytecodes per round trip.
+    assert int(total.group(1).replace(",", "")) > 1000
+    assert "muxtunnel" in lines[1]
+    assert "trio" in lines[1]
+    assert len(lines) == 2 + 5
+
+
 def test_cpu_per_round_trip_reads_the_tunnel_processes() -> None:
     stdout = _run_benchmark(
         "cpu_per_roundtrip.py",

@@ -211,15 +211,22 @@ def _plain(sock: socket.socket, raw: bool) -> Any:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-async def relay(args: argparse.Namespace) -> None:
-    """Accept the tunnel, then visitors; each visitor becomes a stream over the tunnel."""
+def _announce(line: str) -> None:
+    print(line, flush=True)
+
+
+async def relay(args: argparse.Namespace, report: Callable[[str], None] = _announce) -> None:
+    """Accept the tunnel, then visitors; each visitor becomes a stream over the tunnel.
+
+    ``report`` gets the line ``tunnel PORT public PORT`` once both listen (default: stdout).
+    """
     lst = trio.socket.socket()
     await lst.bind(("127.0.0.1", 0))
     lst.listen(16)
     pub = trio.socket.socket()
     await pub.bind(("127.0.0.1", 0))
     pub.listen(4096)
-    print(f"tunnel {lst.getsockname()[1]} public {pub.getsockname()[1]}", flush=True)
+    report(f"tunnel {lst.getsockname()[1]} public {pub.getsockname()[1]}")
     tsock, _ = await lst.accept()
     tsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     ctx: ssl.SSLContext | None = None

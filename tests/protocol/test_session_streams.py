@@ -412,24 +412,6 @@ def test_acknowledge_after_graceful_close_still_credits() -> None:
     client.acknowledge(sid, 5, 0.0)  # unknown by now: ignored
 
 
-def test_acknowledge_says_when_a_window_update_is_queued() -> None:
-    pair = SessionPair()
-    server, client = pair.server, pair.client
-    sid = pair.open()
-    server.send_data(sid, bytes(256 * KiB))
-    pair.send(server, 1 << 20)
-    assert not client.wants_write()
-    answers = []
-    for _ in range(256):
-        answers.append(client.acknowledge(sid, 1 * KiB, 0.0))
-        assert answers[-1] is client.wants_write()
-    assert answers[0] is False
-    assert answers[-1] is True  # the half-window rule (spec §8.5)
-    client.data_to_send()
-    assert client.acknowledge(sid, 0, 0.0) is False
-    assert client.acknowledge(sid + 2, 1, 0.0) is False  # never opened: ignored
-
-
 def test_acknowledge_after_close_says_when_the_connection_window_moves() -> None:
     pair = SessionPair(client_config=TIGHT_CONFIG)
     server, client = pair.server, pair.client
@@ -463,16 +445,23 @@ def test_no_stream_window_after_peer_fin() -> None:
     assert client.data_to_send() == b""
 
 
-def test_window_updates_are_coalesced() -> None:
+def test_window_updates_are_coalesced_and_acknowledge_says_when_one_is_due() -> None:
     pair = SessionPair()
     server, client = pair.server, pair.client
     sid = pair.open()
     server.send_data(sid, bytes(256 * KiB))
     pair.send(server, 1 << 20)
+    assert not client.wants_write()
+    answers = []
     for _ in range(256):
-        client.acknowledge(sid, 1 * KiB, 0.0)
+        answers.append(client.acknowledge(sid, 1 * KiB, 0.0))
+        assert answers[-1] is client.wants_write()
+    assert answers[0] is False
+    assert answers[-1] is True  # the half-window rule (spec §8.5)
     out = [(t, s) for t, _f, s, _p in parse_frames(client.data_to_send())]
     assert out.count((FrameType.WINDOW, sid)) == 1
+    assert client.acknowledge(sid, 0, 0.0) is False
+    assert client.acknowledge(sid + 2, 1, 0.0) is False  # never opened: ignored
 
 
 def test_acknowledge_before_accept_defers_window() -> None:
