@@ -10,7 +10,7 @@ from muxtunnel.protocol.events import DataReceived
 from muxtunnel.protocol.frames import Settings
 from muxtunnel.protocol.session import Session, SessionConfig
 
-from .helpers import SessionPair, parse_frames
+from .helpers import TIGHT_CONFIG, SessionPair, parse_frames
 from .resume_helpers import CLIENT_CONFIG, SERVER_CONFIG
 
 KiB = 1024
@@ -93,6 +93,19 @@ def test_none_and_nothing_queued_while_other_output_waits() -> None:
     refused(b"")  # nothing to frame
     refused(bytes(64 * KiB + 1))  # more than one frame
     assert server.send_data_now(sid, b"now") is not None
+
+
+def test_none_while_a_connection_window_update_waits() -> None:
+    pair = SessionPair(client_config=TIGHT_CONFIG)
+    server, client = pair.server, pair.client
+    sid = pair.open()
+    server.send_data(sid, bytes(MiB))
+    pair.send(server, 2 * MiB)  # held within the receive budget: its connection credit returns
+    assert client.wants_write()  # a connection WINDOW, nothing for the stream (not consumed)
+    assert client.send_data_now(sid, b"x") is None
+    out = [(t, s) for t, _f, s, _p in parse_frames(client.data_to_send())]
+    assert out == [(FrameType.WINDOW, 0)]
+    assert client.send_data_now(sid, b"x") is not None
 
 
 def test_none_when_the_credit_does_not_cover_it() -> None:
