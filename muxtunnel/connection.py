@@ -1815,20 +1815,16 @@ class MuxConnection:
             self._activity_waiter = None
             ev.set()
         transport = self._inline_transport()
-        if transport is None:
-            self._session.send_data(stream_id, data)
-            self._senders.add(stream_id)
-            self._wake_writer()
-            return
-        out = self._session.send_data_now(stream_id, data)
-        if out is None:
-            self._session.send_data(stream_id, data)
-            self._senders.add(stream_id)
-            self._send_inline(transport)
-            return
-        self.bytes_sent += len(out)
-        if not transport.send_nowait(out):
-            self._wake_writer()  # sends the rest (or reports the error)
+        if transport is not None:
+            out = self._session.send_data_now(stream_id, data)
+            if out is not None:
+                self.bytes_sent += len(out)
+                if not transport.send_nowait(out):
+                    self._wake_writer()  # sends the rest (or reports the error)
+                return
+        self._session.send_data(stream_id, data)
+        self._senders.add(stream_id)
+        self._flush_or_wake()
 
     def queue_fin(self, stream: MuxStream) -> None:
         """Queue the stream's FIN (after its data) and wake the writer."""
