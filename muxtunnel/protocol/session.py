@@ -2059,9 +2059,7 @@ class Session:
             LocalProtocolError: the stream is unknown, closed, or finished for sending.
             SessionClosedError: the session is closed.
         """
-        stream = self._stream_for(stream_id)
-        if stream is None or stream.state not in SEND_DATA_STATES or stream.fin_queued:
-            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
+        stream = self._sending_stream(stream_id)
         chunk: bytes | memoryview
         if isinstance(data, memoryview):
             chunk = data if data.itemsize == 1 and data.ndim == 1 else data.cast("B")
@@ -2079,6 +2077,18 @@ class Session:
         if was_idle and (n or end_stream):
             self._sched.activate(stream)
 
+    def _sending_stream(self, stream_id: int) -> _Stream:
+        """The live stream ``stream_id``, open for sending and without a queued FIN.
+
+        Raises:
+            LocalProtocolError: the stream is unknown, closed, or finished for sending.
+            SessionClosedError: the session is closed.
+        """
+        stream = self._stream_for(stream_id)
+        if stream is None or stream.state not in SEND_DATA_STATES or stream.fin_queued:
+            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
+        return stream
+
     def send_data_now(self, stream_id: int, data: bytes | bytearray | memoryview) -> bytes | None:
         """Frame ``data`` on a stream at once when nothing else waits to be sent.
 
@@ -2090,9 +2100,7 @@ class Session:
         credit (or the replay bound) does not cover all of it. Then use :meth:`send_data`.
         Raises like :meth:`send_data`.
         """
-        stream = self._stream_for(stream_id)
-        if stream is None or stream.state not in SEND_DATA_STATES or stream.fin_queued:
-            raise LocalProtocolError(f"stream {stream_id} is not open for sending")
+        stream = self._sending_stream(stream_id)
         n = len(data)
         sched = self._sched
         conn_send = self._conn_send
