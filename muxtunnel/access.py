@@ -100,6 +100,8 @@ class AddressRule:
         An address that is unknown or not an IP literal matches no network: it is refused when
         there is an allow list.
         """
+        if not self.deny and not self.allow:
+            return None  # no rules (the usual case): nothing to parse
         ip = _ip(host)
         if ip is not None:
             for net in self.deny:

@@ -51,6 +51,7 @@ the tunnel down; a client whose every tunnel is refused for such reasons stops (
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import math
@@ -172,15 +173,23 @@ class ClientInfo:
     tunnels: tuple[BoundTunnel, ...]
 
 
+@functools.lru_cache(maxsize=64)
+def _literal_family(host: str) -> socket.AddressFamily | None:
+    """AF_INET or AF_INET6 for an IP literal, None for a name (the dial target, parsed once)."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
 async def _dial(host: str, port: int) -> trio.SocketStream:
     """Connect to the local target; an IP literal skips ``open_tcp_stream``'s machinery.
 
     ``trio.open_tcp_stream`` (resolution, happy eyeballs: a nursery and a task per attempt)
     costs about as much CPU as the rest of a stream's setup; for an address it is not needed.
     """
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
+    family = _literal_family(host)
+    if family is None:
         return await trio.open_tcp_stream(host, port)
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -1308,7 +1317,6 @@ class _Client:
     async def _dial_and_splice(self, mux: MuxStream, spec: TunnelSpec) -> None:
         target = format_host_port(spec.local_host, spec.local_port)
         mux.info.labels["local"] = target
-        origin = peer_text(mux.info.origin)
         tcp: trio.SocketStream | None = None
         reason: OpenFailReason | None = None
         detail = ""
@@ -1340,7 +1348,9 @@ class _Client:
             self._count_refusal(mux.info.tunnel_id, "dial_timeout" if timeout else "dial_failed")
             self.stats.count(f"dial_failures:{reason.name}")
             return
-        logger.debug("stream %d opened: visitor %s -> %s", mux.stream_id, origin, target)
+        if logger.isEnabledFor(logging.DEBUG):
+            origin = peer_text(mux.info.origin)
+            logger.debug("stream %d opened: visitor %s -> %s", mux.stream_id, origin, target)
         try:
             mux.accept()
         except trio.BrokenResourceError:  # reset by the relay (or the session ended) meanwhile

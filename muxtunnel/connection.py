@@ -720,16 +720,28 @@ class MuxStream(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("stream is closed")
             await trio.lowlevel.checkpoint()
-            if self._eof_sent:
-                return
-            if self._failure is not None:
-                raise self._make_error()
-            if not self._conn.usable:
-                raise self._conn.ended_error()
-            if self.incoming and self._pending:
-                self.accept()
-            self._eof_sent = True
-            self._conn.queue_fin(self)
+            self._queue_eof()
+
+    def send_eof_nowait(self) -> None:
+        """:meth:`send_eof` without its schedule point (for a copy loop that ends here, after
+        waiting elsewhere); raises like it, and ``trio.BusyResourceError`` while a send waits."""
+        if self._send_conflict.held:
+            raise trio.BusyResourceError(self._send_conflict.message)
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        self._queue_eof()
+
+    def _queue_eof(self) -> None:
+        if self._eof_sent:
+            return
+        if self._failure is not None:
+            raise self._make_error()
+        if not self._conn.usable:
+            raise self._conn.ended_error()
+        if self.incoming and self._pending:
+            self.accept()
+        self._eof_sent = True
+        self._conn.queue_fin(self)
 
     # -- trio.abc.ReceiveStream ----------------------------------------------------------
 
@@ -871,9 +883,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
         Unread received data (or a stream never accepted) gives a RESET; otherwise FIN is sent
         (after queued data) and any data that still arrives resets the stream.
         """
+        self.close_nowait()
+        await trio.lowlevel.checkpoint()
+
+    def close_nowait(self) -> None:
+        """:meth:`aclose` without its schedule point; idempotent."""
         if not self._closed:
             self._close_now()
-        await trio.lowlevel.checkpoint()
 
     def _close_now(self) -> None:
         self._closed = True

@@ -49,6 +49,8 @@ def peer_text(value: object, limit: int = 200) -> str:
     shown as ``\\xNN``. The result is at most ``limit`` characters plus a marker
     ``...[+N chars]`` telling how many input characters were cut.
     """
+    if type(value) is str and len(value) <= limit and value.isprintable() and "\\" not in value:
+        return value  # nothing to escape or cut (addresses, names): the common case
     if isinstance(value, bytes | bytearray | memoryview):
         text = bytes(value).decode("utf-8", "surrogateescape")
     elif isinstance(value, str):

@@ -173,7 +173,10 @@ class _Splice:
                 if not data:
                     if self.result.first_eof is None:
                         self.result.first_eof = "tcp"
-                    await mux.send_eof()
+                    if raw is None:
+                        await mux.send_eof()
+                    else:
+                        mux.send_eof_nowait()  # the loop ends: no schedule point needed here
                     return
                 if raw is None:
                     await mux.send_all(data)
@@ -307,7 +310,10 @@ class _Splice:
                 if not chunk:
                     if self.result.first_eof is None:
                         self.result.first_eof = "mux"
-                    await tcp.send_eof()
+                    if self.sock is None:
+                        await tcp.send_eof()
+                    else:  # receive_batch had the schedule point; the loop ends here
+                        self.sock.shutdown(socket.SHUT_WR)
                     return
                 # Credit returns piece by piece as the bytes are written, so the peer can send
                 # the next ones while a large batch is still going out.
@@ -358,8 +364,13 @@ async def splice(
         mux.on_failure = None
         mux.direct_sink = None
         if clean:
-            await _graceful_close(tcp)
-            await mux.aclose()
+            if isinstance(tcp, trio.SocketStream):
+                # Closed without the schedule points of ``aclose``: the nursery's exit had one.
+                tcp.socket.close()
+                mux.close_nowait()
+            else:
+                await _graceful_close(tcp)
+                await mux.aclose()
         else:
             if state.result.error is None:
                 state.result.error = "cancelled"

@@ -107,6 +107,51 @@ async def test_send_nowait_refuses_while_another_send_waits(nursery: trio.Nurser
         s.send_nowait(b"x")
 
 
+async def test_send_eof_nowait_ends_the_direction_like_send_eof(nursery: trio.Nursery) -> None:
+    relay, client = await mux_connection_pair(nursery)
+    s, c = await mux_stream_pair(relay, client)
+    s.send_nowait(b"last words")
+    s.send_eof_nowait()
+    s.send_eof_nowait()  # idempotent, like send_eof
+    got = b""
+    with trio.fail_after(5):
+        while chunk := await c.receive_some(100):
+            got += chunk
+    assert got == b"last words"  # the data first, then the FIN
+    with pytest.raises(trio.ClosedResourceError):
+        s.send_nowait(b"more")  # the direction is finished
+    await c.send_all(b"reply")  # the other direction still works
+    assert await s.receive_some(100) == b"reply"
+    s.close_nowait()
+    with pytest.raises(trio.ClosedResourceError):
+        s.send_eof_nowait()
+
+
+async def test_send_eof_nowait_refuses_while_another_send_waits(nursery: trio.Nursery) -> None:
+    relay, client = await mux_connection_pair(nursery)
+    s, _c = await mux_stream_pair(relay, client)
+    nursery.start_soon(s.send_all, bytes(64 << 20))  # nobody reads: it waits for room
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(trio.BusyResourceError):
+        s.send_eof_nowait()
+
+
+async def test_close_nowait_closes_like_aclose(nursery: trio.Nursery) -> None:
+    relay, client = await mux_connection_pair(nursery)
+    s, c = await mux_stream_pair(relay, client)
+    await s.send_all(b"bye")
+    s.close_nowait()
+    s.close_nowait()  # idempotent, like aclose
+    with trio.fail_after(5):
+        assert await c.receive_some(100) == b"bye"
+        assert await c.receive_some(100) == b""  # FIN: nothing was left unread
+    with pytest.raises(trio.ClosedResourceError):
+        await s.send_all(b"x")
+    await c.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert relay.stream_count == client.stream_count == 0  # both sides forgot the stream
+
+
 async def test_direct_sink_takes_data_for_a_waiting_reader(nursery: trio.Nursery) -> None:
     relay, client = await mux_connection_pair(nursery)
     s, c = await mux_stream_pair(relay, client)

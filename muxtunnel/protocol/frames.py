@@ -14,6 +14,7 @@ header without an object.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 import struct
@@ -105,6 +106,8 @@ _ATYP_NONE = 0x00
 _ATYP_IPV4 = 0x01
 _ATYP_DOMAIN = 0x03
 _ATYP_IPV6 = 0x04
+#: Addresses whose wire form (and text) :func:`_host_field`/:func:`_host_text` remember.
+_HOST_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,6 +537,28 @@ def _ticket(ticket: bytes) -> bytes:
     return bytes(ticket)
 
 
+@functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
+def _host_field(host: str) -> bytes:
+    """The ATYP and address bytes of ``host`` (spec §6.3); cached, as visitors' addresses
+    repeat and parsing one costs more than the rest of an OPEN."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
+        if not 1 <= len(raw) <= 255:
+            raise ValueError(f"domain name length {len(raw)} not in 1..255") from None
+        return bytes((_ATYP_DOMAIN, len(raw))) + raw
+    return (b"\x01" if ip.version == 4 else b"\x04") + ip.packed
+
+
+@functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
+def _host_text(packed: bytes) -> str:
+    """The text form of a 4- or 16-byte address (cached, like :func:`_host_field`)."""
+    if len(packed) == 4:
+        return str(ipaddress.IPv4Address(packed))
+    return str(ipaddress.IPv6Address(packed))
+
+
 def _addr(address: Address) -> bytes:
     host = address.host
     if not 0 <= address.port <= 0xFFFF:
@@ -542,16 +567,7 @@ def _addr(address: Address) -> bytes:
         if address.port:
             raise ValueError("an address without host must have port 0")
         return b"\x00"
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raw = host.encode("idna") if not host.isascii() else host.encode("ascii")
-        if not 1 <= len(raw) <= 255:
-            raise ValueError(f"domain name length {len(raw)} not in 1..255") from None
-        return bytes((_ATYP_DOMAIN, len(raw))) + raw + _PORT.pack(address.port)
-    if ip.version == 4:
-        return b"\x01" + ip.packed + _PORT.pack(address.port)
-    return b"\x04" + ip.packed + _PORT.pack(address.port)
+    return _host_field(host) + _PORT.pack(address.port)
 
 
 def _check_options(options: BindOptions, bind: Address) -> None:
@@ -777,9 +793,9 @@ class _Cursor:
         if atyp == _ATYP_NONE:
             return Address(None, 0)
         if atyp == _ATYP_IPV4:
-            host = str(ipaddress.IPv4Address(self.take(4)))
+            host = _host_text(self.take(4))
         elif atyp == _ATYP_IPV6:
-            host = str(ipaddress.IPv6Address(self.take(16)))
+            host = _host_text(self.take(16))
         elif atyp == _ATYP_DOMAIN:
             (length,) = self.unpack(_U8)
             if length == 0:
