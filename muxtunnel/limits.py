@@ -244,9 +244,11 @@ class OpenShares:
         """
         conn = self._conn
         while True:
-            if not self._allowed(tunnel_id):
+            allowed = self._allowed(tunnel_id)
+            if not allowed:
                 self._prune()
-            if self._allowed(tunnel_id):
+                allowed = self._allowed(tunnel_id)
+            if allowed:
                 if conn.open_slot_available():
                     return
                 await conn.wait_open_slot()
