@@ -132,3 +132,20 @@ def test_report_shows_the_bare_relay_beside_each_goal_against_ssh() -> None:
     del out.runs["3"]["ceiling"]
     idle = {c.goal: c for c in report.checks(out)}["idle RTT p50 <= 1.5x ssh -R (the faster ssh)"]
     assert idle.measured == "2.5x"
+
+
+def test_results_header_names_the_runs_of_each_scenario() -> None:
+    out = Outcome()
+    out.add("3", "muxtunnel", {"p50_us": 600.0})
+    meta = {
+        "command": "muxtunnel bench",
+        "runs": 3,
+        "machine": report.machine(),
+        "wall_seconds": 60.0,
+    }
+    own = report.results_md(out, {**meta, "sizes": {"pg_runs": 5}})
+    assert "median of 3 run(s) (scenario 8: 5) in one invocation" in own
+    same = report.results_md(out, {**meta, "sizes": {"pg_runs": 3}})
+    assert "median of 3 run(s) in one invocation" in same
+    older = report.results_md(out, meta)  # a JSON file written before scenario 8 had its own
+    assert "median of 3 run(s) in one invocation" in older

@@ -485,6 +485,13 @@ def kept_analysis(path: Path) -> str:
     return text[a : b + len(ANALYSIS_END)]
 
 
+def _runs_text(meta: dict[str, Any]) -> str:
+    """``3 run(s)``, or ``3 run(s) (scenario 8: 5)`` when pgbench had its own count."""
+    runs = meta["runs"]
+    pg_runs = meta.get("sizes", {}).get("pg_runs", runs)
+    return f"{runs} run(s)" + (f" (scenario 8: {pg_runs})" if pg_runs != runs else "")
+
+
 def results_md(out: Outcome, meta: dict[str, Any], analysis: str = "") -> str:
     """The text of benchmarks/RESULTS.md (*analysis*: a kept hand-written block)."""
     m = meta["machine"]
@@ -492,7 +499,7 @@ def results_md(out: Outcome, meta: dict[str, Any], analysis: str = "") -> str:
         "# muxtunnel benchmark results",
         "",
         "Written by `muxtunnel bench --write-results` (muxtunnel/benchsuite). Every figure is the",
-        f"median of {meta['runs']} run(s) in one invocation, taken side by side with direct loopback",
+        f"median of {_runs_text(meta)} in one invocation, taken side by side with direct loopback",
         "TCP and OpenSSH `ssh -N -R` (default cipher and aes128-gcm@openssh.com) against the same",
         "service; ratios are muxtunnel / other from the same invocation. MB/s = 10^6 bytes/s.",
         "",
