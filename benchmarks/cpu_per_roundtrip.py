@@ -1,4 +1,4 @@
-"""CPU the tunnel's processes spend per 64-byte round trip, with N echo loops at once.
+"""CPU the tunnel's processes spend per 64-byte round trip (or per new connection), N loads at once.
 
 Starts the service and each target of ``muxtunnel bench`` (``--targets``, e.g. ``muxtunnel``,
 ``muxtunnel-ref``, ``ceiling``, ``ssh-aes128``), then, per run and per target in turn, starts
@@ -11,6 +11,12 @@ trips per second, CPU per round trip (user + system) and the load processes' med
 
 With 8 clients the figure is what decides pgbench with 8 clients on a 2-core machine: the
 tunnel's CPU per round trip is CPU that PostgreSQL and pgbench do not get.
+
+``--mode connrate`` measures new connections instead (scenario 5's load: each of ``--clients``
+processes runs 16 threads that connect, send, read the echo and the close, for ``--seconds``)
+and prints the CPU per tunnelled connection:
+
+    python benchmarks/cpu_per_roundtrip.py --mode connrate --targets muxtunnel,muxtunnel-ref --clients 2
 """
 
 from __future__ import annotations
@@ -30,29 +36,27 @@ from muxtunnel.benchsuite.procs import Child, cpu_times, package_env, python
 from muxtunnel.benchsuite.targets import Layout, Target, make_target
 
 
-def _run(target: Target, clients: int, count: int) -> tuple[float, float, float, float]:
-    """One run: (round trips/s, user us and system us per round trip, median p50 us)."""
+def _load_argv(target: Target, args: argparse.Namespace) -> list[str]:
+    where = ["--host", target.host, "--port", str(target.port)]
+    if args.mode == "connrate":
+        return [
+            *("connrate", *where, "--duration", str(args.seconds), "--workers", "16"),
+            *("--max", "30000", "--timeout", "10"),
+        ]
+    return ["rtt", *where, "--count", str(args.count), "--warmup", "20", "--max-seconds", "60"]
+
+
+def _run(target: Target, args: argparse.Namespace) -> tuple[float, float, float, float]:
+    """One run: (operations/s, user us and system us per operation, median p50 us).
+
+    An operation is a round trip (``--mode rtt``) or a tunnelled connection (``connrate``)."""
     pids = [child.pid for child in target.children]
     user0, sys0 = cpu_times(pids)
     start = time.perf_counter()
-    argv = [
-        python(),
-        "-m",
-        "muxtunnel.benchsuite.load",
-        "rtt",
-        "--host",
-        target.host,
-        "--port",
-        str(target.port),
-        "--count",
-        str(count),
-        "--warmup",
-        "20",
-        "--max-seconds",
-        "60",
-    ]
+    argv = [python(), "-m", "muxtunnel.benchsuite.load", *_load_argv(target, args)]
     procs = [
-        subprocess.Popen(argv, stdout=subprocess.PIPE, env=package_env()) for _ in range(clients)
+        subprocess.Popen(argv, stdout=subprocess.PIPE, env=package_env())
+        for _ in range(args.clients)
     ]
     results = []
     for proc in procs:
@@ -63,13 +67,13 @@ def _run(target: Target, clients: int, count: int) -> tuple[float, float, float,
         results.append(line["result"])
     elapsed = time.perf_counter() - start
     user1, sys1 = cpu_times(pids)
-    trips = sum(r["samples"] for r in results)
-    return (
-        trips / elapsed,
-        (user1 - user0) / trips * 1e6,
-        (sys1 - sys0) / trips * 1e6,
-        statistics.median(r["p50_us"] for r in results),
-    )
+    if args.mode == "connrate":
+        ops = sum(r["connections"] for r in results)
+        p50 = statistics.median(r["p50_ms"] * 1e3 for r in results)
+    else:
+        ops = sum(r["samples"] for r in results)
+        p50 = statistics.median(r["p50_us"] for r in results)
+    return ops / elapsed, (user1 - user0) / ops * 1e6, (sys1 - sys0) / ops * 1e6, p50
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="echo loops at once")
     p.add_argument("--count", type=int, default=2500, help="round trips per loop and run")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument(
+        "--mode",
+        choices=("rtt", "connrate"),
+        default="rtt",
+        help="echo round trips (default) or new connections (scenario 5's load)",
+    )
+    p.add_argument("--seconds", type=float, default=5.0, help="--mode connrate: seconds per run")
     args = p.parse_args(argv)
+    unit = "connection" if args.mode == "connrate" else "round trip"
     workdir = Path(tempfile.mkdtemp(prefix="muxtunnel-cpu-rt-"))
     service = Child(
         "service",
@@ -96,15 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, list[tuple[float, float, float, float]]] = {t.key: [] for t in targets}
         for _ in range(args.runs):
             for target in targets:
-                rows[target.key].append(_run(target, args.clients, args.count))
-        print(f"{args.clients} echo loops at once, medians of {args.runs} runs")
+                rows[target.key].append(_run(target, args))
+        what = "connecting processes" if args.mode == "connrate" else "echo loops"
+        print(f"{args.clients} {what} at once, medians of {args.runs} runs")
         for key, runs in rows.items():
             user = statistics.median(r[1] for r in runs)
             system = statistics.median(r[2] for r in runs)
             total = statistics.median(r[1] + r[2] for r in runs)
             print(
-                f"{key:20s} {statistics.median(r[0] for r in runs):8.0f} round trips/s"
-                f"  CPU {total:6.1f} us per round trip (user {user:.0f}, system {system:.0f})"
+                f"{key:20s} {statistics.median(r[0] for r in runs):8.0f} {unit}s/s"
+                f"  CPU {total:6.1f} us per {unit} (user {user:.0f}, system {system:.0f})"
                 f"  p50 {statistics.median(r[3] for r in runs):6.0f} us"
             )
     finally:

@@ -71,3 +71,39 @@ def test_cpu_per_round_trip_reads_the_tunnel_processes() -> None:
     assert int(match.group(1)) > 0
     # Two processes, TLS both ways: a round trip costs the tunnel some CPU.
     assert float(match.group(2)) > 1.0
+
+
+def test_placement_measures_round_trips_on_one_cpu_and_free() -> None:
+    stdout = _run_benchmark(
+        "placement.py", "--targets", "direct,ceiling", "--count", "200", "--runs", "1"
+    )
+    lines = stdout.splitlines()
+    assert lines[0] == "round trip p50 us, medians of 1 runs", stdout
+    rows = {tuple(line.split()[:2]): float(line.split()[2]) for line in lines[1:]}
+    assert set(rows) == {
+        (target, placement) for target in ("direct", "ceiling") for placement in ("free", "one-cpu")
+    }
+    assert all(p50 > 0 for p50 in rows.values())
+
+
+def test_cpu_per_connection_reads_the_tunnel_processes() -> None:
+    stdout = _run_benchmark(
+        "cpu_per_roundtrip.py",
+        "--mode",
+        "connrate",
+        "--targets",
+        "muxtunnel",
+        "--clients",
+        "1",
+        "--seconds",
+        "1",
+        "--runs",
+        "1",
+    )
+    match = re.search(
+        r"^muxtunnel +(\d+) connections/s +CPU +([0-9.]+) us per connection", stdout, re.M
+    )
+    assert match is not None, stdout
+    assert int(match.group(1)) > 0
+    # Accept, OPEN/OPEN_ACK, dial, splice and close on both ends: real work per connection.
+    assert float(match.group(2)) > 10.0
