@@ -15,6 +15,7 @@ Usage::
     python benchmarks/bench_roundtrip.py --concurrency 8      # 8 visitors at once
     python benchmarks/bench_roundtrip.py --ceiling --instructions   # the bare TLS relay
     python benchmarks/bench_roundtrip.py --rounds 300 --bytecodes 20   # where the bytecodes go
+    python benchmarks/bench_roundtrip.py --connections --concurrency 8 --rounds 1000   # per connection
 
 ``--instructions`` runs this script twice under ``valgrind --tool=callgrind`` (200 and 1,000
 round trips) and prints the difference per round trip: unlike timings on a shared machine it
@@ -24,6 +25,9 @@ relay and client of ``muxtunnel.benchsuite.ceiling`` (9-byte frames, nothing els
 ``ceiling`` target of ``muxtunnel bench``) in their place: the least a Python + trio + TLS
 tunnel can do per round trip. ``--bytecodes TOP`` counts the bytecodes run per round trip
 instead (by package, and the TOP functions): where the interpreter's work goes, exactly.
+``--connections`` makes each round a new tunnelled connection instead (connect, one byte there
+and back, the service closes first, as in scenario 5; ``--concurrency`` connections at a time),
+with every other option as above: the tunnel's work per stream opened and closed.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+import trio.testing
 
 if TYPE_CHECKING:
     import types
@@ -55,11 +60,38 @@ WARMUP = 50
 
 
 async def _echo(stream: trio.SocketStream) -> None:
+    """The service: echo until EOF; in ``--connections`` mode echo one read, then close first
+    (scenario 5's service)."""
     try:
         while data := await stream.receive_some(65536):
             await stream.send_all(data)
+            if _connections:
+                break  # trio.serve_listeners closes the stream when this returns
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+async def _connection(port: int) -> None:
+    """One tunnelled connection: connect, one byte there and back, the service's close."""
+    visitor = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await visitor.send_all(b"x")
+        if await visitor.receive_some(1) != b"x" or await visitor.receive_some(1) != b"":
+            raise SystemExit("no echo and close through the tunnel")
+    finally:
+        await visitor.aclose()
+
+
+async def _all_connections(port: int, count: int, concurrency: int) -> None:
+    """``count`` connections in all, ``concurrency`` at a time."""
+
+    async def worker(share: int) -> None:
+        for _ in range(share):
+            await _connection(port)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(concurrency):
+            nursery.start_soon(worker, count // concurrency + (1 if i < count % concurrency else 0))
 
 
 async def _round_trips(visitor: trio.SocketStream, rounds: int) -> None:
@@ -85,23 +117,42 @@ def _no_phase(measuring: bool) -> None:
     del measuring
 
 
+#: ``--connections``: a round is a new tunnelled connection instead of a round trip.
+_connections = False
+
 #: Told True when the measured round trips start and False when they end (``--bytecodes``).
 _phase: Callable[[bool], None] = _no_phase
 
 
-async def _measure(visitors: list[trio.SocketStream], rounds: int, repeats: int) -> list[float]:
-    """Warm up, then CPU us per round trip of ``repeats`` batches of ``rounds``."""
-    await _all_round_trips(visitors, WARMUP * len(visitors))
+async def _measure(port: int, rounds: int, repeats: int, concurrency: int) -> list[float]:
+    """Warm up, then CPU us per round trip (or per connection, ``--connections``) of
+    ``repeats`` batches of ``rounds``."""
+    if _connections:
+        await _all_connections(port, WARMUP * concurrency, concurrency)
+        await _settle()
+        visitors: list[trio.SocketStream] = []
+    else:
+        visitors = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(concurrency)]
+        await _all_round_trips(visitors, WARMUP * len(visitors))
     cpu: list[float] = []
     _phase(True)
     for _ in range(repeats):
         start = time.process_time()
-        await _all_round_trips(visitors, rounds)
+        if _connections:
+            await _all_connections(port, rounds, concurrency)
+            await _settle()  # both tunnel ends finish closing the last streams
+        else:
+            await _all_round_trips(visitors, rounds)
         cpu.append((time.process_time() - start) / rounds * 1e6)
     _phase(False)
     for visitor in visitors:
         await visitor.aclose()
     return cpu
+
+
+async def _settle() -> None:
+    """Let every task run until all wait (streams closing after the visitors are done)."""
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
 
 
 async def _main_ceiling(rounds: int, repeats: int, concurrency: int) -> list[float]:
@@ -141,8 +192,7 @@ async def _main_ceiling(rounds: int, repeats: int, concurrency: int) -> list[flo
             args.tunnel_port = int(match.group(1))
             nursery.start_soon(ceiling.client, args)
             public = int(match.group(2))
-            visitors = [await trio.open_tcp_stream("127.0.0.1", public) for _ in range(concurrency)]
-            cpu = await _measure(visitors, rounds, repeats)
+            cpu = await _measure(public, rounds, repeats, concurrency)
             nursery.cancel_scope.cancel()
     return cpu
 
@@ -187,8 +237,7 @@ async def _main(rounds: int, repeats: int, concurrency: int) -> list[float]:
                 )
             )
             port = client.tunnels[0].remote_port
-            visitors = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(concurrency)]
-            cpu = await _measure(visitors, rounds, repeats)
+            cpu = await _measure(port, rounds, repeats, concurrency)
             nursery.cancel_scope.cancel()
     return cpu
 
@@ -202,7 +251,8 @@ def _free_port() -> int:
 
 
 def _instructions(tree: Path | None, concurrency: int, ceiling: bool) -> int:
-    """Instructions per round trip: callgrind's totals for 1,000 and 200 rounds, per round."""
+    """Instructions per round trip (or connection): callgrind's totals for 1,000 and 200
+    rounds, per round."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
@@ -212,6 +262,8 @@ def _instructions(tree: Path | None, concurrency: int, ceiling: bool) -> int:
         other += ["--tree", str(tree)]
     if ceiling:
         other.append("--ceiling")
+    if _connections:
+        other.append("--connections")
     totals = []
     for rounds in (200, 1000):
         out = subprocess.run(
@@ -273,10 +325,14 @@ def _bytecodes(main_fn: Callable[..., Any], rounds: int, concurrency: int, top: 
         by_package[package] += n
         by_function[f"{Path(path).name}:{code.co_firstlineno} {code.co_qualname}"] += n
     total = sum(counts.values())
-    print(f"bytecodes per round trip: {total / rounds:,.0f}")
+    print(f"bytecodes per {_unit()}: {total / rounds:,.0f}")
     print("  " + ", ".join(f"{p} {n / rounds:,.0f}" for p, n in by_package.most_common()))
     for name, n in by_function.most_common(top):
         print(f"  {n / rounds:8,.1f}  {name}")
+
+
+def _unit() -> str:
+    return "connection" if _connections else "round trip"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,10 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="TOP",
         help="count the bytecodes run per round trip; print the TOP functions",
     )
+    p.add_argument(
+        "--connections",
+        action="store_true",
+        help="a round is a new tunnelled connection (connect, 1-byte echo, the service closes)",
+    )
     args = p.parse_args(argv)
+    global _connections
+    _connections = args.connections
     if args.instructions:
         count = _instructions(args.tree, args.concurrency, args.ceiling)
-        print(f"instructions per round trip: {count:,}")
+        print(f"instructions per {_unit()}: {count:,}")
         return 0
     sys.path.insert(0, str(ROOT if args.tree is None else args.tree))
     main_fn = _main_ceiling if args.ceiling else _main
@@ -308,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         _bytecodes(main_fn, args.rounds, args.concurrency, args.bytecodes)
         return 0
     cpu = trio.run(main_fn, args.rounds, args.repeats, args.concurrency)
-    print(f"CPU per round trip: {statistics.median(cpu):.1f} us (median of {len(cpu)})")
+    print(f"CPU per {_unit()}: {statistics.median(cpu):.1f} us (median of {len(cpu)})")
     return 0
 
 

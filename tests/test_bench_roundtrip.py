@@ -40,6 +40,16 @@ def test_round_trip_benchmark_runs_the_bare_relay_as_well() -> None:
     assert 10.0 < float(match.group(1)) < 1_000_000.0
 
 
+def test_round_trip_benchmark_measures_new_connections() -> None:
+    stdout = _run_benchmark(
+        "bench_roundtrip.py", "--connections", "--rounds", "20", "--concurrency", "2"
+    )
+    match = re.fullmatch(r"CPU per connection: ([0-9.]+) us \(median of 5\)\n", stdout)
+    assert match is not None, stdout
+    # Accept, OPEN/OPEN_ACK, dial, splice and close at both ends, and the visitor's connect.
+    assert 10.0 < float(match.group(1)) < 1_000_000.0
+
+
 def test_round_trip_benchmark_counts_bytecodes_by_function() -> None:
     stdout = _run_benchmark("bench_roundtrip.py", "--rounds", "30", "--bytecodes", "5")
     lines = stdout.splitlines()

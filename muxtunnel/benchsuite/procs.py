@@ -43,6 +43,9 @@ def reference_tree() -> tuple[str, dict[str, str]] | None:
     env = dict(os.environ)
     env["PYTHONPATH"] = root
     env["PYTHONUNBUFFERED"] = "1"
+    # ``python -m muxtunnel`` puts the working directory first on sys.path: run from a checkout,
+    # it would import that checkout's package instead of SOURCE_ROOT's (Python >= 3.11).
+    env["PYTHONSAFEPATH"] = "1"
     return exe, env
 
 
