@@ -540,7 +540,7 @@ def _ticket(ticket: bytes) -> bytes:
 @functools.lru_cache(maxsize=_HOST_CACHE_SIZE)
 def _host_field(host: str) -> bytes:
     """The ATYP and address bytes of ``host`` (spec §6.3); cached, as visitors' addresses
-    repeat and parsing one costs more than the rest of an OPEN."""
+    repeat and an ``ipaddress`` parse costs more than building the rest of the field."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
