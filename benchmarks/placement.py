@@ -74,13 +74,7 @@ def _rtt(port: int, count: int, cpu: int | None) -> float:
 def _pgbench(server: pg.PgServer, port: int, seconds: int, cpu: int | None) -> float:
     """tps of pgbench select-only with one client through 127.0.0.1:``port``."""
     case = pg.CASES[0]
-    argv = [server.pgbench(), *case.args, "-n", "-c", "1", "-j", "1", "-T", str(seconds)]
-    argv += ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres"]
-    out = subprocess.run(_on(cpu, argv), capture_output=True, text=True, timeout=seconds + 60)
-    for line in out.stdout.splitlines():
-        if line.startswith("tps = ") and "without initial connection time" in line:
-            return float(line.split()[2])
-    raise SystemExit(f"pgbench through port {port}: no tps in {out.stdout[-300:]!r}")
+    return server.run(port, case, seconds, prefix=_on(cpu, []))[case.metric]
 
 
 def main(argv: list[str] | None = None) -> int:

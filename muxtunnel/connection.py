@@ -329,17 +329,21 @@ class StreamFailure:
 class _ConflictDetector:
     """Raise ``trio.BusyResourceError`` when two tasks use one side of a stream at once."""
 
-    __slots__ = ("held", "message")
+    __slots__ = ("_held", "_message")
 
     def __init__(self, message: str) -> None:
-        #: True while a task is inside (a method that never waits may just check this).
-        self.held = False
-        self.message = message
+        self._held = False
+        self._message = message
+
+    def check(self) -> None:
+        """Raise if a task is inside; for a method that never waits (it need not enter)."""
+        if self._held:
+            raise trio.BusyResourceError(self._message)
 
     def __enter__(self) -> None:
-        if self.held:
-            raise trio.BusyResourceError(self.message)
-        self.held = True
+        if self._held:  # check(), inline: this runs on every receive and send
+            raise trio.BusyResourceError(self._message)
+        self._held = True
 
     def __exit__(
         self,
@@ -347,7 +351,7 @@ class _ConflictDetector:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.held = False
+        self._held = False
 
 
 def _unpinned(view: memoryview) -> memoryview:
@@ -648,8 +652,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         No schedule point (a copy loop that waits elsewhere on every round uses it to hand
         over what it just read). Raises like :meth:`send_all` does without waiting.
         """
-        if self._send_conflict.held:  # a send_all of another task is waiting
-            raise trio.BusyResourceError(self._send_conflict.message)
+        self._send_conflict.check()  # a send_all of another task may be waiting
         self._check_send()
         n = min(len(data), self._conn.send_room(self.stream_id))
         if n <= 0:
@@ -725,8 +728,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
     def send_eof_nowait(self) -> None:
         """:meth:`send_eof` without its schedule point (for a copy loop that ends here, after
         waiting elsewhere); raises like it, and ``trio.BusyResourceError`` while a send waits."""
-        if self._send_conflict.held:
-            raise trio.BusyResourceError(self._send_conflict.message)
+        self._send_conflict.check()
         if self._closed:
             raise trio.ClosedResourceError("stream is closed")
         self._queue_eof()

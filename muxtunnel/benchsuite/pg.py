@@ -18,9 +18,13 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from muxtunnel.benchsuite.procs import BenchError
 from muxtunnel.benchsuite.targets import free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 NEEDED = ("initdb", "pg_ctl", "postgres")
 
@@ -152,10 +156,15 @@ class PgServer:
             "pgbench -i",
         )  # fmt: skip
 
-    def run(self, port: int, case: PgbenchCase, seconds: float) -> dict[str, float]:
-        """One ``pgbench -T`` through 127.0.0.1:*port*; tps and mean latency."""
+    def run(
+        self, port: int, case: PgbenchCase, seconds: float, prefix: Sequence[str] = ()
+    ) -> dict[str, float]:
+        """One ``pgbench -T`` through 127.0.0.1:*port*; tps and mean latency.
+
+        *prefix*: a command that runs pgbench (e.g. ``taskset -c 0``).
+        """
         argv = [
-            self.pgbench(), *case.args, "-n", "-c", str(case.clients),
+            *prefix, self.pgbench(), *case.args, "-n", "-c", str(case.clients),
             "-j", str(min(case.clients, 2)), "-T", str(max(1, round(seconds))),
             "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "postgres",
         ]  # fmt: skip
