@@ -191,13 +191,20 @@ async def _dial(host: str, port: int) -> trio.SocketStream:
     family = _literal_family(host)
     if family is None:
         return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    # What trio's ``socket.connect`` does for an address, without its resolution step.
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
-        await sock.connect((host, port))
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, f"Error connecting to {(host, port)!r}: {os.strerror(err)}")
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
 class RelayAddress(Protocol):

@@ -409,7 +409,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
         #: with nothing buffered, arriving DATA is offered to it first, from the reader, and the
         #: bytes it takes (its return value) are consumed and acknowledged at once: no task
         #: hop. It must not block or raise.
-        self.direct_sink: Callable[[memoryview], int] | None = None
+        self.direct_sink: Callable[[bytes | memoryview], int] | None = None
         self._send_conflict = _ConflictDetector("another task is already sending on this stream")
         self._recv_conflict = _ConflictDetector("another task is already receiving on this stream")
 
@@ -494,8 +494,9 @@ class MuxStream(trio.abc.HalfCloseableStream):
         if not self._conn.usable:
             raise self._conn.ended_error()
 
-    def deliver_data(self, data: bytes | memoryview) -> None:
-        """Buffer a DATA payload for the reader (MuxConnection's reader)."""
+    def deliver_data(self, data: bytes | memoryview, now: float) -> None:
+        """Buffer a DATA payload for the reader (MuxConnection's reader; ``now``: trio's
+        clock when the bytes arrived)."""
         n = len(data)
         if self._closed or self._failure is not None:
             # Data for a stream the application closed: like TCP, answer with a reset.
@@ -507,14 +508,13 @@ class MuxStream(trio.abc.HalfCloseableStream):
             return
         sink = self.direct_sink
         if sink is not None and self._recv_waiter is not None and not self._chunks:
-            view = data if isinstance(data, memoryview) else memoryview(data)
-            taken = sink(view)
+            taken = sink(data)
             if taken > 0:
                 self.info.bytes_in += taken
-                self._conn.acknowledge(self.stream_id, taken)
+                self._conn.acknowledge(self.stream_id, taken, now)
                 if taken >= n:
                     return
-                data = view[taken:]
+                data = memoryview(data)[taken:]
                 n -= taken
         # A small payload is copied rather than keeping the whole decrypted read alive.
         self._chunks.append(_unpinned(data) if isinstance(data, memoryview) else memoryview(data))
@@ -654,12 +654,20 @@ class MuxStream(trio.abc.HalfCloseableStream):
         """
         self._send_conflict.check()  # a send_all of another task may be waiting
         self._check_send()
-        n = min(len(data), self._conn.send_room(self.stream_id))
+        conn = self._conn
+        accepted = not (self.incoming and self._pending)
+        if accepted and conn.send_now(self.stream_id, data):
+            # Framed and sent whole: within the send room (the stream had nothing queued and
+            # the credit covered it), so the room need not be asked first.
+            n = len(data)
+            self.info.bytes_out += n
+            return n
+        n = min(len(data), conn.send_room(self.stream_id))
         if n <= 0:
             return 0
-        if self.incoming and self._pending:
+        if not accepted:
             self.accept()
-        self._conn.queue_data(self.stream_id, data if n == len(data) else data[:n])
+        conn.queue_data(self.stream_id, data if n == len(data) else data[:n], now=accepted)
         self.info.bytes_out += n
         return n
 
@@ -1035,6 +1043,8 @@ class MuxConnection:
         #: The peer's GOAWAY, once received.
         self.goaway: GoAwayReceived | None = None
         self._last_receive = trio.current_time()
+        #: trio's clock when the reader's current input arrived (for the events it dispatches).
+        self._now_in = self._last_receive
         self._last_ping = -math.inf
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -1807,12 +1817,7 @@ class MuxConnection:
 
     def send_room(self, stream_id: int) -> int:
         """Bytes the session may take for the stream now; <= 0 means wait (see module docs)."""
-        session = self._session
-        pending = session.pending_bytes(stream_id)
-        room = min(SEND_HIGH_WATER, SEND_LOW_WATER + session.send_credit(stream_id)) - pending
-        if pending and room < SEND_MIN_ROOM:
-            return 0
-        return room
+        return self._session.send_room(stream_id, SEND_LOW_WATER, SEND_HIGH_WATER, SEND_MIN_ROOM)
 
     def unsent(self, stream_id: int) -> int:
         """Bytes queued on the stream that the session has not framed yet."""
@@ -1822,32 +1827,57 @@ class MuxConnection:
         """Call ``stream.wake_sender()`` once the stream has send room again."""
         self._blocked.add(stream)
 
-    def queue_data(self, stream_id: int, data: bytes | memoryview) -> None:
+    def queue_data(self, stream_id: int, data: bytes | memoryview, *, now: bool = True) -> None:
         """Queue stream bytes (within :meth:`send_room`) and wake the writer.
 
         With the writer idle and nothing else queued, the bytes are framed and sent right
-        here (``Session.send_data_now``), without a trip through the scheduler.
+        here (:meth:`send_now`), without a trip through the scheduler. ``now=False``: the
+        caller just tried :meth:`send_now` for these bytes.
         """
+        if now and self.send_now(stream_id, data):
+            return
         ev = self._activity_waiter
         if ev is not None:
             self._activity_waiter = None
             ev.set()
-        transport = self._inline_transport()
-        if transport is not None:
-            out = self._session.send_data_now(stream_id, data)
-            if out is not None:
-                self.bytes_sent += len(out)
-                if not transport.send_nowait(out):
-                    self._wake_writer()  # sends the rest (or reports the error)
-                return
         self._session.send_data(stream_id, data)
         self._senders.add(stream_id)
         self._flush_or_wake()
 
+    def send_now(self, stream_id: int, data: bytes | memoryview) -> bool:
+        """Frame all of ``data`` as one DATA frame and send it from the calling task, if the
+        writer is idle and the session takes it at once (``Session.send_data_now``: nothing
+        else queued, the credit covers it). False, with nothing queued, otherwise."""
+        transport = self._inline_transport()
+        if transport is None:
+            return False
+        out = self._session.send_data_now(stream_id, data)
+        if out is None:
+            return False
+        ev = self._activity_waiter
+        if ev is not None:
+            self._activity_waiter = None
+            ev.set()
+        self.bytes_sent += len(out)
+        if not transport.send_nowait(out, checked=True):
+            self._wake_writer()  # sends the rest (or reports the error)
+        return True
+
     def queue_fin(self, stream: MuxStream) -> None:
-        """Queue the stream's FIN (after its data) and wake the writer."""
-        self._session.end_stream(stream.stream_id)
-        self._flush_or_wake()
+        """Queue the stream's FIN (after its data) and wake the writer.
+
+        With the writer idle and nothing else queued, the FIN is framed and sent right here
+        (``Session.end_stream_now``), as :meth:`send_now` does for data.
+        """
+        transport = self._inline_transport()
+        out = None if transport is None else self._session.end_stream_now(stream.stream_id)
+        if transport is None or out is None:
+            self._session.end_stream(stream.stream_id)
+            self._flush_or_wake()
+        else:
+            self.bytes_sent += len(out)
+            if not transport.send_nowait(out, checked=True):
+                self._wake_writer()  # sends the rest (or reports the error)
         self.forget_if_finished(stream)
 
     def accept_open(self, stream_id: int) -> None:
@@ -1862,9 +1892,12 @@ class MuxConnection:
             self._wake_writer()
         self.forget(stream)
 
-    def acknowledge(self, stream_id: int, n: int) -> None:
-        """Return the credit of ``n`` bytes the application consumed (spec §8.5)."""
-        if n and self._session.acknowledge(stream_id, n, trio.current_time()):
+    def acknowledge(self, stream_id: int, n: int, now: float | None = None) -> None:
+        """Return the credit of ``n`` bytes the application consumed (spec §8.5); ``now``:
+        trio's clock if the caller has it."""
+        if n and self._session.acknowledge(
+            stream_id, n, trio.current_time() if now is None else now
+        ):
             self._wake_writer()
 
     def reset_stream(self, stream: MuxStream, failure: StreamFailure) -> None:
@@ -1967,7 +2000,7 @@ class MuxConnection:
         if self._blocked:
             self._release_blocked()
         self.bytes_sent += len(out)
-        if not transport.send_nowait(out):
+        if not transport.send_nowait(out, checked=True):
             self._wake_writer()  # sends the rest (or reports the error)
 
     def _wake_slot(self) -> None:
@@ -2091,6 +2124,7 @@ class MuxConnection:
     def _feed(self, data: bytes | bytearray, now: float) -> bool:
         """Give bytes to the session and dispatch its events; False if the session ended."""
         session = self._session
+        self._now_in = now
         try:
             events = session.receive_data(data, now)
         except ProtocolError as exc:
@@ -2299,13 +2333,13 @@ class MuxConnection:
         stream = self._streams.get(event.stream_id)
         if stream is None:
             # The stream is gone on our side: discard, but credit the connection window (protocol-spec §9.6).
-            self.acknowledge(event.stream_id, len(event.data))
+            self.acknowledge(event.stream_id, len(event.data), self._now_in)
             return
         ev = self._activity_waiter
         if ev is not None:
             self._activity_waiter = None
             ev.set()
-        stream.deliver_data(event.data)
+        stream.deliver_data(event.data, self._now_in)
 
     def _on_window(self, event: WindowUpdated) -> None:
         self._wake_writer()

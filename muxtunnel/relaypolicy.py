@@ -122,7 +122,12 @@ class RelayPolicy(StreamPolicy):
 
     def throttles(self, info: StreamInfo) -> bool:
         """True while the wrapped policy throttles or the token or tunnel has a rate limit."""
-        return self.inner.throttles(info) or self._limits(info) is not None
+        limits = self._streams.get(id(info))  # ``_limits``, inline: asked on every copy
+        if limits is not None:
+            policy = limits.holder.token.policy
+            if policy.bandwidth is not None or policy.tunnel_bandwidth is not None:
+                return True
+        return self.inner.throttles(info)
 
     def finished(self, info: StreamInfo, now: float, error: str | None) -> None:
         """Forget the stream's limits; then the wrapped policy's ``finished``."""

@@ -239,7 +239,7 @@ class _Splice:
             data = data[sent:]
         await self.tcp.send_all(data)
 
-    def _sink(self, data: memoryview) -> int:
+    def _sink(self, data: bytes | memoryview) -> int:
         """:attr:`MuxStream.direct_sink`: what the local socket takes now without waiting.
 
         Errors and a full socket take nothing: the bytes are then buffered in the stream and

@@ -603,24 +603,26 @@ class TLSStream(trio.abc.Stream):
         """Ciphertext bytes :meth:`send_nowait` left for the next ``send_all`` to send."""
         return len(self._backlog)
 
-    def send_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+    def send_nowait(self, data: bytes | bytearray | memoryview, *, checked: bool = False) -> bool:
         """Encrypt ``data`` and give it to the socket without waiting (see ``can_send_nowait``).
 
         Returns True if the socket took all of it. Otherwise the rest waits in :attr:`backlog`
         and the caller must make sure a ``send_all`` follows (with ``b""`` if nothing else is
         to be sent), which sends it first. Never raises: a TLS or socket error breaks the
-        stream, and the next ``send_all`` reports it.
+        stream, and the next ``send_all`` reports it. ``checked=True``: the caller saw
+        ``can_send_nowait`` True in this same step, without a schedule point since.
         """
         sock = self._raw_socket
-        if not self.can_send_nowait or sock is None or not self._ssl_lock.acquire(blocking=False):
+        if sock is None or not (checked or self.can_send_nowait):
             raise trio.BusyResourceError("send_nowait is not possible now (see can_send_nowait)")
+        # No SSL lock: without a crypto thread (``can_send_nowait`` requires that) only the
+        # trio thread ever takes it, and never across a schedule point.
         try:
-            out = self._encrypt(data)
+            self._ssl.write(data)
+            out = self._outgoing.read()
         except (ssl.SSLError, ssl.CertificateError) as exc:
             self._transport_error(exc)
             return False
-        finally:
-            self._ssl_lock.release()
         try:
             sent = sock.send(out)
         except BlockingIOError:

@@ -157,7 +157,7 @@ async def test_direct_sink_takes_data_for_a_waiting_reader(nursery: trio.Nursery
     s, c = await mux_stream_pair(relay, client)
     sunk: list[bytes] = []
 
-    def sink(data: memoryview) -> int:
+    def sink(data: bytes | memoryview) -> int:
         sunk.append(bytes(data[:3]))
         return min(3, len(data))  # takes part: the rest is buffered for the reader
 

@@ -41,6 +41,7 @@ from .constants import (
 )
 
 __all__ = [
+    "DATA_HEADER",
     "HEADER",
     "MAX_WINDOW_OFFSET",
     "AckFrame",
@@ -77,6 +78,9 @@ __all__ = [
 
 #: length u32, type u8, flags u8, reserved u16, stream id u64 — network byte order (§4).
 HEADER = struct.Struct("!IBBHQ")
+#: The header of a DATA frame without flags: ``DATA_HEADER.pack(length, stream_id)`` is
+#: ``HEADER.pack(length, FrameType.DATA, 0, 0, stream_id)`` (DATA is type 0).
+DATA_HEADER = struct.Struct("!I4xQ")
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")

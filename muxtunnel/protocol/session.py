@@ -140,6 +140,7 @@ from .constants import (
     ACK_INTERVAL,
     AUTH_NONCE_SIZE,
     EXTENSION_MIN,
+    FLAG_FIN,
     MAGIC,
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
@@ -177,6 +178,7 @@ from .events import (
 )
 from .flowcontrol import ReceiveWindow, SendCredit, WindowBudget, min_conn_window
 from .frames import (
+    DATA_HEADER,
     HEADER,
     AckFrame,
     Address,
@@ -833,7 +835,10 @@ class Session:
         release = conn.received - conn.consumed - kept
         if release > 0:
             conn.consumed += release
-            if conn.maybe_update(self._now, self.rtt, self.config.window_budget, kept):
+            # ``maybe_update``'s half-window test first, inline: most releases stop there.
+            if conn.advertised - conn.consumed - kept <= conn.window // 2 and conn.maybe_update(
+                self._now, self.rtt, self.config.window_budget, kept
+            ):
                 self._conn_dirty = True
 
     # --- everything else ---------------------------------------------------------------
@@ -2100,7 +2105,14 @@ class Session:
         credit (or the replay bound) does not cover all of it. Then use :meth:`send_data`.
         Raises like :meth:`send_data`.
         """
-        stream = self._sending_stream(stream_id)
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or self._life.closed
+            or stream.state not in SEND_DATA_STATES
+            or stream.fin_queued
+        ):
+            stream = self._sending_stream(stream_id)  # raises for each of these
         n = len(data)
         sched = self._sched
         conn_send = self._conn_send
@@ -2118,10 +2130,10 @@ class Session:
             or not 0 < n <= sched.single_max
             or n > stream.limit - stream.sent
             or n > conn_send.limit - conn_send.sent
-            or (log is not None and n > self._replay_room())
+            or (log is not None and n > self._max_replay - (log.end - log.start))
         ):
             return None
-        out = HEADER.pack(n, FrameType.DATA, 0, 0, stream_id) + data
+        out = DATA_HEADER.pack(n, stream_id) + data
         stream.sent += n
         conn_send.sent += n
         stats = self._stats
@@ -2139,6 +2151,44 @@ class Session:
             SessionClosedError: the session is closed.
         """
         self.send_data(stream_id, b"", end_stream=True)
+
+    def end_stream_now(self, stream_id: int) -> bytes | None:
+        """Frame FIN on a stream at once when nothing else waits to be sent.
+
+        Returns the bytes to send (an empty DATA frame with FIN: exactly what
+        :meth:`end_stream` followed by :meth:`data_to_send` would give, counted, recorded and
+        with the same state change), or None, queueing nothing, if other output is queued
+        (as for :meth:`send_data_now`; the stream's own unsent bytes included) or the session
+        is in a resume. Then use :meth:`end_stream`. Raises like :meth:`end_stream`.
+        """
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or self._life.closed
+            or stream.state not in SEND_DATA_STATES
+            or stream.fin_queued
+        ):
+            stream = self._sending_stream(stream_id)  # raises for each of these
+        sched = self._sched
+        if (
+            self._special_out
+            or self._control
+            or self._pong is not None
+            or self._conn_dirty
+            or self._dirty
+            or sched.new
+            or sched.old
+            or sched.fins
+            or stream.pending
+        ):
+            return None
+        out = HEADER.pack(0, FrameType.DATA, FLAG_FIN, 0, stream_id)
+        if advance(stream, _I.SEND_FIN) is _S.CLOSED:
+            self._forget(stream, discard=False)
+        self._stats["bytes_sent"] += len(out)
+        if self._log is not None:
+            self._log.record(out)
+        return out
 
     def _reset(self, stream: _Stream, code: ErrorCode) -> None:
         """Abort a live stream; an unanswered peer stream gets OPEN_FAIL(REFUSED) instead."""
@@ -2183,6 +2233,26 @@ class Session:
         stream = self._streams.get(stream_id)
         return stream.pending if stream is not None else 0
 
+    def send_room(self, stream_id: int, beyond_credit: int, cap: int, min_room: int) -> int:
+        """How many more bytes an adapter may queue on a stream now, by its own bounds.
+
+        ``min(cap, beyond_credit + send_credit) - pending_bytes``, and 0 instead of a room
+        below ``min_room`` while bytes are queued; <= 0 means wait. (An unknown stream counts
+        as one without credit or queued bytes.)
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return min(cap, beyond_credit)
+        conn = self._conn_send
+        credit = stream.limit - stream.sent
+        conn_credit = conn.limit - conn.sent
+        total = beyond_credit + (credit if credit < conn_credit else conn_credit)
+        pending = stream.pending
+        room = (cap if cap < total else total) - pending
+        if pending and room < min_room:
+            return 0
+        return room
+
     def send_credit(self, stream_id: int) -> int:
         """Bytes the peer's windows allow on a stream now, beyond what is already framed.
 
@@ -2210,7 +2280,6 @@ class Session:
         if self._life.closed or n == 0:
             return False
         self._now = now
-        budget = self.config.window_budget
         stream = self._streams.get(stream_id)
         if stream is None:
             remaining = self._drain.get(stream_id)
@@ -2227,11 +2296,15 @@ class Session:
             return self._conn_dirty
         state = stream.state
         recv = stream.recv
-        recv.consume(n)
+        if n < 0 or n > recv.received - recv.consumed:  # ``recv.consume(n)``, inline
+            raise ValueError(f"cannot acknowledge {n} bytes: {recv.buffered} are buffered")
+        recv.consumed += n
         stream.since = now
         self._unconsumed -= n
-        if state not in _REMOTE_FINISHED:
+        # ``maybe_update``'s half-window test first, inline: most acknowledgements stop there.
+        if state not in _REMOTE_FINISHED and recv.advertised - recv.consumed <= recv.window // 2:
             before = recv.window
+            budget = self.config.window_budget
             if recv.maybe_update(now, self.rtt, budget) and state in SEND_WINDOW_STATES:
                 self._dirty[stream_id] = stream
             if recv.window > before:

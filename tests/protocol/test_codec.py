@@ -10,6 +10,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from muxtunnel.errors import FrameSizeError, ProtocolError
 from muxtunnel.protocol.constants import MAGIC, FrameType
 from muxtunnel.protocol.frames import (
+    DATA_HEADER,
+    HEADER,
     Address,
     AuthFrame,
     BindFrame,
@@ -30,6 +32,7 @@ from muxtunnel.protocol.frames import (
     WindowFrame,
     decode_payload,
     encode_frame,
+    pack_data_header,
 )
 from muxtunnel.protocol.reader import FrameReader
 
@@ -138,6 +141,13 @@ def test_any_chunking_yields_the_same_frames(items: list[Frame], data: st.DataOb
     for i in range(len(wire)):
         out += _parse(source[i : i + 1], reader)
     assert out == items
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1))
+def test_the_data_header_struct_is_a_data_frame_header(length: int, stream_id: int) -> None:
+    packed = DATA_HEADER.pack(length, stream_id)
+    assert packed == pack_data_header(stream_id, length, fin=False)
+    assert packed == HEADER.pack(length, FrameType.DATA, 0, 0, stream_id)
 
 
 def test_oversize_header_rejected_before_payload() -> None:

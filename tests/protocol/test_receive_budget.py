@@ -182,6 +182,26 @@ def test_send_credit_is_the_smaller_of_stream_and_connection_credit() -> None:
     assert server.pending_bytes(sid) == 0
 
 
+def test_send_room_bounds_the_queue_beyond_the_credit() -> None:
+    settings = Settings(initial_conn_window=96 * KiB, initial_stream_window=64 * KiB)
+    pair = SessionPair(client_config=SessionConfig(settings=settings, receive_budget=0))
+    server = pair.server
+    sid = server.open_stream(1, ORIGIN, TARGET)
+    # min(cap, beyond + credit) - pending, credit 64 KiB:
+    assert server.send_room(sid, 16 * KiB, 1 << 20, 4 * KiB) == 80 * KiB
+    assert server.send_room(sid, 16 * KiB, 48 * KiB, 4 * KiB) == 48 * KiB  # the cap
+    assert server.send_room(sid + 2, 16 * KiB, 48 * KiB, 4 * KiB) == 16 * KiB  # unknown
+    server.send_data(sid, bytes(78 * KiB))
+    assert server.send_room(sid, 16 * KiB, 1 << 20, 1 * KiB) == 2 * KiB
+    assert server.send_room(sid, 16 * KiB, 1 << 20, 4 * KiB) == 0  # below the minimum
+    other = server.open_stream(1, ORIGIN, TARGET)
+    pair.send(server)  # 64 KiB framed: the connection has 32 KiB of credit left
+    assert server.pending_bytes(sid) == 14 * KiB
+    assert server.send_room(other, 16 * KiB, 1 << 20, 4 * KiB) == 48 * KiB
+    assert server.send_room(sid, 16 * KiB, 1 << 20, 4 * KiB) == 0  # 16 + 0 - 14 < 4
+    assert server.send_room(sid, 16 * KiB, 1 << 20, 1 * KiB) == 2 * KiB
+
+
 def test_receive_budget_defaults_to_the_connection_maximum() -> None:
     session = Session(Role.CLIENT)
     assert session._receive_budget == session._max_conn_window == 64 << 20

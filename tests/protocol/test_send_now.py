@@ -6,7 +6,7 @@ import pytest
 
 from muxtunnel.errors import LocalProtocolError, SessionClosedError
 from muxtunnel.protocol.constants import FrameType
-from muxtunnel.protocol.events import DataReceived
+from muxtunnel.protocol.events import DataReceived, StreamEnded
 from muxtunnel.protocol.frames import Settings
 from muxtunnel.protocol.session import Session, SessionConfig
 
@@ -177,3 +177,67 @@ def test_raises_like_send_data() -> None:
     server.close()
     with pytest.raises(SessionClosedError):
         server.send_data_now(sid, b"x")
+
+
+@pytest.mark.parametrize(
+    ("server_config", "client_config"),
+    [(None, None), (SERVER_CONFIG, CLIENT_CONFIG)],
+    ids=["plain", "resumable"],
+)
+@pytest.mark.parametrize("peer_done", [False, True], ids=["open", "peer-finished"])
+def test_end_stream_now_is_end_stream_and_the_queue(
+    server_config: SessionConfig | None, client_config: SessionConfig | None, peer_done: bool
+) -> None:
+    now_pair = SessionPair(server_config=server_config, client_config=client_config)
+    queue_pair = SessionPair(server_config=server_config, client_config=client_config)
+    sid = now_pair.open()
+    assert queue_pair.open() == sid
+    if peer_done:  # the peer's FIN came first: ours closes the stream
+        for pair in (now_pair, queue_pair):
+            pair.client.end_stream(sid)
+            pair.send(pair.client)
+
+    out = now_pair.server.end_stream_now(sid)
+    queue_pair.server.end_stream(sid)
+    queued = queue_pair.server.data_to_send()
+
+    assert out == queued
+    assert [(t, f, s, len(p)) for t, f, s, p in parse_frames(queued)] == [
+        (FrameType.DATA, 1, sid, 0)
+    ]
+    assert not now_pair.server.wants_write()
+    assert _counts(now_pair.server) == _counts(queue_pair.server)
+    for pair in (now_pair, queue_pair):
+        assert pair.server.stream_is_open(sid) is not peer_done
+        with pytest.raises(LocalProtocolError):
+            pair.server.end_stream(sid)  # finished for sending either way
+    assert now_pair.client.receive_data(out, now_pair.now) == [StreamEnded(stream_id=sid)]
+
+
+def test_end_stream_now_none_while_output_waits_and_raises_like_end_stream() -> None:
+    pair = SessionPair(server_config=SERVER_CONFIG, client_config=CLIENT_CONFIG)
+    server = pair.server
+    sid, other = pair.open(), pair.open()
+    server.send_data(sid, b"unsent")  # the stream's own bytes go first
+    assert server.end_stream_now(sid) is None
+    assert server.pending_bytes(sid) == 6
+    pair.pump()
+    server.ping(0.0)  # a control frame
+    assert server.end_stream_now(sid) is None
+    pair.pump()
+    server.suspend()
+    assert server.end_stream_now(sid) is None
+    assert server.stream_is_open(sid)
+    with pytest.raises(LocalProtocolError):
+        server.end_stream_now(other + 200)  # never opened
+    fresh = SessionPair()
+    sid, queued = fresh.open(), fresh.open()
+    fresh.server.end_stream(queued)
+    with pytest.raises(LocalProtocolError):
+        fresh.server.end_stream_now(queued)  # its FIN is queued already
+    fresh.server.reset_stream(sid)
+    with pytest.raises(LocalProtocolError):
+        fresh.server.end_stream_now(sid)  # gone
+    fresh.server.close()
+    with pytest.raises(SessionClosedError):
+        fresh.server.end_stream_now(sid)
