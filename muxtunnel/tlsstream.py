@@ -492,10 +492,12 @@ class TLSStream(trio.abc.Stream):
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
             await trio.lowlevel.checkpoint_if_cancelled()
-            yielded = await self._ensure_handshake()
+            yielded = False if self._handshake_done else await self._ensure_handshake()
             if self._eof_received:
                 await trio.lowlevel.checkpoint()
                 return b""
+            if self._offload is None and self._raw_socket is not None:
+                return await self._receive_direct(self._raw_socket, max_bytes, yielded)
             data = b""
             incoming: bytes | bytearray | memoryview | None = None
             while True:
@@ -531,6 +533,59 @@ class TLSStream(trio.abc.Stream):
             if not yielded:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
+
+    async def _receive_direct(self, sock: socket.socket, max_bytes: int, yielded: bool) -> bytes:
+        """:meth:`receive_some`'s loop on a socket transport without a crypto thread.
+
+        Only the trio thread ever uses the ``SSLObject`` then, so it is called directly: no
+        SSL lock, no hand-off, and the socket is read into the reused buffer in place.
+        """
+        view = self._inview
+        incoming = self._incoming
+        data = b""
+        try:
+            if self._deferred_error is not None:
+                exc, self._deferred_error = self._deferred_error, None
+                raise exc
+            while True:
+                if not self._drained():
+                    data = self._decrypt(max_bytes)
+                    if data or self._eof_received:
+                        break
+                if self._outgoing.pending:
+                    await self._flush_if_free()
+                    yielded = True
+                if self._short_read:
+                    yielded = True
+                    await self._wait_readable(sock)
+                while True:
+                    try:
+                        n = sock.recv_into(view)
+                    except BlockingIOError:
+                        yielded = True
+                        await self._wait_readable(sock)
+                        continue
+                    break
+                # A small read (interactive traffic) likely emptied the socket: wait first next
+                # time.
+                self._short_read = n < _RECORD
+                if n:
+                    incoming.write(view[:n])
+                else:
+                    incoming.write_eof()
+                data = self._decrypt(max_bytes)
+                if data or self._eof_received:
+                    break
+        except ssl.SSLZeroReturnError:
+            self._eof_received = True
+            data = b""
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise self._transport_error(exc) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._transport_error(exc) from exc
+        if not yielded:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     # ----------------------------------------------------------------------------------------
     # Send

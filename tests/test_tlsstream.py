@@ -239,6 +239,77 @@ async def test_receive_returns_many_records_per_call(identity: ServerIdentity) -
             assert got == payload
 
 
+async def test_a_record_split_across_socket_reads_comes_whole(identity: ServerIdentity) -> None:
+    """The server's socket gets the client's record in two parts, 50 ms apart: the first read
+    decrypts nothing, and ``receive_some`` waits for the rest instead of returning."""
+    to_client, from_server = await tcp_pair()  # the server's TCP connection, fed by hand
+    client_end, wire = trio.testing.memory_stream_pair()
+    client = wrap("ours", client_end, client_ssl_context(), server=False)
+    server = wrap("ours", from_server, server_ssl_context(identity), server=True)
+    split: list[int] = []
+
+    async def upstream() -> None:  # client -> server socket: the first record comes in two
+        while data := await wire.receive_some():
+            if not split and len(data) > 40 and data[0] == 0x17:  # application data
+                split.append(len(data))
+                await to_client.send_all(data[:20])
+                await trio.sleep(0.05)
+                data = data[20:]
+            await to_client.send_all(data)
+
+    async def downstream() -> None:
+        while data := await to_client.receive_some():
+            await wire.send_all(data)
+
+    async with to_client, from_server, trio.open_nursery() as nursery:
+        nursery.start_soon(upstream)
+        nursery.start_soon(downstream)
+        with trio.fail_after(10):
+            await handshake_both(client, server)
+            await client.send_all(b"one record, two reads")
+            assert await server.receive_some() == b"one record, two reads"
+        assert split
+        nursery.cancel_scope.cancel()
+
+
+async def test_bytes_before_a_corrupt_record_are_delivered_then_the_error(
+    identity: ServerIdentity,
+) -> None:
+    """Two records in one socket read, the second forged: the first record's bytes come out,
+    and the next ``receive_some`` raises."""
+    to_client, from_server = await tcp_pair()
+    client_end, wire = trio.testing.memory_stream_pair()
+    client = wrap("ours", client_end, client_ssl_context(), server=False)
+    server = wrap("ours", from_server, server_ssl_context(identity), server=True)
+
+    async def upstream(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            while data := await wire.receive_some():
+                await to_client.send_all(data)
+
+    async def downstream() -> None:
+        while data := await to_client.receive_some():
+            await wire.send_all(data)
+
+    async with to_client, from_server, trio.open_nursery() as nursery:
+        passing = await nursery.start(upstream)
+        nursery.start_soon(downstream)
+        with trio.fail_after(10):
+            await handshake_both(client, server)
+            passing.cancel()
+            await client.send_all(b"good")
+            first = await wire.receive_some()
+            await client.send_all(b"forged")
+            second = bytearray(await wire.receive_some())
+            second[-1] ^= 0xFF  # the record's tag no longer matches
+            await to_client.send_all(first + second)
+            assert await server.receive_some() == b"good"
+            with pytest.raises(trio.BrokenResourceError):
+                await server.receive_some()
+        nursery.cancel_scope.cancel()
+
+
 # --------------------------------------------------------------------------------------------
 # Close and failure semantics
 
