@@ -2094,6 +2094,33 @@ class Session:
             raise LocalProtocolError(f"stream {stream_id} is not open for sending")
         return stream
 
+    def _idle_sending_stream(self, stream_id: int) -> _Stream | None:
+        """The stream for a frame sent at once (:meth:`send_data_now`, :meth:`end_stream_now`);
+        None if any output is queued (the stream's own included) or the session is in a
+        resume. Raises like :meth:`_sending_stream`."""
+        stream = self._streams.get(stream_id)
+        if (
+            stream is None
+            or self._life.closed
+            or stream.state not in SEND_DATA_STATES
+            or stream.fin_queued
+        ):
+            stream = self._sending_stream(stream_id)  # raises for each of these
+        sched = self._sched
+        if (
+            self._special_out
+            or self._control
+            or self._pong is not None
+            or self._conn_dirty
+            or self._dirty
+            or sched.new
+            or sched.old
+            or sched.fins
+            or stream.pending
+        ):
+            return None
+        return stream
+
     def send_data_now(self, stream_id: int, data: bytes | bytearray | memoryview) -> bytes | None:
         """Frame ``data`` on a stream at once when nothing else waits to be sent.
 
@@ -2105,29 +2132,14 @@ class Session:
         credit (or the replay bound) does not cover all of it. Then use :meth:`send_data`.
         Raises like :meth:`send_data`.
         """
-        stream = self._streams.get(stream_id)
-        if (
-            stream is None
-            or self._life.closed
-            or stream.state not in SEND_DATA_STATES
-            or stream.fin_queued
-        ):
-            stream = self._sending_stream(stream_id)  # raises for each of these
+        stream = self._idle_sending_stream(stream_id)
+        if stream is None:
+            return None
         n = len(data)
-        sched = self._sched
         conn_send = self._conn_send
         log = self._log
         if (
-            self._special_out
-            or self._control
-            or self._pong is not None
-            or self._conn_dirty
-            or self._dirty
-            or sched.new
-            or sched.old
-            or sched.fins
-            or stream.pending
-            or not 0 < n <= sched.single_max
+            not 0 < n <= self._sched.single_max
             or n > stream.limit - stream.sent
             or n > conn_send.limit - conn_send.sent
             or (log is not None and n > self._max_replay - (log.end - log.start))
@@ -2161,26 +2173,8 @@ class Session:
         (as for :meth:`send_data_now`; the stream's own unsent bytes included) or the session
         is in a resume. Then use :meth:`end_stream`. Raises like :meth:`end_stream`.
         """
-        stream = self._streams.get(stream_id)
-        if (
-            stream is None
-            or self._life.closed
-            or stream.state not in SEND_DATA_STATES
-            or stream.fin_queued
-        ):
-            stream = self._sending_stream(stream_id)  # raises for each of these
-        sched = self._sched
-        if (
-            self._special_out
-            or self._control
-            or self._pong is not None
-            or self._conn_dirty
-            or self._dirty
-            or sched.new
-            or sched.old
-            or sched.fins
-            or stream.pending
-        ):
+        stream = self._idle_sending_stream(stream_id)
+        if stream is None:
             return None
         out = HEADER.pack(0, FrameType.DATA, FLAG_FIN, 0, stream_id)
         if advance(stream, _I.SEND_FIN) is _S.CLOSED:
