@@ -667,7 +667,7 @@ class MuxStream(trio.abc.HalfCloseableStream):
             return 0
         if not accepted:
             self.accept()
-        conn.queue_data(self.stream_id, data if n == len(data) else data[:n], now=accepted)
+        conn.queue_data(self.stream_id, data if n == len(data) else data[:n], try_now=accepted)
         self.info.bytes_out += n
         return n
 
@@ -1827,14 +1827,14 @@ class MuxConnection:
         """Call ``stream.wake_sender()`` once the stream has send room again."""
         self._blocked.add(stream)
 
-    def queue_data(self, stream_id: int, data: bytes | memoryview, *, now: bool = True) -> None:
+    def queue_data(self, stream_id: int, data: bytes | memoryview, *, try_now: bool = True) -> None:
         """Queue stream bytes (within :meth:`send_room`) and wake the writer.
 
         With the writer idle and nothing else queued, the bytes are framed and sent right
-        here (:meth:`send_now`), without a trip through the scheduler. ``now=False``: the
+        here (:meth:`send_now`), without a trip through the scheduler. ``try_now=False``: the
         caller just tried :meth:`send_now` for these bytes.
         """
-        if now and self.send_now(stream_id, data):
+        if try_now and self.send_now(stream_id, data):
             return
         ev = self._activity_waiter
         if ev is not None:
@@ -1858,9 +1858,7 @@ class MuxConnection:
         if ev is not None:
             self._activity_waiter = None
             ev.set()
-        self.bytes_sent += len(out)
-        if not transport.send_nowait(out, checked=True):
-            self._wake_writer()  # sends the rest (or reports the error)
+        self._send_framed(transport, out)
         return True
 
     def queue_fin(self, stream: MuxStream) -> None:
@@ -1875,9 +1873,7 @@ class MuxConnection:
             self._session.end_stream(stream.stream_id)
             self._flush_or_wake()
         else:
-            self.bytes_sent += len(out)
-            if not transport.send_nowait(out, checked=True):
-                self._wake_writer()  # sends the rest (or reports the error)
+            self._send_framed(transport, out)
         self.forget_if_finished(stream)
 
     def accept_open(self, stream_id: int) -> None:
@@ -1999,6 +1995,11 @@ class MuxConnection:
             return
         if self._blocked:
             self._release_blocked()
+        self._send_framed(transport, out)
+
+    def _send_framed(self, transport: TLSStream, out: bytes) -> None:
+        """Hand frames the session just gave out to the transport from the calling task (the
+        caller checked :meth:`_inline_transport`); the writer sends what the socket leaves."""
         self.bytes_sent += len(out)
         if not transport.send_nowait(out, checked=True):
             self._wake_writer()  # sends the rest (or reports the error)
