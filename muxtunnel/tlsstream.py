@@ -497,7 +497,7 @@ class TLSStream(trio.abc.Stream):
                 await trio.lowlevel.checkpoint()
                 return b""
             if self._offload is None and self._raw_socket is not None:
-                return await self._receive_direct(self._raw_socket, max_bytes, yielded)
+                return await self._receive_direct(max_bytes, yielded)
             data = b""
             incoming: bytes | bytearray | memoryview | None = None
             while True:
@@ -534,13 +534,13 @@ class TLSStream(trio.abc.Stream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
-    async def _receive_direct(self, sock: socket.socket, max_bytes: int, yielded: bool) -> bytes:
+    async def _receive_direct(self, max_bytes: int, yielded: bool) -> bytes:
         """:meth:`receive_some`'s loop on a socket transport without a crypto thread.
 
         Only the trio thread ever uses the ``SSLObject`` then, so it is called directly: no
-        SSL lock, no hand-off, and the socket is read into the reused buffer in place.
+        SSL lock, no hand-off. Transport errors come from :meth:`_transport_receive` wrapped
+        already, as in the general loop.
         """
-        view = self._inview
         incoming = self._incoming
         data = b""
         try:
@@ -555,22 +555,10 @@ class TLSStream(trio.abc.Stream):
                 if self._outgoing.pending:
                     await self._flush_if_free()
                     yielded = True
-                if self._short_read:
-                    yielded = True
-                    await self._wait_readable(sock)
-                while True:
-                    try:
-                        n = sock.recv_into(view)
-                    except BlockingIOError:
-                        yielded = True
-                        await self._wait_readable(sock)
-                        continue
-                    break
-                # A small read (interactive traffic) likely emptied the socket: wait first next
-                # time.
-                self._short_read = n < _RECORD
-                if n:
-                    incoming.write(view[:n])
+                chunk = await self._transport_receive()
+                yielded |= self._recv_yielded
+                if chunk:
+                    incoming.write(chunk)
                 else:
                     incoming.write_eof()
                 data = self._decrypt(max_bytes)
@@ -580,8 +568,6 @@ class TLSStream(trio.abc.Stream):
             self._eof_received = True
             data = b""
         except (ssl.SSLError, ssl.CertificateError) as exc:
-            raise self._transport_error(exc) from exc
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._transport_error(exc) from exc
         if not yielded:
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -673,8 +659,7 @@ class TLSStream(trio.abc.Stream):
         # No SSL lock: without a crypto thread (``can_send_nowait`` requires that) only the
         # trio thread ever takes it, and never across a schedule point.
         try:
-            self._ssl.write(data)
-            out = self._outgoing.read()
+            out = self._encrypt(data)
         except (ssl.SSLError, ssl.CertificateError) as exc:
             self._transport_error(exc)
             return False
